@@ -1,0 +1,340 @@
+"""The component configs of every preset, copied from the published `config.json` files.
+
+Full-size presets repeat the published configs of runwayml/stable-diffusion-v1-5,
+stabilityai/stable-diffusion-2-1 and stabilityai/stable-diffusion-xl-base-1.0 key for key (minus
+`_class_name`, `_diffusers_version` and keys that only name files), so a preset folder loads into
+the same modules, with the same shapes and the same numerics, as the real checkpoint.
+`tests/test_models.py` pins the parameter counts of the real checkpoints.
+
+The tiny presets keep every component class and code path of their full-size twin (cross-attention
+and plain blocks, linear projections, text-time embeddings, a VAE that downsamples 8x) at sizes a
+CPU runs in milliseconds.
+"""
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    EulerDiscreteScheduler,
+    PNDMScheduler,
+    UNet2DConditionModel,
+)
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+from diffjet.models.tokenizer import EOS_TOKEN
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A weight-bearing component: its class and the config it is built from."""
+
+    cls: type[torch.nn.Module]
+    config: Mapping[str, Any]
+
+    def instantiate(self) -> torch.nn.Module:
+        """Build the module with the current default device and dtype (use the meta device)."""
+        config_class = getattr(self.cls, "config_class", None)
+        if config_class is not None:  # transformers: the model takes a config object
+            return self.cls(config_class(**self.config))
+        return self.cls(**self.config)
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """Everything in a preset's diffusers folder except weight values.
+
+    `models` is in build order; `tokenizers` maps each tokenizer component to its pad token;
+    `pipeline_options` are the pipeline's own registered config values (model_index.json).
+    """
+
+    models: Mapping[str, ModelSpec]
+    scheduler_class: type[SchedulerMixin]
+    scheduler_config: Mapping[str, Any]
+    tokenizers: Mapping[str, str]
+    pipeline_options: Mapping[str, Any]
+
+
+_SD_DOWN_BLOCKS = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")
+_SD_UP_BLOCKS = ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")
+
+# runwayml/stable-diffusion-v1-5 unet/config.json
+SD15_UNET = {
+    "act_fn": "silu",
+    "attention_head_dim": 8,
+    "block_out_channels": [320, 640, 1280, 1280],
+    "center_input_sample": False,
+    "cross_attention_dim": 768,
+    "down_block_types": list(_SD_DOWN_BLOCKS),
+    "downsample_padding": 1,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "in_channels": 4,
+    "layers_per_block": 2,
+    "mid_block_scale_factor": 1,
+    "norm_eps": 1e-05,
+    "norm_num_groups": 32,
+    "out_channels": 4,
+    "sample_size": 64,
+    "up_block_types": list(_SD_UP_BLOCKS),
+}
+
+# stabilityai/stable-diffusion-2-1 unet/config.json
+SD21_UNET = {
+    **SD15_UNET,
+    "attention_head_dim": [5, 10, 20, 20],
+    "cross_attention_dim": 1024,
+    "dual_cross_attention": False,
+    "num_class_embeds": None,
+    "only_cross_attention": False,
+    "sample_size": 96,
+    "upcast_attention": True,
+    "use_linear_projection": True,
+}
+
+# stabilityai/stable-diffusion-xl-base-1.0 unet/config.json
+SDXL_UNET = {
+    "act_fn": "silu",
+    "addition_embed_type": "text_time",
+    "addition_embed_type_num_heads": 64,
+    "addition_time_embed_dim": 256,
+    "attention_head_dim": [5, 10, 20],
+    "block_out_channels": [320, 640, 1280],
+    "center_input_sample": False,
+    "class_embed_type": None,
+    "class_embeddings_concat": False,
+    "conv_in_kernel": 3,
+    "conv_out_kernel": 3,
+    "cross_attention_dim": 2048,
+    "cross_attention_norm": None,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "downsample_padding": 1,
+    "dual_cross_attention": False,
+    "encoder_hid_dim": None,
+    "encoder_hid_dim_type": None,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "in_channels": 4,
+    "layers_per_block": 2,
+    "mid_block_only_cross_attention": None,
+    "mid_block_scale_factor": 1,
+    "mid_block_type": "UNetMidBlock2DCrossAttn",
+    "norm_eps": 1e-05,
+    "norm_num_groups": 32,
+    "num_attention_heads": None,
+    "num_class_embeds": None,
+    "only_cross_attention": False,
+    "out_channels": 4,
+    "projection_class_embeddings_input_dim": 2816,
+    "resnet_out_scale_factor": 1.0,
+    "resnet_skip_time_act": False,
+    "resnet_time_scale_shift": "default",
+    "sample_size": 128,
+    "time_cond_proj_dim": None,
+    "time_embedding_act_fn": None,
+    "time_embedding_dim": None,
+    "time_embedding_type": "positional",
+    "timestep_post_act": None,
+    "transformer_layers_per_block": [1, 2, 10],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "upcast_attention": None,
+    "use_linear_projection": True,
+}
+
+# runwayml/stable-diffusion-v1-5 vae/config.json (scaling_factor is the class default there).
+SD15_VAE = {
+    "act_fn": "silu",
+    "block_out_channels": [128, 256, 512, 512],
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "in_channels": 3,
+    "latent_channels": 4,
+    "layers_per_block": 2,
+    "norm_num_groups": 32,
+    "out_channels": 3,
+    "sample_size": 512,
+    "scaling_factor": 0.18215,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+}
+SD21_VAE = {**SD15_VAE, "sample_size": 768}
+SDXL_VAE = {**SD15_VAE, "force_upcast": True, "sample_size": 1024, "scaling_factor": 0.13025}
+
+# openai/clip-vit-large-patch14 text tower, as in runwayml/stable-diffusion-v1-5 text_encoder/config.json.
+# eos_token_id 2 is what the published configs say; transformers reads it as "pool at argmax(input_ids)",
+# the behaviour of the real checkpoints.
+CLIP_L_TEXT = {
+    "attention_dropout": 0.0,
+    "bos_token_id": 0,
+    "dropout": 0.0,
+    "eos_token_id": 2,
+    "hidden_act": "quick_gelu",
+    "hidden_size": 768,
+    "initializer_factor": 1.0,
+    "initializer_range": 0.02,
+    "intermediate_size": 3072,
+    "layer_norm_eps": 1e-05,
+    "max_position_embeddings": 77,
+    "num_attention_heads": 12,
+    "num_hidden_layers": 12,
+    "pad_token_id": 1,
+    "projection_dim": 768,
+    "vocab_size": 49408,
+}
+# OpenCLIP ViT-H/14 text tower without its last layer (SD 2.x uses the penultimate layer).
+OPENCLIP_H_TEXT = {
+    **CLIP_L_TEXT,
+    "hidden_act": "gelu",
+    "hidden_size": 1024,
+    "intermediate_size": 4096,
+    "num_attention_heads": 16,
+    "num_hidden_layers": 23,
+    "projection_dim": 512,
+}
+# OpenCLIP ViT-bigG/14 text tower, SDXL's text_encoder_2.
+OPENCLIP_BIGG_TEXT = {
+    **CLIP_L_TEXT,
+    "hidden_act": "gelu",
+    "hidden_size": 1280,
+    "intermediate_size": 5120,
+    "num_attention_heads": 20,
+    "num_hidden_layers": 32,
+    "projection_dim": 1280,
+}
+
+# runwayml/stable-diffusion-v1-5 scheduler/scheduler_config.json
+SD15_SCHEDULER = {
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "clip_sample": False,
+    "num_train_timesteps": 1000,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "trained_betas": None,
+}
+# stabilityai/stable-diffusion-2-1 scheduler/scheduler_config.json
+SD21_SCHEDULER = {**SD15_SCHEDULER, "prediction_type": "v_prediction"}
+# stabilityai/stable-diffusion-xl-base-1.0 scheduler/scheduler_config.json
+SDXL_SCHEDULER = {
+    **SD15_SCHEDULER,
+    "interpolation_type": "linear",
+    "prediction_type": "epsilon",
+    "sample_max_value": 1.0,
+    "timestep_spacing": "leading",
+    "use_karras_sigmas": False,
+}
+
+_SD_PIPELINE_OPTIONS = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+
+# Tiny sizes: 32 channels is the smallest width GroupNorm(32 groups) allows; four VAE blocks keep the
+# real 8x latent downsampling, so a 64x64 image has 8x8 latents like a 512x512 one has 64x64.
+TINY_UNET = {
+    "block_out_channels": [32, 64],
+    "layers_per_block": 1,
+    "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+    "cross_attention_dim": 32,
+    "attention_head_dim": 8,
+    "norm_num_groups": 32,
+    "sample_size": 8,
+}
+TINY_VAE = {
+    "block_out_channels": [32, 32, 64, 64],
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "layers_per_block": 1,
+    "latent_channels": 4,
+    "norm_num_groups": 32,
+    "sample_size": 64,
+}
+TINY_CLIP_TEXT = {
+    **CLIP_L_TEXT,
+    "hidden_size": 32,
+    "intermediate_size": 37,
+    "num_attention_heads": 4,
+    "num_hidden_layers": 2,
+    "projection_dim": 32,
+}
+TINY_OPENCLIP_TEXT = {**TINY_CLIP_TEXT, "hidden_act": "gelu"}
+# SDXL's UNet takes text_encoder_2's pooled projection plus six size/crop ids, each embedded with
+# addition_time_embed_dim channels: 1280 + 6 * 256 = 2816 full size, 32 + 6 * 8 = 80 here.
+TINY_SDXL_UNET = {
+    "block_out_channels": [32, 64],
+    "layers_per_block": 1,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
+    "transformer_layers_per_block": [1, 2],
+    "attention_head_dim": [2, 4],
+    "use_linear_projection": True,
+    "cross_attention_dim": 64,  # text_encoder (32) and text_encoder_2 (32) hidden states, concatenated
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 8,
+    "projection_class_embeddings_input_dim": 80,
+    "norm_num_groups": 32,
+    "sample_size": 8,
+}
+TINY_SDXL_VAE = {**TINY_VAE, "force_upcast": True, "scaling_factor": 0.13025}
+
+ARCHITECTURES: dict[str, Architecture] = {
+    "tiny": Architecture(
+        models={
+            "unet": ModelSpec(UNet2DConditionModel, TINY_UNET),
+            "vae": ModelSpec(AutoencoderKL, TINY_VAE),
+            "text_encoder": ModelSpec(CLIPTextModel, TINY_CLIP_TEXT),
+        },
+        scheduler_class=EulerDiscreteScheduler,
+        scheduler_config=SDXL_SCHEDULER,
+        tokenizers={"tokenizer": EOS_TOKEN},
+        pipeline_options=_SD_PIPELINE_OPTIONS,
+    ),
+    "tiny-sdxl": Architecture(
+        models={
+            "unet": ModelSpec(UNet2DConditionModel, TINY_SDXL_UNET),
+            "vae": ModelSpec(AutoencoderKL, TINY_SDXL_VAE),
+            "text_encoder": ModelSpec(CLIPTextModel, TINY_CLIP_TEXT),
+            "text_encoder_2": ModelSpec(CLIPTextModelWithProjection, TINY_OPENCLIP_TEXT),
+        },
+        scheduler_class=EulerDiscreteScheduler,
+        scheduler_config=SDXL_SCHEDULER,
+        tokenizers={"tokenizer": EOS_TOKEN, "tokenizer_2": "!"},
+        pipeline_options={"force_zeros_for_empty_prompt": True},
+    ),
+    "sd15": Architecture(
+        models={
+            "unet": ModelSpec(UNet2DConditionModel, SD15_UNET),
+            "vae": ModelSpec(AutoencoderKL, SD15_VAE),
+            "text_encoder": ModelSpec(CLIPTextModel, CLIP_L_TEXT),
+        },
+        scheduler_class=PNDMScheduler,
+        scheduler_config=SD15_SCHEDULER,
+        tokenizers={"tokenizer": EOS_TOKEN},
+        pipeline_options=_SD_PIPELINE_OPTIONS,
+    ),
+    "sd21": Architecture(
+        models={
+            "unet": ModelSpec(UNet2DConditionModel, SD21_UNET),
+            "vae": ModelSpec(AutoencoderKL, SD21_VAE),
+            "text_encoder": ModelSpec(CLIPTextModel, OPENCLIP_H_TEXT),
+        },
+        scheduler_class=DDIMScheduler,
+        scheduler_config=SD21_SCHEDULER,
+        tokenizers={"tokenizer": "!"},
+        pipeline_options=_SD_PIPELINE_OPTIONS,
+    ),
+    "sdxl": Architecture(
+        models={
+            "unet": ModelSpec(UNet2DConditionModel, SDXL_UNET),
+            "vae": ModelSpec(AutoencoderKL, SDXL_VAE),
+            "text_encoder": ModelSpec(CLIPTextModel, CLIP_L_TEXT),
+            "text_encoder_2": ModelSpec(CLIPTextModelWithProjection, OPENCLIP_BIGG_TEXT),
+        },
+        scheduler_class=EulerDiscreteScheduler,
+        scheduler_config=SDXL_SCHEDULER,
+        tokenizers={"tokenizer": EOS_TOKEN, "tokenizer_2": "!"},
+        pipeline_options={"force_zeros_for_empty_prompt": True},
+    ),
+}

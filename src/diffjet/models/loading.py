@@ -1,0 +1,123 @@
+"""Turn a `--model` string (preset, local folder or hub id) into a loaded diffusers pipeline.
+
+Presets are built once into a cache folder and then loaded like any local diffusers folder, so a
+preset and a real checkpoint take the same `DiffusionPipeline.from_pretrained` path.
+"""
+
+import logging
+import os
+import pathlib
+import re
+import shutil
+
+import diffusers
+import huggingface_hub
+import safetensors
+import torch
+
+from diffjet.errors import DeviceError, ModelNotFoundError, OutputError
+from diffjet.models.building import build
+from diffjet.models.presets import PRESETS
+from diffjet.models.progress_bars import hidden_progress_bars
+
+logger = logging.getLogger(__name__)
+
+# Part of the cache folder name ("sd15-v1"): bump it whenever a preset's configs or its random
+# weights change, so that caches built by older diffjet versions are not reused.
+PRESET_FORMAT_VERSION = 1
+
+# The Hub's repo id shape: "owner/name", letters, digits, "-", "_" and ".".
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
+
+_SAFETENSORS_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
+
+
+def default_cache_dir() -> pathlib.Path:
+    """$DIFFJET_CACHE_DIR, else ~/.cache/diffjet."""
+    return pathlib.Path(os.environ.get("DIFFJET_CACHE_DIR") or pathlib.Path.home() / ".cache" / "diffjet")
+
+
+def resolve(model: str, *, cache_dir: str | os.PathLike | None = None) -> str:
+    """The `from_pretrained` argument for `model`: a preset's built folder, a local folder or a hub id.
+
+    A preset is built under `cache_dir/models/<name>-v1` the first time and reused after.
+    Raises `ModelNotFoundError` for a path that is not a diffusers folder and for a name that is
+    neither a preset nor shaped like a hub id.
+    """
+    if model in PRESETS:
+        folder = pathlib.Path(cache_dir or default_cache_dir()).expanduser()
+        folder = folder / "models" / f"{model}-v{PRESET_FORMAT_VERSION}"
+        if not (folder / "model_index.json").is_file():
+            _build_into_cache(model, folder)
+        return str(folder)
+
+    path = pathlib.Path(model).expanduser()
+    if (path / "model_index.json").is_file():
+        return str(path)
+    if path.exists() or model.startswith((".", "/", "~")):
+        raise ModelNotFoundError(f"{model} is not a diffusers folder (no model_index.json)")
+    if _HUB_ID.fullmatch(model):
+        return model
+    raise ModelNotFoundError(
+        f"unknown model {model!r}: use a preset ({', '.join(PRESETS)}), "
+        "a local diffusers folder or a hub id such as owner/name"
+    )
+
+
+def load_pipeline(
+    model: str,
+    *,
+    device: str = "cpu",
+    dtype: torch.dtype | None = None,
+    cache_dir: str | os.PathLike | None = None,
+) -> diffusers.DiffusionPipeline:
+    """Load `model` (see `resolve`) with `DiffusionPipeline.from_pretrained` and move it to `device`.
+
+    `dtype=None` keeps the dtype stored on disk (float16 for full-size presets); diffusers alone
+    would upcast its models to float32 and transformers would not, mixing dtypes in one pipeline.
+    """
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise DeviceError(f"device {device!r} requested but CUDA is not available on this machine")
+    path = resolve(model, cache_dir=cache_dir)
+    if dtype is None:
+        dtype = PRESETS[model].dtype if model in PRESETS else _dtype_on_disk(path)
+    is_hub_id = not pathlib.Path(path).exists()
+    try:
+        with hidden_progress_bars():
+            pipeline = diffusers.DiffusionPipeline.from_pretrained(path, dtype=dtype)
+    except (OSError, huggingface_hub.errors.EntryNotFoundError) as error:
+        if not is_hub_id:
+            raise
+        raise ModelNotFoundError(
+            f"cannot load {model!r}: the Hugging Face Hub could not be reached or has no such model; "
+            f"offline, use a preset ({', '.join(PRESETS)}) or a local diffusers folder"
+        ) from error
+    return pipeline.to(device)
+
+
+def _build_into_cache(name: str, folder: pathlib.Path) -> None:
+    if folder.exists():
+        # Only build() writes here and it renames complete folders into place, so this is a
+        # leftover of something else (a hand-made folder, a copy cut short); replace it.
+        logger.warning("replacing %s: it has no model_index.json", folder)
+        shutil.rmtree(folder)
+    logger.info("building preset %s into %s (first use)", name, folder)
+    try:
+        build(name, folder)
+    except OSError as error:
+        # Another process building the same preset renamed its folder into place first.
+        if not (folder / "model_index.json").is_file():
+            raise OutputError(f"cannot build preset {name!r} into {folder}: {error}") from error
+
+
+def _dtype_on_disk(path: str) -> torch.dtype | None:
+    """Dtype of the first safetensors weight in the pipeline's main model, or None (hub id, no weights)."""
+    folder = pathlib.Path(path)
+    if not folder.is_dir():
+        return None
+    for component in ("unet", "transformer", "vae", "text_encoder"):
+        for weights in sorted((folder / component).glob("*.safetensors")):
+            with safetensors.safe_open(weights, framework="pt") as tensors:
+                for key in tensors.keys():
+                    return _SAFETENSORS_DTYPES.get(tensors.get_slice(key).get_dtype())
+    return None

@@ -1,0 +1,81 @@
+"""The named model presets: what each is, at which resolution it runs, in which dtype it is stored."""
+
+from dataclasses import dataclass
+
+import torch
+
+from diffjet.errors import ModelNotFoundError
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A Stable Diffusion architecture that diffjet can build offline with random weights.
+
+    `height` and `width` are the native resolution the real model was trained at, the resolution
+    benchmarks use; `dtype` is the dtype written to disk (float16 like the published fp16
+    checkpoints, float32 for the tiny CPU presets).
+    """
+
+    name: str
+    pipeline_class: str
+    height: int
+    width: int
+    dtype: torch.dtype
+    description: str
+
+
+PRESETS: dict[str, Preset] = {
+    preset.name: preset
+    for preset in (
+        Preset(
+            name="tiny",
+            pipeline_class="StableDiffusionPipeline",
+            height=64,
+            width=64,
+            dtype=torch.float32,
+            description="SD 1.5 pipeline classes at toy sizes (about 3M parameters)",
+        ),
+        Preset(
+            name="tiny-sdxl",
+            pipeline_class="StableDiffusionXLPipeline",
+            height=64,
+            width=64,
+            dtype=torch.float32,
+            description="SDXL pipeline classes at toy sizes (two text encoders, text-time UNet)",
+        ),
+        Preset(
+            name="sd15",
+            pipeline_class="StableDiffusionPipeline",
+            height=512,
+            width=512,
+            dtype=torch.float16,
+            description="runwayml/stable-diffusion-v1-5 architecture, random weights",
+        ),
+        Preset(
+            name="sd21",
+            pipeline_class="StableDiffusionPipeline",
+            height=768,
+            width=768,
+            dtype=torch.float16,
+            description="stabilityai/stable-diffusion-2-1 architecture (v-prediction), random weights",
+        ),
+        Preset(
+            name="sdxl",
+            pipeline_class="StableDiffusionXLPipeline",
+            height=1024,
+            width=1024,
+            dtype=torch.float16,
+            description="stabilityai/stable-diffusion-xl-base-1.0 architecture, random weights",
+        ),
+    )
+}
+
+
+def get_preset(name: str) -> Preset:
+    """The preset called `name`; raises `ModelNotFoundError` listing the known presets."""
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ModelNotFoundError(
+            f"unknown model preset {name!r}; known presets: {', '.join(PRESETS)}"
+        ) from None
