@@ -1,0 +1,129 @@
+"""Per-component plan: which passes run on which pipeline component, and the CUDA-graph runtime.
+
+| component | precision | channels-last | attention | Inductor | CUDA graph |
+| --- | --- | --- | --- | --- | --- |
+| unet, controlnet | yes | yes | yes | if in `Config.inductor` | forward |
+| vae | yes (float32 where an SDXL-family pipeline would upcast it) | yes | yes | decoder, if in `Config.inductor` | decoder |
+| text_encoder(_2) | yes | no 4-D weights | diffusers' SDPA already | if in `Config.inductor` | forward |
+
+On a device other than CUDA only the device-independent passes run (channels-last, attention); the
+rest is reported as off, with a warning given once per process.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..config import KNOWN_COMPONENTS, Config
+from ..passes import attention, inductor, memory_format, precision
+from ..runtime.cuda_graph import CudaGraphRunner
+
+logger = logging.getLogger(__name__)
+_warned_cpu = False
+
+# Arguments that change on every denoising step without being device tensors (`t` may be a number).
+_TIMESTEP_ARGS = (1, "timestep")
+
+
+@dataclass
+class CompileReport:
+    """What `diffjet.compile` did to a pipeline; attached to it as `pipe.diffjet`."""
+
+    device: str
+    config: Config
+    passes: dict[str, list[str]] = field(default_factory=dict)  # component -> passes applied
+    left_alone: dict[str, str] = field(default_factory=dict)  # component -> why
+    off: list[str] = field(default_factory=list)  # what the device or config turned off
+    runners: dict[str, CudaGraphRunner] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        lines = [f"diffjet on {self.device}:"]
+        lines += [f"  {name}: {', '.join(p) or 'nothing'}" for name, p in self.passes.items()]
+        lines += [f"  left alone: {name} ({why})" for name, why in self.left_alone.items()]
+        lines += [f"  off: {what}" for what in self.off]
+        return "\n".join(lines)
+
+
+def _graph_target(name: str, module: nn.Module) -> nn.Module:
+    """The submodule whose forward is the hot path: the VAE's decoder, otherwise the module itself."""
+    return module.decoder if name == "vae" else module
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
+def compile_pipeline(pipe, config: Config) -> CompileReport:
+    modules = {name: c for name, c in pipe.components.items() if isinstance(c, nn.Module)}
+    if not modules:
+        raise TypeError(f"{type(pipe).__name__} has no torch modules to compile")
+    device = _device_of(next(iter(modules.values())))
+    on_cuda = device.type == "cuda"
+    report = CompileReport(device=str(device), config=config)
+
+    if not on_cuda:
+        report.off = ["half precision (CPU)", "Inductor (CPU)", "CUDA graphs (CPU)"]
+        global _warned_cpu
+        if not _warned_cpu:
+            warnings.warn(
+                f"diffjet: pipeline is on {device}; running only the device-independent passes "
+                "(channels-last, fused attention). Move it to CUDA before diffjet.compile for the rest.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            _warned_cpu = True
+    elif config.tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    for name, module in modules.items():
+        if name not in KNOWN_COMPONENTS:
+            report.left_alone[name] = f"{type(module).__name__}: not a component diffjet optimises"
+            continue
+        if name not in config.components:
+            report.left_alone[name] = "excluded by Config.components"
+            continue
+        if _device_of(module) != device:
+            report.left_alone[name] = f"on {_device_of(module)}, not {device}"
+            continue
+        applied = report.passes.setdefault(name, [])
+        if on_cuda and config.torch_dtype is not None:
+            if name == "vae" and hasattr(type(pipe), "upcast_vae") and precision.needs_float32(module, config.torch_dtype):
+                precision.pin_float32(module)
+            precision.apply(module, config)
+            applied.append(f"precision({str(next(module.parameters()).dtype).removeprefix('torch.')})")
+        if config.channels_last and any(p.dim() == 4 for p in module.parameters()):
+            memory_format.apply(module, config)
+            applied.append("channels_last")
+        if config.attention != "keep" and name != "text_encoder" and name != "text_encoder_2":
+            attention.apply(module, config)
+            applied.append("fused_qkv_sdpa")
+        target = _graph_target(name, module)
+        if on_cuda and name in config.inductor:
+            inductor.apply(target, config)
+            applied.append(f"inductor({config.compile_mode})")
+        if on_cuda and config.cuda_graphs:
+            report.runners[name] = _wrap_in_graphs(name, target, config)
+            applied.append("cuda_graphs")
+    logger.info("%s", report.summary())
+    return report
+
+
+def _wrap_in_graphs(name: str, target: nn.Module, config: Config) -> CudaGraphRunner:
+    if isinstance(target.forward, CudaGraphRunner):
+        return target.forward
+    runner = CudaGraphRunner(
+        target.forward,
+        _device_of(target),
+        name=name,
+        weights=[*target.parameters(), *target.buffers()],
+        tensor_args=_TIMESTEP_ARGS if name in ("unet", "controlnet") else (),
+        max_graphs=config.max_graphs,
+    )
+    target.forward = runner
+    return runner

@@ -1,0 +1,193 @@
+"""CUDA-graph capture per input signature, with static buffers and one memory pool per device.
+
+A Stable Diffusion UNet step is a few hundred kernels; launched one by one from Python they leave the
+GPU idle (SD1.5 512², batch 2: 27.9 ms eager against 10.6 ms for the same kernels replayed from a graph,
+shared/baselines). `CudaGraphRunner` captures a callable once per input signature (shapes, strides,
+dtypes, devices and non-tensor values of its arguments) and replays it afterwards.
+
+Unlike torch.compile's `reduce-overhead` mode it keeps no per-call bookkeeping (about 1.6 ms a step in
+the baselines) and it never hands out graph memory: inputs are copied into static buffers that live
+outside the pool, and every output tensor is cloned before it is returned, so the next replay cannot
+overwrite what the caller holds.
+
+All graphs of a device share one memory pool. That is safe because graphs never run concurrently and
+every value that lives across a replay (static inputs, cloned outputs) sits outside the pool; the
+static outputs inside it are read right after their own replay, before any other graph runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch.utils import _pytree as pytree
+
+logger = logging.getLogger(__name__)
+
+_POOLS: dict[int, Any] = {}
+_POOLS_LOCK = threading.Lock()
+
+
+def graph_pool(device: torch.device) -> Any:
+    """The one memory pool that every diffjet graph on `device` captures into."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    with _POOLS_LOCK:
+        if index not in _POOLS:
+            _POOLS[index] = torch.cuda.graph_pool_handle()
+        return _POOLS[index]
+
+
+@dataclass
+class GraphStats:
+    """Counters a caller can read to prove that steady state neither captures nor falls back."""
+
+    captures: int = 0
+    replays: int = 0
+    eager_calls: int = 0
+    invalidations: int = 0
+    signatures: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Captured:
+    graph: torch.cuda.CUDAGraph | None  # None: capture failed, this signature runs eagerly
+    static_inputs: list[torch.Tensor | None]
+    static_output: Any
+
+
+def _leaf_key(leaf: Any) -> Any:
+    if isinstance(leaf, torch.Tensor):
+        return ("T", tuple(leaf.shape), tuple(leaf.stride()), leaf.dtype, leaf.device.type)
+    if isinstance(leaf, (int, float, bool, str, type(None))):
+        return ("V", type(leaf).__name__, leaf)
+    # Anything else (a callable, a custom object) is keyed by identity: a new object means a new graph.
+    return ("O", id(leaf))
+
+
+class CudaGraphRunner:
+    """Wrap `fn` so that each input signature is captured once into a CUDA graph and replayed.
+
+    `fn` runs on `device` under `torch.no_grad()`: this is an inference runtime. Tensor arguments on the
+    `tensor_args` names the arguments (by position or keyword) that change every call but are not
+    tensors on the device, such as a scheduler's timestep: Python numbers and CPU tensors there become
+    device tensors, so one graph serves every timestep instead of baking one value in. `weights` are the module's parameters
+    and buffers: if any of them moves or changes dtype (`pipe.to(...)`), every graph is dropped and
+    re-captured on the next call, because a graph holds raw pointers to them.
+
+    `max_graphs` bounds the number of signatures held; the least recently used graph goes first.
+    """
+
+    def __init__(
+        self,
+        fn: Callable[..., Any],
+        device: torch.device,
+        *,
+        name: str,
+        weights: list[torch.Tensor] | None = None,
+        tensor_args: tuple[int | str, ...] = (),
+        warmup_calls: int = 2,
+        max_graphs: int = 16,
+    ) -> None:
+        if device.type != "cuda":
+            raise ValueError(f"CudaGraphRunner needs a CUDA device, got {device}")
+        self.fn = fn
+        self.device = device
+        self.name = name
+        self.tensor_args = tensor_args
+        self.warmup_calls = warmup_calls
+        self.max_graphs = max_graphs
+        self.stats = GraphStats()
+        self._weights = list(weights or [])
+        self._weights_key = self._current_weights_key()
+        self._graphs: OrderedDict[Any, _Captured] = OrderedDict()
+
+    # -- public -------------------------------------------------------------------------------
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        args = tuple(self._tensorize(v) if i in self.tensor_args else v for i, v in enumerate(args))
+        kwargs = {k: self._tensorize(v) if k in self.tensor_args else v for k, v in kwargs.items()}
+        leaves, spec = pytree.tree_flatten((args, kwargs))
+        weights_key = self._current_weights_key()
+        if weights_key != self._weights_key:
+            logger.info("%s: weights moved or changed dtype; dropping %d CUDA graph(s)", self.name, len(self._graphs))
+            self.reset()
+            self._weights_key = weights_key
+            self.stats.invalidations += 1
+        key = (spec, tuple(_leaf_key(x) for x in leaves))
+        captured = self._graphs.get(key)
+        if captured is None:
+            captured = self._capture(key, leaves, spec)
+        else:
+            self._graphs.move_to_end(key)
+        if captured.graph is None:
+            self.stats.eager_calls += 1
+            args, kwargs = pytree.tree_unflatten(leaves, spec)
+            with torch.no_grad():
+                return self.fn(*args, **kwargs)
+        for static, leaf in zip(captured.static_inputs, leaves):
+            if static is not None:
+                static.copy_(leaf)
+        captured.graph.replay()
+        self.stats.replays += 1
+        return pytree.tree_map_only(torch.Tensor, torch.clone, captured.static_output)
+
+    @property
+    def graphs_held(self) -> int:
+        return sum(1 for c in self._graphs.values() if c.graph is not None)
+
+    def reset(self) -> None:
+        """Drop every captured graph (their pool memory is reused by the next capture)."""
+        self._graphs.clear()
+
+    # -- internals ----------------------------------------------------------------------------
+    def _current_weights_key(self) -> tuple:
+        # `.to()` replaces every parameter's storage, so the first and last one tell a move apart
+        # from an in-place update (which graphs see, since they read the same memory).
+        if not self._weights:
+            return ()
+        ends = (self._weights[0], self._weights[-1])
+        return tuple((w.data_ptr(), w.dtype, w.device) for w in ends)
+
+    def _tensorize(self, value: Any) -> Any:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return torch.tensor(value, device=self.device)
+        if isinstance(value, torch.Tensor) and value.device != self.device:
+            return value.to(self.device)
+        return value
+
+    def _capture(self, key: Any, leaves: list[Any], spec: Any) -> _Captured:
+        signature = ", ".join(
+            f"{tuple(x.shape)}:{str(x.dtype).removeprefix('torch.')}" for x in leaves if isinstance(x, torch.Tensor)
+        )
+        static_inputs = [torch.empty_like(x).copy_(x) if isinstance(x, torch.Tensor) else None for x in leaves]
+        static_leaves = [s if s is not None else x for s, x in zip(static_inputs, leaves)]
+        args, kwargs = pytree.tree_unflatten(static_leaves, spec)
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.no_grad(), torch.cuda.stream(stream):
+                # Warm-up outside the graph: compiles (Inductor), picks cuDNN/cuBLAS algorithms and
+                # creates library handles, none of which may happen during capture.
+                for _ in range(self.warmup_calls):
+                    self.fn(*args, **kwargs)
+                stream.synchronize()
+                with torch.cuda.graph(graph, pool=graph_pool(self.device), stream=stream):
+                    static_output = self.fn(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - any failure to capture falls back to eager, loudly
+            torch.cuda.synchronize(self.device)
+            logger.warning("%s: CUDA graph capture failed for [%s], running it eagerly: %s", self.name, signature, exc)
+            captured = _Captured(graph=None, static_inputs=[], static_output=None)
+        else:
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            captured = _Captured(graph=graph, static_inputs=static_inputs, static_output=static_output)
+            self.stats.captures += 1
+            self.stats.signatures.append(signature)
+            logger.info("%s: captured a CUDA graph for [%s]", self.name, signature)
+        self._graphs[key] = captured
+        while len(self._graphs) > self.max_graphs:
+            self._graphs.popitem(last=False)
+        return captured

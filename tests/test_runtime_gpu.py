@@ -1,0 +1,99 @@
+"""CUDA-graph runtime and the fidelity rule on the GPU (marked `gpu`; skipped without CUDA)."""
+
+import pytest
+import torch
+from torch import nn
+
+import diffjet
+from diffjet.models import load_pipeline
+from diffjet.quality import verify
+from diffjet.runtime.cuda_graph import CudaGraphRunner
+
+pytestmark = pytest.mark.gpu
+
+
+class Affine(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(16, 16, device="cuda"))
+
+    def forward(self, x, t, scale=1.0):
+        return {"out": (x @ self.weight) * t * scale, "aux": [x.sum()]}
+
+
+def make_runner():
+    module = Affine()
+    runner = CudaGraphRunner(module.forward, torch.device("cuda"), name="affine",
+                             weights=list(module.parameters()), tensor_args=(1, "t"))
+    return module, runner
+
+
+def test_one_capture_per_signature_then_replays():
+    module, runner = make_runner()
+    x4, x8 = torch.randn(4, 16, device="cuda"), torch.randn(8, 16, device="cuda")
+    for step in range(5):
+        for x in (x4, x8):
+            out = runner(x, float(step))  # a Python timestep: one graph for every value
+            torch.testing.assert_close(out["out"], module(x, float(step))["out"])
+    assert runner.stats.captures == 2 and runner.graphs_held == 2
+    assert runner.stats.replays == 10 and runner.stats.eager_calls == 0
+
+
+def test_returned_tensors_never_alias_graph_buffers():
+    _, runner = make_runner()
+    x = torch.randn(4, 16, device="cuda")
+    first = runner(x, 1.0)["out"]
+    kept = first.clone()
+    second = runner(torch.randn(4, 16, device="cuda"), 2.0)["out"]
+    assert first.data_ptr() != second.data_ptr()
+    torch.testing.assert_close(first, kept, rtol=0, atol=0)
+
+
+def test_non_tensor_arguments_are_part_of_the_signature():
+    module, runner = make_runner()
+    x = torch.randn(4, 16, device="cuda")
+    torch.testing.assert_close(runner(x, 1.0, scale=2.0)["out"], module(x, 1.0, scale=2.0)["out"])
+    torch.testing.assert_close(runner(x, 1.0, scale=3.0)["out"], module(x, 1.0, scale=3.0)["out"])
+    assert runner.stats.captures == 2
+
+
+def test_in_place_weight_update_is_seen_and_a_move_recaptures():
+    module, runner = make_runner()
+    x = torch.randn(4, 16, device="cuda")
+    runner(x, 1.0)
+    with torch.no_grad():
+        module.weight.mul_(2.0)
+    torch.testing.assert_close(runner(x, 1.0)["out"], module(x, 1.0)["out"])
+    assert runner.stats.captures == 1
+    module.double()
+    torch.testing.assert_close(runner(x.double(), 1.0)["out"], module(x.double(), 1.0)["out"])
+    assert runner.stats.invalidations == 1 and runner.stats.captures == 2
+
+
+def test_lru_bound_on_graphs():
+    module, _ = make_runner()
+    runner = CudaGraphRunner(module.forward, torch.device("cuda"), name="affine", max_graphs=2)
+    for rows in (1, 2, 3):
+        runner(torch.randn(rows, 16, device="cuda"), torch.tensor(1.0, device="cuda"))
+    assert runner.graphs_held == 2
+
+
+def test_compiled_pipeline_steady_state_captures_nothing_new():
+    pipe = load_pipeline("tiny", device="cuda", dtype=torch.float16)
+    pipe.set_progress_bar_config(disable=True)
+    diffjet.compile(pipe, diffjet.Config.fast_startup())
+    for _ in range(3):
+        pipe("a cat", num_inference_steps=3, generator=torch.Generator().manual_seed(0))
+    stats = pipe.diffjet.runners["unet"].stats
+    assert stats.captures == 1 and stats.eager_calls == 0 and stats.replays == 9
+
+
+@pytest.mark.parametrize("model", ["sd15", "sdxl"])
+def test_fidelity_rule_holds(model):
+    verdict = verify(
+        lambda dtype: load_pipeline(model, device="cuda", dtype=dtype),
+        device=torch.device("cuda"), prompt="an astronaut riding a horse", steps=30,
+        height=None, width=None, seed=0, compile_pipe=diffjet.compile,
+    )
+    print(verdict.table())
+    assert verdict.passed
