@@ -1,0 +1,145 @@
+"""UNet-step variants on the GPU, each in a fresh process: which compile options diffjet should use.
+
+    python bench/unet_step.py --model sd15 --variants eager-graph,inductor,inductor-cdt --json out.json
+
+Loads the preset's UNet (built once with random weights), applies diffjet's passes
+(fp16, channels-last, fused-QKV SDPA), then compiles with the variant's Inductor options, captures the
+step with diffjet's CudaGraphRunner and times replays with CUDA events (median of 100 after warm-up).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+
+VARIANTS = {
+    "eager-graph": None,
+    "inductor-plain": {},
+    "inductor": {"conv_1x1_as_mm": True},
+    # Diffusers' speed-guide flags.
+    "inductor-guide": {
+        "conv_1x1_as_mm": True,
+        "coordinate_descent_tuning": True,
+        "epilogue_fusion": False,
+        "coordinate_descent_check_all_directions": True,
+    },
+    "inductor-cdt": {"conv_1x1_as_mm": True, "coordinate_descent_tuning": True},
+    "inductor-benchmark": {"conv_1x1_as_mm": True, "__cudnn_benchmark": True},
+}
+
+
+def run_one(model: str, variant: str, batch: int, size: int | None) -> dict:
+    import torch
+
+    from diffjet.config import Config
+    from diffusers import UNet2DConditionModel
+
+    from diffjet.models import PRESETS, resolve
+    from diffjet.passes import attention, memory_format, precision
+    from diffjet.runtime.cuda_graph import CudaGraphRunner
+
+    preset = PRESETS[model]
+    unet = UNet2DConditionModel.from_pretrained(resolve(model), subfolder="unet", torch_dtype=torch.float16).cuda()
+    config = Config()
+    precision.apply(unet, config)
+    memory_format.apply(unet, config)
+    attention.apply(unet, config)
+    options = dict(VARIANTS[variant]) if VARIANTS[variant] is not None else None
+    cudnn_benchmark = bool(options and options.pop("__cudnn_benchmark", False))
+    forward = type(unet).forward.__get__(unet)
+    if options is not None:
+        forward = torch.compile(forward, dynamic=False, options=options)
+    runner = CudaGraphRunner(forward, torch.device("cuda"), name="unet", weights=list(unet.parameters()),
+                             tensor_args=(1, "timestep"))
+    height = size or preset.height
+    lat = height // 8
+    g = torch.Generator("cuda").manual_seed(0)
+    sample = torch.randn(batch, unet.config.in_channels, lat, lat, device="cuda", dtype=torch.float16, generator=g)
+    states = torch.randn(batch, 77, unet.config.cross_attention_dim, device="cuda", dtype=torch.float16, generator=g)
+    kwargs = {}
+    if unet.config.addition_embed_type == "text_time":
+        kwargs["added_cond_kwargs"] = {
+            "text_embeds": torch.randn(batch, 1280, device="cuda", dtype=torch.float16, generator=g),
+            "time_ids": torch.tensor([[height, height, 0, 0, height, height]] * batch, device="cuda", dtype=torch.float16),
+        }
+    t = torch.tensor(999.0, device="cuda")
+    torch.backends.cudnn.benchmark = cudnn_benchmark
+    start = time.perf_counter()
+    runner(sample, t, states, return_dict=False, **kwargs)
+    torch.cuda.synchronize()
+    first = time.perf_counter() - start
+    for _ in range(10):
+        runner(sample, t, states, return_dict=False, **kwargs)
+    times = []
+    for _ in range(100):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        runner(sample, t, states, return_dict=False, **kwargs)
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    # Back-to-back replays: the GPU time per step with the host running ahead, as in a pipeline.
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    for _ in range(50):
+        runner(sample, t, states, return_dict=False, **kwargs)
+    b.record()
+    b.synchronize()
+    return {
+        "model": model, "variant": variant, "batch": batch, "height": height,
+        "ms": statistics.median(times), "ms_min": min(times), "ms_max": max(times),
+        "ms_pipelined": a.elapsed_time(b) / 50, "first_call_s": first,
+        "captures": runner.stats.captures, "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="sd15")
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--size", type=int)
+    parser.add_argument("--json")
+    parser.add_argument("--timeout", type=float, default=300, help="seconds per variant")
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        print("RESULT " + json.dumps(run_one(args.model, args.one, args.batch, args.size)))
+        return
+    from diffjet.models import resolve
+
+    resolve(args.model)  # build the preset once, before the variants' processes load it
+    results = []
+    for variant in args.variants.split(","):
+        cmd = [sys.executable, __file__, "--model", args.model, "--batch", str(args.batch), "--one", variant]
+        if args.size:
+            cmd += ["--size", str(args.size)]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+            lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+            error = proc.stderr.strip().splitlines()[-3:]
+        except subprocess.TimeoutExpired:
+            lines, error = [], f"timed out after {args.timeout} s"
+        result = json.loads(lines[-1][7:]) if lines else {"model": args.model, "variant": variant, "error": error}
+        results.append(result)
+        print(json.dumps(result), flush=True)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(results, f, indent=2)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+    print(f"{'model':6} {'variant':20} {'ms':>7} {'pipelined':>9} {'first s':>8}")
+    for r in results:
+        if "error" in r:
+            print(f"{r['model']:6} {r['variant']:20} failed: {r['error']}")
+        else:
+            print(f"{r['model']:6} {r['variant']:20} {r['ms']:7.2f} {r['ms_pipelined']:9.2f} {r['first_call_s']:8.1f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,144 @@
+"""`diffjet bench`: each (model, compiler) variant in a fresh process, one table, one JSON file.
+
+The JSON follows one schema: `{"device", "torch", "diffusers", "triton", "date", "command", "weights",
+"runs": [{"model", "compiler", "height", "width", "steps", "batch", "its", "unet_ms", "e2e_s",
+"peak_mem_gib", "first_call_s", ...}]}`; a variant that failed has `"error"` instead of timings.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import importlib.metadata
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+WEIGHTS_NOTE = "random (architecture-exact) for presets"
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def environment(device: str) -> dict[str, Any]:
+    """Versions and device facts recorded with every result file."""
+    name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    return {
+        "device": name,
+        "torch": torch.__version__,
+        "diffusers": _version("diffusers"),
+        "transformers": _version("transformers"),
+        "triton": _version("triton"),
+        "cuda": torch.version.cuda,
+        "python": sys.version.split()[0],
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "weights": WEIGHTS_NOTE,
+    }
+
+
+def run_variant(spec: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
+    """Run one variant in a fresh Python process and return its result (or its error)."""
+    with tempfile.TemporaryDirectory(prefix="diffjet-bench-") as tmp:
+        out = Path(tmp) / "result.json"
+        try:
+            proc = subprocess.run(
+                [sys.executable, "-m", "diffjet.bench.worker", json.dumps(spec), str(out)],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                timeout=timeout,
+            )
+        except subprocess.TimeoutExpired:
+            proc = None
+        if proc is not None and proc.returncode == 0 and out.exists():
+            return json.loads(out.read_text())
+        if proc is None:
+            tail = [f"did not finish within {timeout:.0f} s"]
+        else:
+            tail = [line for line in proc.stderr.strip().splitlines() if line.strip()][-3:]
+        return {
+            "model": spec["model"],
+            "compiler": spec["compiler"],
+            "height": spec["height"],
+            "width": spec["width"],
+            "steps": spec["steps"],
+            "batch": spec["batch"],
+            "error": " | ".join(tail) or f"worker exited with {proc.returncode}",
+        }
+
+
+def run_bench(
+    specs: list[dict[str, Any]],
+    on_result: Callable[[dict[str, Any]], None] | None = None,
+    timeout: float | None = None,
+) -> list[dict]:
+    runs = []
+    for spec in specs:
+        result = run_variant(spec, timeout)
+        runs.append(result)
+        if on_result is not None:
+            on_result(result)
+    return runs
+
+
+_COLUMNS = (
+    ("model", "model", "{}"),
+    ("compiler", "compiler", "{}"),
+    ("size", None, "{}"),
+    ("it/s", "its", "{:.1f}"),
+    ("unet ms", "unet_ms", "{:.2f}"),
+    ("e2e s", "e2e_s", "{:.3f}"),
+    ("first call s", "first_call_s", "{:.1f}"),
+    ("peak GiB", "peak_mem_gib", "{:.2f}"),
+)
+
+
+def format_table(runs: list[dict[str, Any]]) -> str:
+    rows = [[title for title, _, _ in _COLUMNS]]
+    for run in runs:
+        row = []
+        for title, key, fmt in _COLUMNS:
+            if key is None:
+                row.append(f"{run['width']}x{run['height']}")
+            elif "error" in run and key not in ("model", "compiler"):
+                row.append("failed")
+            else:
+                value = run.get(key)
+                row.append("-" if value is None else fmt.format(value))
+        rows.append(row)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(_COLUMNS))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    errors = [f"{r['model']}/{r['compiler']}: {r['error']}" for r in runs if "error" in r]
+    return "\n".join(lines + errors)
+
+
+def plot(runs: list[dict[str, Any]], path: str | os.PathLike) -> None:
+    """A bar chart of it/s per variant, drawn with Pillow (no plotting library needed)."""
+    from PIL import Image, ImageDraw
+
+    ok = [r for r in runs if "error" not in r]
+    bar_h, gap, left, width = 28, 10, 260, 900
+    height = 40 + len(ok) * (bar_h + gap)
+    image = Image.new("RGB", (width, max(height, 80)), "white")
+    draw = ImageDraw.Draw(image)
+    draw.text((10, 10), "denoising-loop it/s (higher is better)", fill="black")
+    top = max((r["its"] for r in ok), default=1.0)
+    colours = {"eager": (150, 150, 150), "torch-compile": (70, 110, 200), "diffjet": (230, 120, 30)}
+    for i, run in enumerate(ok):
+        y = 40 + i * (bar_h + gap)
+        length = int((width - left - 90) * run["its"] / top)
+        draw.text((10, y + 8), f"{run['model']} {run['width']}x{run['height']} {run['compiler']}", fill="black")
+        draw.rectangle([left, y, left + length, y + bar_h], fill=colours.get(run["compiler"], (100, 160, 100)))
+        draw.text((left + length + 6, y + 8), f"{run['its']:.1f}", fill="black")
+    image.save(path, format="PNG")

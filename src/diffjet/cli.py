@@ -1,0 +1,301 @@
+"""The `diffjet` command: `generate`, `bench`, `verify`.
+
+Bad input never ends in a traceback: every `DiffjetError` becomes one line on stderr and exit code 2;
+`verify` exits 1 when the compiled pipeline breaks the lossless rule.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shlex
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence
+
+from .bench.recipes import COMPILERS, SCHEDULERS
+from .errors import ConfigError, DeviceError, DiffjetError, OutputError
+
+
+
+# -- validation --------------------------------------------------------------------------------
+def _positive(name: str, value: int) -> int:
+    if value < 1:
+        raise ConfigError(f"{name} must be at least 1, got {value}")
+    return value
+
+
+def _size(name: str, value: int | None) -> int | None:
+    if value is not None and (value < 8 or value % 8):
+        raise ConfigError(f"{name} must be a positive multiple of 8 (the VAE downsamples by 8), got {value}")
+    return value
+
+
+def _device(requested: str) -> str:
+    import torch
+
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise DeviceError("--device cuda was asked for, but no CUDA GPU is visible (torch.cuda.is_available() is False)")
+    return requested
+
+
+def _writable_file(path: str, suffixes: tuple[str, ...]) -> Path:
+    target = Path(path)
+    if target.suffix.lower() not in suffixes:
+        raise OutputError(f"{path}: the output file must end in {' or '.join(suffixes)}")
+    parent = target.parent if str(target.parent) else Path(".")
+    if not parent.is_dir():
+        raise OutputError(f"{path}: folder {parent} does not exist")
+    if not os.access(parent, os.W_OK) or (target.exists() and not os.access(target, os.W_OK)):
+        raise OutputError(f"{path}: not writable")
+    return target
+
+
+def _write_atomically(target: Path, write) -> None:
+    """Write through a temporary file in the same folder and rename it over `target`."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent or ".")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _compilers(text: str) -> list[str]:
+    names = [c.strip() for c in text.split(",") if c.strip()]
+    unknown = [c for c in names if c not in COMPILERS]
+    if unknown or not names:
+        raise ConfigError(f"--compiler: unknown {', '.join(unknown) or '(empty)'}; choose from {', '.join(COMPILERS)}")
+    return names
+
+
+def _default_model(device: str) -> str:
+    return "sd15" if device == "cuda" else "tiny"
+
+
+def _native_size(model: str) -> tuple[int | None, int | None]:
+    from .models import PRESETS
+
+    preset = PRESETS.get(model)
+    return (preset.height, preset.width) if preset else (None, None)
+
+
+# -- generate ----------------------------------------------------------------------------------
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    device = _device(args.device)
+    model = args.model or _default_model(device)
+    steps = _positive("--steps", args.steps)
+    native_h, native_w = _native_size(model)
+    height = _size("--height", args.height) or native_h
+    width = _size("--width", args.width) or native_w
+    out = _writable_file(args.out, (".png",))
+
+    from PIL.PngImagePlugin import PngInfo
+
+    from .bench import recipes
+    from .models import load_pipeline
+
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    pipe = load_pipeline(model, device=device, dtype=dtype)
+    recipes.set_scheduler(pipe, args.scheduler)
+    recipes.apply(pipe, args.compiler)
+    image = pipe(
+        args.prompt,
+        negative_prompt=args.negative_prompt,
+        num_inference_steps=steps,
+        height=height,
+        width=width,
+        guidance_scale=args.guidance,
+        generator=torch.Generator("cpu").manual_seed(args.seed),
+    ).images[0]
+
+    parameters = {
+        "prompt": args.prompt,
+        "negative_prompt": args.negative_prompt,
+        "model": model,
+        "steps": steps,
+        "height": image.height,
+        "width": image.width,
+        "seed": args.seed,
+        "guidance": args.guidance,
+        "scheduler": type(pipe.scheduler).__name__,
+        "compiler": args.compiler,
+        "device": device,
+        "dtype": str(dtype).removeprefix("torch."),
+    }
+    info = PngInfo()
+    info.add_text("parameters", json.dumps(parameters, sort_keys=True))
+    info.add_text("software", "diffjet")
+    _write_atomically(out, lambda handle: image.save(handle, format="PNG", pnginfo=info))
+    print(f"wrote {out} ({image.width}x{image.height}, seed {args.seed}, {steps} steps)")
+    return 0
+
+
+# -- bench -------------------------------------------------------------------------------------
+def cmd_bench(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from . import bench
+
+    device = _device(args.device)
+    models = [m.strip() for m in (args.model or _default_model(device)).split(",") if m.strip()]
+    compilers = _compilers(args.compiler)
+    steps = _positive("--steps", args.steps)
+    batch = _positive("--batch", args.batch)
+    repeats = _positive("--repeats", args.repeats)
+    _positive("--unet-repeats", args.unet_repeats)
+    _size("--height", args.height)
+    _size("--width", args.width)
+    json_path = _writable_file(args.json, (".json",)) if args.json else None
+    plot_path = _writable_file(args.plot, (".png",)) if args.plot else None
+
+    from .models import resolve
+
+    specs = []
+    for model in models:
+        resolve(model)  # unknown model: fail now, once, not in every worker
+        native_h, native_w = _native_size(model)
+        height, width = args.height or native_h or 512, args.width or native_w or 512
+        for compiler in compilers:
+            specs.append(
+                dict(model=model, compiler=compiler, device=device, prompt=args.prompt, steps=steps,
+                     scheduler=args.scheduler,
+                     height=height, width=width, batch=batch, seed=args.seed, warmup=args.warmup,
+                     repeats=repeats, unet_repeats=args.unet_repeats)
+            )
+    with tqdm(total=len(specs), desc="bench", unit="variant", file=sys.stderr) as bar:
+        def progress(result: dict[str, Any]) -> None:
+            bar.set_postfix_str(f"{result['model']}/{result['compiler']}")
+            bar.update()
+
+        runs = bench.run_bench(specs, on_result=progress, timeout=args.timeout)
+    report = {**bench.environment(device), "command": args.command_line, "runs": runs}
+    print(bench.format_table(runs))
+    if json_path:
+        _write_atomically(json_path, lambda h: h.write((json.dumps(report, indent=2) + "\n").encode()))
+        print(f"wrote {json_path}")
+    if plot_path:
+        _write_atomically(plot_path, lambda h: bench.plot(runs, h))
+    return 1 if any("error" in r for r in runs) else 0
+
+
+# -- verify ------------------------------------------------------------------------------------
+def cmd_verify(args: argparse.Namespace) -> int:
+    import torch
+
+    import diffjet
+
+    from . import quality
+    from .models import load_pipeline
+
+    device = _device(args.device)
+    model = args.model or _default_model(device)
+    steps = _positive("--steps", args.steps or (30 if device == "cuda" else 4))
+    native_h, native_w = _native_size(model)
+    height = _size("--height", args.height) or native_h
+    width = _size("--width", args.width) or native_w
+    json_path = _writable_file(args.json, (".json",)) if args.json else None
+    from .models import resolve
+
+    path = resolve(model)
+    verdict = quality.verify(
+        lambda dtype: load_pipeline(path, device=device, dtype=dtype),
+        device=torch.device(device),
+        prompt=args.prompt,
+        steps=steps,
+        height=height,
+        width=width,
+        seed=args.seed,
+        compile_pipe=diffjet.compile,
+    )
+    print(f"fidelity of diffjet on {model} ({device}, {steps} steps), reference: {verdict.reference}")
+    print(verdict.table())
+    if json_path:
+        from dataclasses import asdict
+
+        from . import bench
+
+        record = {**bench.environment(device), "command": args.command_line, "model": model,
+                  "steps": steps, "passed": verdict.passed, **asdict(verdict)}
+        _write_atomically(json_path, lambda h: h.write((json.dumps(record, indent=2) + "\n").encode()))
+    if not verdict.passed:
+        c = verdict.candidate
+        why = "NaN/Inf in the output" if not c.finite else "error above 1.5x eager half precision"
+        print(f"diffjet: FAIL: {why}", file=sys.stderr)
+        return 1
+    print("diffjet: PASS (lossless)")
+    return 0
+
+
+# -- entry point -------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="diffjet", description="Fast, faithful Stable Diffusion pipelines.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what diffjet does")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p: argparse.ArgumentParser, steps_default: int | None) -> None:
+        p.add_argument("--model", help="preset (tiny, tiny-sdxl, sd15, sd21, sdxl), diffusers folder or hub id "
+                                       "(default: sd15 on a GPU, tiny on a CPU)")
+        p.add_argument("--prompt", default="an astronaut riding a horse on mars, highly detailed")
+        p.add_argument("--steps", type=int, default=steps_default)
+        p.add_argument("--height", type=int, help="pixels, a multiple of 8 (default: the model's native size)")
+        p.add_argument("--width", type=int, help="pixels, a multiple of 8 (default: the model's native size)")
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
+
+    gen = sub.add_parser("generate", help="generate one image")
+    common(gen, 30)
+    gen.add_argument("--negative-prompt")
+    gen.add_argument("--guidance", type=float, default=7.5)
+    gen.add_argument("--scheduler", choices=tuple(SCHEDULERS), default="default", help="default: the model's own")
+    gen.add_argument("--out", required=True, help="PNG file to write")
+    gen.add_argument("--compiler", choices=COMPILERS, default="diffjet")
+    gen.set_defaults(func=cmd_generate)
+
+    ben = sub.add_parser("bench", help="time eager, torch-compile and diffjet side by side")
+    common(ben, 30)
+    ben.add_argument("--compiler", default="eager,torch-compile,diffjet", help="comma-separated")
+    ben.add_argument("--batch", type=int, default=1, help="images per prompt")
+    ben.add_argument("--scheduler", choices=tuple(SCHEDULERS), default="euler",
+                     help="euler (default, as the measurement protocol says) or another; 'default' is the model's own")
+    ben.add_argument("--warmup", type=int, default=2, help="untimed calls after the first")
+    ben.add_argument("--repeats", type=int, default=10, help="timed pipeline calls")
+    ben.add_argument("--unet-repeats", type=int, default=50, help="timed UNet-only calls")
+    ben.add_argument("--timeout", type=float, help="seconds a variant may take (default: no limit)")
+    ben.add_argument("--json", help="write the results here")
+    ben.add_argument("--plot", help="write a bar chart (PNG) here")
+    ben.set_defaults(func=cmd_bench)
+
+    ver = sub.add_parser("verify", help="check that diffjet's output equals eager within the lossless rule")
+    common(ver, None)
+    ver.add_argument("--json", help="write the errors here")
+    ver.set_defaults(func=cmd_verify)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    args.command_line = "diffjet " + shlex.join(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except DiffjetError as exc:
+        print(f"diffjet: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("diffjet: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,166 @@
+"""The `diffjet` command on CPU: generate, bench, verify, and every bad input."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+import diffjet
+from diffjet import cli
+
+FAST = ["--model", "tiny", "--steps", "2", "--device", "cpu"]
+
+
+def run(args, capsys):
+    code = cli.main(args)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_generate_is_deterministic_and_carries_its_parameters(tmp_path, capsys):
+    first, second = tmp_path / "a.png", tmp_path / "b.png"
+    for out in (first, second):
+        code, _, _ = run(["generate", *FAST, "--prompt", "a red cube", "--seed", "7", "--compiler", "eager",
+                          "--out", str(out)], capsys)
+        assert code == 0
+    assert first.read_bytes() == second.read_bytes()
+    image = Image.open(first)
+    assert image.size == (64, 64)
+    params = json.loads(image.text["parameters"])
+    assert params["prompt"] == "a red cube" and params["seed"] == 7 and params["steps"] == 2
+    assert params["model"] == "tiny" and params["compiler"] == "eager"
+
+
+def test_generate_seed_changes_the_image(tmp_path, capsys):
+    outs = [tmp_path / f"{s}.png" for s in (1, 2)]
+    for seed, out in zip((1, 2), outs):
+        assert run(["generate", *FAST, "--seed", str(seed), "--compiler", "eager", "--out", str(out)], capsys)[0] == 0
+    assert outs[0].read_bytes() != outs[1].read_bytes()
+
+
+def test_generate_with_diffjet_matches_eager_pixels(tmp_path, capsys):
+    outs = {c: tmp_path / f"{c}.png" for c in ("eager", "diffjet")}
+    for compiler, out in outs.items():
+        assert run(["generate", *FAST, "--scheduler", "dpm++", "--negative-prompt", "blur",
+                    "--compiler", compiler, "--out", str(out)], capsys)[0] == 0
+    import numpy as np
+
+    a, b = (np.asarray(Image.open(p), dtype=np.int16) for p in outs.values())
+    assert np.abs(a - b).max() <= 1
+
+
+BAD_INPUTS = [
+    (["--height", "100"], "multiple of 8"),
+    (["--width", "0"], "multiple of 8"),
+    (["--steps", "0"], "at least 1"),
+    (["--model", "no-such-preset"], "no-such-preset"),
+    (["--model", "/nonexistent/folder"], "/nonexistent/folder"),
+    (["--device", "cuda"], "CUDA"),
+]
+
+
+@pytest.mark.parametrize("extra, message", BAD_INPUTS, ids=[b[1] if b[1][0] != "/" else "missing-folder" for b in BAD_INPUTS])
+def test_bad_generate_input_is_one_clear_line(tmp_path, capsys, extra, message):
+    if extra[:2] == ["--device", "cuda"]:
+        import torch
+
+        if torch.cuda.is_available():
+            pytest.skip("this machine has CUDA")
+    out = tmp_path / "x.png"
+    args = ["generate", "--model", "tiny", "--steps", "2", "--device", "cpu", "--out", str(out)]
+    args = args + extra
+    code, _, err = run(args, capsys)
+    assert code == 2
+    assert err.count("\n") == 1 and message in err and "Traceback" not in err
+    assert not out.exists() and os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("out", ["missing-dir/x.png", "a-file/x.png", "x.jpg"])
+def test_unwritable_output_is_refused_before_work(tmp_path, capsys, out):
+    (tmp_path / "a-file").write_text("not a folder")
+    code, _, err = run(["generate", *FAST, "--out", str(tmp_path / out)], capsys)
+    assert code == 2 and err.startswith("diffjet: error:") and err.count("\n") == 1
+
+
+def test_failed_write_leaves_nothing_behind(tmp_path):
+    target = tmp_path / "x.png"
+
+    def explode(handle):
+        handle.write(b"partial")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError):
+        cli._write_atomically(target, explode)
+    assert os.listdir(tmp_path) == []
+
+
+def test_console_script_reports_errors_without_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "diffjet.cli", "generate", "--model", "tiny", "--steps", "-3",
+                           "--out", str(tmp_path / "x.png")], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "diffjet: error: --steps must be at least 1, got -3"
+
+
+def test_bench_json_schema(tmp_path, capsys):
+    path = tmp_path / "bench.json"
+    plot = tmp_path / "bench.png"
+    code, out, _ = run(["bench", *FAST, "--compiler", "eager", "--repeats", "2", "--unet-repeats", "3",
+                        "--warmup", "1", "--json", str(path), "--plot", str(plot)], capsys)
+    assert code == 0
+    data = json.loads(path.read_text())
+    assert {"device", "torch", "diffusers", "date", "command", "runs"} <= set(data)
+    assert data["device"] == "cpu" and data["command"].startswith("diffjet bench")
+    (run_,) = data["runs"]
+    for key in ("model", "compiler", "height", "width", "steps", "batch"):
+        assert key in run_
+    assert (run_["model"], run_["compiler"], run_["height"], run_["width"], run_["steps"], run_["batch"]) == \
+        ("tiny", "eager", 64, 64, 2, 1)
+    for key in ("its", "unet_ms", "e2e_s", "first_call_s"):
+        assert isinstance(run_[key], float) and run_[key] > 0
+    assert run_["peak_mem_gib"] is None  # no CUDA memory on a CPU
+    assert run_["its_min"] <= run_["its"] <= run_["its_max"]
+    assert "tiny" in out and "eager" in out
+    assert Image.open(plot).size[0] > 100
+
+
+def test_bench_rejects_unknown_compiler(capsys):
+    code, _, err = run(["bench", *FAST, "--compiler", "eager,tensorrt"], capsys)
+    assert code == 2 and "tensorrt" in err
+
+
+def test_verify_passes_on_tiny(capsys):
+    code, out, _ = run(["verify", *FAST], capsys)
+    assert code == 0 and "PASS" in out
+
+
+def test_verify_fails_when_diffjet_changes_the_numbers(capsys, monkeypatch):
+    compile_ = diffjet.compile
+
+    def broken(pipe, config=None):
+        import torch
+
+        with torch.no_grad():
+            pipe.unet.conv_out.weight.mul_(1.05)
+        return compile_(pipe, config)
+
+    monkeypatch.setattr(diffjet, "compile", broken)
+    code, _, err = run(["verify", *FAST], capsys)
+    assert code == 1 and "error above" in err
+
+
+def test_verify_fails_on_nan(capsys, monkeypatch):
+    compile_ = diffjet.compile
+
+    def poisoned(pipe, config=None):
+        import torch
+
+        with torch.no_grad():
+            pipe.unet.conv_out.bias.fill_(float("nan"))
+        return compile_(pipe, config)
+
+    monkeypatch.setattr(diffjet, "compile", poisoned)
+    code, _, err = run(["verify", *FAST], capsys)
+    assert code == 1 and "NaN" in err
