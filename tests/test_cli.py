@@ -164,3 +164,22 @@ def test_verify_fails_on_nan(capsys, monkeypatch):
     monkeypatch.setattr(diffjet, "compile", poisoned)
     code, _, err = run(["verify", *FAST], capsys)
     assert code == 1 and "NaN" in err
+
+
+def test_compile_needs_a_gpu(capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    code, _, err = run(["compile", "--model", "tiny", "--resolutions", "64x64"], capsys)
+    assert code == 2 and "no CUDA GPU" in err
+
+
+@pytest.mark.parametrize("text", ["512", "512x", "axb", "500x512", ""])
+def test_bad_resolutions_are_refused(text):
+    with pytest.raises(diffjet.errors.ConfigError):
+        cli._resolutions(text)
+
+
+def test_resolutions_are_width_by_height():
+    assert cli._resolutions("512x768, 1216x832") == [(512, 768), (1216, 832)]

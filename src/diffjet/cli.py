@@ -1,4 +1,4 @@
-"""The `diffjet` command: `generate`, `bench`, `verify`.
+"""The `diffjet` command: `generate`, `bench`, `verify`, `compile`.
 
 Bad input never ends in a traceback: every `DiffjetError` becomes one line on stderr and exit code 2;
 `verify` exits 1 when the compiled pipeline breaks the lossless rule.
@@ -236,6 +236,60 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- compile (ahead of deployment) --------------------------------------------------------------
+def _resolutions(text: str) -> list[tuple[int, int]]:
+    sizes = []
+    for item in (t.strip() for t in text.split(",") if t.strip()):
+        try:
+            width, height = (int(v) for v in item.lower().split("x"))
+        except ValueError:
+            raise ConfigError(f"--resolutions: {item!r} is not WIDTHxHEIGHT (e.g. 512x768)") from None
+        sizes.append((_size("width", width), _size("height", height)))
+    if not sizes:
+        raise ConfigError("--resolutions: give at least one WIDTHxHEIGHT")
+    return sizes
+
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    import time
+
+    import torch
+    from tqdm import tqdm
+
+    import diffjet
+
+    from .models import load_pipeline
+
+    if _device(args.device) != "cuda":
+        raise DeviceError("diffjet compile builds GPU kernels, and no CUDA GPU is visible here")
+    sizes = _resolutions(args.resolutions)
+    batches = [_positive("--batch", int(b)) for b in args.batch.split(",") if b.strip()]
+    model = args.model or "sd15"
+    pipe = load_pipeline(model, device="cuda", dtype=torch.float16)
+    pipe.set_progress_bar_config(disable=True)
+    diffjet.compile(pipe, diffjet.Config(cache_dir=args.cache))
+    cache = pipe.diffjet.cache
+    rows = []
+    shapes = [(w, h, b) for w, h in sizes for b in batches]
+    with tqdm(shapes, desc="compile", unit="shape", file=sys.stderr) as bar:
+        for width, height, batch in bar:
+            bar.set_postfix_str(f"{width}x{height} batch {batch}")
+            start = time.perf_counter()
+            pipe(args.prompt, num_inference_steps=2, height=height, width=width, num_images_per_prompt=batch,
+                 output_type="latent" if args.skip_vae else "pil")
+            torch.cuda.synchronize()
+            rows.append((f"{width}x{height}", batch, time.perf_counter() - start))
+    print(f"compiled {model} into {cache.directory}")
+    for size, batch, seconds in rows:
+        print(f"  {size:>9} batch {batch}: {seconds:6.1f} s")
+    stats = cache.stats
+    print(f"  cache: {stats.hits} loaded, {stats.stored} stored, {stats.rejected} rebuilt; "
+          f"total {sum(r[2] for r in rows):.1f} s")
+    for name, runner in pipe.diffjet.runners.items():
+        print(f"  {name}: {runner.graphs_held} CUDA graph(s)")
+    return 0
+
+
 # -- entry point -------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffjet", description="Fast, faithful Stable Diffusion pipelines.")
@@ -274,6 +328,16 @@ def build_parser() -> argparse.ArgumentParser:
     ben.add_argument("--json", help="write the results here")
     ben.add_argument("--plot", help="write a bar chart (PNG) here")
     ben.set_defaults(func=cmd_bench)
+
+    comp = sub.add_parser("compile", help="precompile for given resolutions into the compile cache (GPU)")
+    comp.add_argument("--model", help="preset, diffusers folder or hub id (default: sd15)")
+    comp.add_argument("--resolutions", default="512x512", help="comma-separated WIDTHxHEIGHT list")
+    comp.add_argument("--batch", default="1", help="comma-separated images per prompt")
+    comp.add_argument("--cache", help="compile cache folder (default: $DIFFJET_CACHE_DIR/compile or ~/.cache/diffjet/compile)")
+    comp.add_argument("--prompt", default="warm-up")
+    comp.add_argument("--skip-vae", action="store_true", help="compile only the UNet and text encoders")
+    comp.add_argument("--device", choices=("auto", "cuda"), default="auto")
+    comp.set_defaults(func=cmd_compile)
 
     ver = sub.add_parser("verify", help="check that diffjet's output equals eager within the lossless rule")
     common(ver, None)

@@ -35,6 +35,9 @@ class Config:
         backend: the `torch.compile` backend; "inductor" except in tests ("eager", "aot_eager").
         cuda_graphs: capture each component call per input signature into a CUDA graph.
         max_graphs: how many input signatures each component keeps captured (least recently used goes).
+        cache: keep what Inductor compiled on disk and reuse it in later processes.
+        cache_dir: the compile cache's folder (default: `$DIFFJET_CACHE_DIR/compile`, else
+            `~/.cache/diffjet/compile`). Only this folder is ever read: entries are deserialised.
     """
 
     dtype: str = "float16"
@@ -47,6 +50,8 @@ class Config:
     backend: str = "inductor"
     cuda_graphs: bool = True
     max_graphs: int = 16
+    cache: bool = True
+    cache_dir: str | None = None
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:

@@ -42,8 +42,10 @@ def set_scheduler(pipe, name: str) -> None:
         pipe.scheduler = getattr(diffusers, class_name).from_config(pipe.scheduler.config)
 
 
-def apply(pipe, compiler: str) -> dict[str, Any]:
-    """Apply `compiler` to `pipe` in place; returns facts about it to record with the run."""
+def apply(pipe, compiler: str, cache_dir: str | None = None) -> dict[str, Any]:
+    """Apply `compiler` to `pipe` in place; returns facts about it to record with the run.
+
+    `cache_dir` is diffjet's compile cache (default: the user's)."""
     if compiler == "eager":
         return {}
     if compiler == "torch-compile":
@@ -51,7 +53,7 @@ def apply(pipe, compiler: str) -> dict[str, Any]:
     if compiler == "diffjet":
         import diffjet
 
-        diffjet.compile(pipe)
+        diffjet.compile(pipe, diffjet.Config(cache_dir=cache_dir))
         report = pipe.diffjet
         return {"passes": report.passes, "left_alone": report.left_alone, "off": report.off}
     raise ValueError(f"unknown compiler {compiler!r}; choose from {', '.join(COMPILERS)}")

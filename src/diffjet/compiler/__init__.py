@@ -21,6 +21,7 @@ from torch import nn
 
 from ..config import KNOWN_COMPONENTS, Config
 from ..passes import attention, inductor, memory_format, precision
+from ..runtime.compile_cache import CompileCache, default_cache_dir, environment_key, module_key
 from ..runtime.cuda_graph import CudaGraphRunner
 
 logger = logging.getLogger(__name__)
@@ -40,6 +41,7 @@ class CompileReport:
     left_alone: dict[str, str] = field(default_factory=dict)  # component -> why
     off: list[str] = field(default_factory=list)  # what the device or config turned off
     runners: dict[str, CudaGraphRunner] = field(default_factory=dict)
+    cache: CompileCache | None = None
 
     def summary(self) -> str:
         lines = [f"diffjet on {self.device}:"]
@@ -65,6 +67,10 @@ def compile_pipeline(pipe, config: Config) -> CompileReport:
     device = _device_of(next(iter(modules.values())))
     on_cuda = device.type == "cuda"
     report = CompileReport(device=str(device), config=config)
+    cache = None
+    if on_cuda and config.cache and config.inductor:
+        cache = CompileCache(config.cache_dir or default_cache_dir())
+        report.cache = cache
 
     if not on_cuda:
         report.off = ["half precision (CPU)", "Inductor (CPU)", "CUDA graphs (CPU)"]
@@ -108,13 +114,28 @@ def compile_pipeline(pipe, config: Config) -> CompileReport:
             inductor.apply(target, config)
             applied.append(f"inductor({config.compile_mode})")
         if on_cuda and config.cuda_graphs:
-            report.runners[name] = _wrap_in_graphs(name, target, config)
+            compiled = inductor.is_compiled(target)
+            parts = _cache_parts(name, target, config, applied) if compiled and cache else None
+            report.runners[name] = _wrap_in_graphs(name, target, config, cache if parts else None, parts)
             applied.append("cuda_graphs")
     logger.info("%s", report.summary())
     return report
 
 
-def _wrap_in_graphs(name: str, target: nn.Module, config: Config) -> CudaGraphRunner:
+def _cache_parts(name: str, target: nn.Module, config: Config, applied: list[str]) -> dict:
+    """Everything a component's compiled code depends on, except the input signature (the runner adds it)."""
+    return {
+        "component": name,
+        "module": module_key(target),
+        "environment": environment_key(_device_of(target)),
+        "passes": list(applied),
+        "compile": {"mode": config.compile_mode, "backend": config.backend},
+    }
+
+
+def _wrap_in_graphs(
+    name: str, target: nn.Module, config: Config, cache: CompileCache | None, cache_parts: dict | None
+) -> CudaGraphRunner:
     if isinstance(target.forward, CudaGraphRunner):
         return target.forward
     runner = CudaGraphRunner(
@@ -124,6 +145,8 @@ def _wrap_in_graphs(name: str, target: nn.Module, config: Config) -> CudaGraphRu
         weights=[*target.parameters(), *target.buffers()],
         tensor_args=_TIMESTEP_ARGS if name in ("unet", "controlnet") else (),
         max_graphs=config.max_graphs,
+        cache=cache,
+        cache_parts=cache_parts,
     )
     target.forward = runner
     return runner

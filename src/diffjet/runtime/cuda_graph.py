@@ -26,7 +26,10 @@ from typing import Any, Callable
 import torch
 from torch.utils import _pytree as pytree
 
+from .compile_cache import CompileCache
+
 logger = logging.getLogger(__name__)
+MAX_SIGNATURES = 256
 
 _POOLS: dict[int, Any] = {}
 _POOLS_LOCK = threading.Lock()
@@ -79,6 +82,10 @@ class CudaGraphRunner:
     re-captured on the next call, because a graph holds raw pointers to them.
 
     `max_graphs` bounds the number of signatures held; the least recently used graph goes first.
+
+    With a `cache`, the compiled artifacts of each new signature are preloaded from it before the
+    first call (or stored into it after the capture when they were not there), keyed by `cache_parts`
+    plus the signature.
     """
 
     def __init__(
@@ -91,6 +98,8 @@ class CudaGraphRunner:
         tensor_args: tuple[int | str, ...] = (),
         warmup_calls: int = 2,
         max_graphs: int = 16,
+        cache: CompileCache | None = None,
+        cache_parts: dict[str, Any] | None = None,
     ) -> None:
         if device.type != "cuda":
             raise ValueError(f"CudaGraphRunner needs a CUDA device, got {device}")
@@ -104,6 +113,8 @@ class CudaGraphRunner:
         self._weights = list(weights or [])
         self._weights_key = self._current_weights_key()
         self._graphs: OrderedDict[Any, _Captured] = OrderedDict()
+        self.cache = cache
+        self.cache_parts = cache_parts or {}
 
     # -- public -------------------------------------------------------------------------------
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -165,11 +176,15 @@ class CudaGraphRunner:
         static_inputs = [torch.empty_like(x).copy_(x) if isinstance(x, torch.Tensor) else None for x in leaves]
         static_leaves = [s if s is not None else x for s, x in zip(static_inputs, leaves)]
         args, kwargs = pytree.tree_unflatten(static_leaves, spec)
+        cache_parts = {**self.cache_parts, "signature": f"{spec} {[_leaf_key(x) for x in leaves]}"}
+        cached = self.cache is not None and self.cache.load(cache_parts)
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.no_grad(), torch.cuda.stream(stream):
+            # Every signature compiles its own static-shape graph; Dynamo's default limit of 8 per
+            # function would send the ninth resolution/batch pair back to eager without a word.
+            with torch.no_grad(), torch.cuda.stream(stream), torch._dynamo.config.patch(recompile_limit=MAX_SIGNATURES):
                 # Warm-up outside the graph: compiles (Inductor), picks cuDNN/cuBLAS algorithms and
                 # creates library handles, none of which may happen during capture.
                 for _ in range(self.warmup_calls):
@@ -186,6 +201,8 @@ class CudaGraphRunner:
             captured = _Captured(graph=graph, static_inputs=static_inputs, static_output=static_output)
             self.stats.captures += 1
             self.stats.signatures.append(signature)
+            if self.cache is not None and not cached:
+                self.cache.store(cache_parts)
             logger.info("%s: captured a CUDA graph for [%s]", self.name, signature)
         self._graphs[key] = captured
         while len(self._graphs) > self.max_graphs:

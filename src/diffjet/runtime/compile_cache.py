@@ -1,0 +1,174 @@
+"""A persistent compile cache: what Inductor built for one component and input shape, kept on disk.
+
+Compiling the SD1.5 UNet cold takes about a minute (bench/results). PyTorch can serialise everything a
+process compiled (Inductor's FX-graph and AOTAutograd caches, Triton kernels, autotuning choices) with
+`torch.compiler.save_cache_artifacts()`, and preload it into a new process with
+`load_cache_artifacts()`, after which Dynamo still traces but nothing is compiled again.
+
+`CompileCache` stores those bytes per entry, under a key that names everything the compiled code depends
+on: the module's architecture (class and config), its weights' names, shapes, dtypes and layouts, the
+input signature, the passes applied, the torch/triton/diffusers/diffjet versions and the GPU's
+architecture. An entry is a folder holding `artifacts.bin` and `meta.json` (its key parts, size and
+SHA-256). Loading checks size and hash first: a truncated, tampered or foreign entry is deleted with a
+warning and rebuilt, never loaded. Artifacts are only ever read from the directory the user configured
+(`Config.cache_dir` or the `DIFFJET_CACHE_DIR` environment variable), because loading them deserialises
+Python objects.
+
+Writes are atomic: an entry is written into a temporary folder beside its final place and renamed; when
+two processes fill the same entry at once, one rename wins and the other process drops its copy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+ARTIFACTS = "artifacts.bin"
+META = "meta.json"
+FORMAT = 1
+
+
+def default_cache_dir() -> Path:
+    """`$DIFFJET_CACHE_DIR/compile`, else `~/.cache/diffjet/compile`."""
+    root = os.environ.get("DIFFJET_CACHE_DIR") or Path.home() / ".cache" / "diffjet"
+    return Path(root) / "compile"
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def environment_key(device: torch.device) -> dict[str, Any]:
+    """Versions and GPU architecture: compiled kernels are valid only where these match."""
+    gpu = None
+    if device.type == "cuda":
+        gpu = {"name": torch.cuda.get_device_name(device), "capability": list(torch.cuda.get_device_capability(device))}
+    return {
+        "format": FORMAT,
+        "torch": torch.__version__,
+        "triton": _version("triton"),
+        "diffusers": _version("diffusers"),
+        "diffjet": _version("diffjet"),
+        "cuda": torch.version.cuda,
+        "gpu": gpu,
+    }
+
+
+def module_key(module: nn.Module) -> dict[str, Any]:
+    """Architecture and weights layout of `module` (not the weight values: compiled code reads them)."""
+    config = getattr(module, "config", None)
+    config_dict = dict(config) if isinstance(config, dict) else getattr(config, "to_dict", lambda: {})()
+    layout = hashlib.sha256()
+    for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+        layout.update(f"{name}:{tuple(tensor.shape)}:{tuple(tensor.stride())}:{tensor.dtype};".encode())
+    return {
+        "class": f"{type(module).__module__}.{type(module).__qualname__}",
+        "config": json.dumps(config_dict, sort_keys=True, default=str),
+        "weights_layout": layout.hexdigest(),
+    }
+
+
+def entry_key(parts: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+@dataclass
+class CacheStats:
+    hits: int = 0
+    misses: int = 0
+    stored: int = 0
+    rejected: int = 0  # entries found broken, deleted and rebuilt
+
+
+class CompileCache:
+    """Entries of compiled artifacts in `directory`, keyed by `entry_key(parts)`."""
+
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        *,
+        save_artifacts: Callable[[], Any] = torch.compiler.save_cache_artifacts,
+        load_artifacts: Callable[[bytes], Any] = torch.compiler.load_cache_artifacts,
+    ) -> None:
+        self.directory = Path(directory)
+        self._save = save_artifacts
+        self._load = load_artifacts
+        self.stats = CacheStats()
+
+    def path(self, key: str) -> Path:
+        return self.directory / key[:2] / key
+
+    def load(self, parts: dict[str, Any]) -> bool:
+        """Preload the entry for `parts` into this process's compiler caches; False on a miss."""
+        key = entry_key(parts)
+        folder = self.path(key)
+        if not folder.exists():
+            self.stats.misses += 1
+            return False
+        problem = self._check(folder, key)
+        if problem is not None:
+            logger.warning("diffjet compile cache: %s; rebuilding %s", problem, folder)
+            shutil.rmtree(folder, ignore_errors=True)
+            self.stats.rejected += 1
+            self.stats.misses += 1
+            return False
+        self._load((folder / ARTIFACTS).read_bytes())
+        self.stats.hits += 1
+        return True
+
+    def store(self, parts: dict[str, Any]) -> Path | None:
+        """Write what this process compiled so far as the entry for `parts`; None if nothing to write."""
+        saved = self._save()
+        if not saved:
+            return None
+        artifacts = saved[0] if isinstance(saved, tuple) else saved
+        key = entry_key(parts)
+        final = self.path(key)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{key[:12]}.", dir=final.parent))
+        try:
+            (staging / ARTIFACTS).write_bytes(artifacts)
+            meta = {"key": key, "parts": parts, "size": len(artifacts), "sha256": hashlib.sha256(artifacts).hexdigest()}
+            (staging / META).write_text(json.dumps(meta, indent=1, sort_keys=True, default=str))
+            try:
+                os.rename(staging, final)
+            except OSError:
+                if not final.exists():
+                    raise
+                return final  # another process stored the same entry first; its copy is as good
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        self.stats.stored += 1
+        return final
+
+    @staticmethod
+    def _check(folder: Path, key: str) -> str | None:
+        try:
+            meta = json.loads((folder / META).read_text())
+            size = (folder / ARTIFACTS).stat().st_size
+        except (OSError, ValueError) as exc:
+            return f"unreadable entry ({exc.__class__.__name__})"
+        if meta.get("key") != key:
+            return "entry belongs to another key"
+        if meta.get("size") != size:
+            return f"truncated entry ({size} of {meta.get('size')} bytes)"
+        digest = hashlib.sha256((folder / ARTIFACTS).read_bytes()).hexdigest()
+        if digest != meta.get("sha256"):
+            return "entry's hash does not match its contents"
+        return None
