@@ -183,3 +183,17 @@ def test_bad_resolutions_are_refused(text):
 
 def test_resolutions_are_width_by_height():
     assert cli._resolutions("512x768, 1216x832") == [(512, 768), (1216, 832)]
+
+
+def test_bench_over_several_resolutions_records_each_and_a_warm_second_pass(tmp_path, capsys):
+    path = tmp_path / "bench.json"
+    code, out, _ = run(["bench", *FAST, "--compiler", "diffjet", "--resolutions", "64x64,80x48", "--repeats", "2",
+                        "--unet-repeats", "2", "--warmup", "1", "--json", str(path)], capsys)
+    assert code == 0
+    runs = json.loads(path.read_text())["runs"]
+    assert [(r["width"], r["height"]) for r in runs] == [(64, 64), (80, 48)]
+    for r in runs:
+        assert r["its_second_pass"] > 0
+        assert r["recompiles_after_warmup"] == 0 and r["captures_after_warmup"] == 0
+        assert r["first_call_s"] > 0
+    assert "80x48" in out

@@ -155,6 +155,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     _positive("--unet-repeats", args.unet_repeats)
     _size("--height", args.height)
     _size("--width", args.width)
+    sizes = _resolutions(args.resolutions) if args.resolutions else None
     json_path = _writable_file(args.json, (".json",)) if args.json else None
     plot_path = _writable_file(args.plot, (".png",)) if args.plot else None
 
@@ -168,7 +169,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         for compiler in compilers:
             specs.append(
                 dict(model=model, compiler=compiler, device=device, prompt=args.prompt, steps=steps,
-                     scheduler=args.scheduler,
+                     scheduler=args.scheduler, resolutions=[[h, w] for w, h in sizes] if sizes else None,
                      height=height, width=width, batch=batch, seed=args.seed, warmup=args.warmup,
                      repeats=repeats, unet_repeats=args.unet_repeats)
             )
@@ -324,6 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
     ben.add_argument("--warmup", type=int, default=2, help="untimed calls after the first")
     ben.add_argument("--repeats", type=int, default=10, help="timed pipeline calls")
     ben.add_argument("--unet-repeats", type=int, default=50, help="timed UNet-only calls")
+    ben.add_argument("--resolutions", help="WIDTHxHEIGHT list timed one after another in the same process "
+                                          "(then once more, all warm, counting recompiles)")
     ben.add_argument("--timeout", type=float, help="seconds a variant may take (default: no limit)")
     ben.add_argument("--json", help="write the results here")
     ben.add_argument("--plot", help="write a bar chart (PNG) here")

@@ -46,8 +46,8 @@ def environment(device: str) -> dict[str, Any]:
     }
 
 
-def run_variant(spec: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
-    """Run one variant in a fresh Python process and return its result (or its error).
+def run_variant(spec: dict[str, Any], timeout: float | None = None) -> list[dict[str, Any]] | dict[str, Any]:
+    """Run one variant in a fresh Python process; its runs (one per resolution), or one error record.
 
     Each process gets empty Inductor and Triton caches of its own, so `first_call_s` is a cold start
     and only diffjet's own compile cache (`spec["cache_dir"]`) carries over between processes.
@@ -100,19 +100,24 @@ def run_bench(
             result = _run_with_warm_start(spec, timeout)
         else:
             result = run_variant(spec, timeout)
-        runs.append(result)
+        result = result if isinstance(result, list) else [result]
+        runs.extend(result)
         if on_result is not None:
-            on_result(result)
+            on_result(result[0])
     return runs
 
 
-def _run_with_warm_start(spec: dict[str, Any], timeout: float | None) -> dict[str, Any]:
-    """diffjet from an empty compile cache, then `warm_start_s`: a new process with that cache."""
+def _run_with_warm_start(spec: dict[str, Any], timeout: float | None) -> list[dict[str, Any]] | dict[str, Any]:
+    """diffjet from an empty compile cache, then `warm_start_s`: a new process with that cache, at the
+    first resolution (recorded with that resolution's run)."""
     with tempfile.TemporaryDirectory(prefix="diffjet-compile-cache-") as cache_dir:
         result = run_variant({**spec, "cache_dir": cache_dir}, timeout)
-        if "error" not in result:
-            warm = run_variant({**spec, "cache_dir": cache_dir, "warm_start": True}, timeout)
-            result.update(warm if "error" not in warm else {"warm_start_error": warm["error"]})
+        if isinstance(result, list):
+            first = {**spec, "cache_dir": cache_dir, "warm_start": True}
+            if spec.get("resolutions"):
+                first["height"], first["width"] = spec["resolutions"][0]
+            warm = run_variant(first, timeout)
+            result[0].update(warm if "error" not in warm else {"warm_start_error": warm["error"]})
     return result
 
 

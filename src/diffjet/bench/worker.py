@@ -20,7 +20,13 @@ from . import recipes
 from .harness import measure
 
 
-def run(spec: dict) -> dict:
+def run(spec: dict) -> list[dict] | dict:
+    """Time the variant at each of `spec["resolutions"]` (or its one height/width) in this process.
+
+    With several resolutions, a second pass over all of them follows once every shape is warm; the
+    Dynamo graphs it compiles and the CUDA graphs it captures are recorded (both should be zero), and
+    so is its it/s next to the first pass's.
+    """
     device = torch.device(spec["device"])
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     pipe = load_pipeline(spec["model"], device=str(device), dtype=dtype)
@@ -29,29 +35,51 @@ def run(spec: dict) -> dict:
     apply_compiler = lambda p: recipes.apply(p, spec["compiler"], cache_dir=spec.get("cache_dir"))  # noqa: E731
     if spec.get("warm_start"):
         return _warm_start(pipe, spec, apply_compiler)
-    result = measure(
-        pipe,
-        model=spec["model"],
-        compiler=spec["compiler"],
-        apply_compiler=apply_compiler,
-        prompt=spec["prompt"],
-        steps=spec["steps"],
-        height=spec["height"],
-        width=spec["width"],
-        batch=spec["batch"],
-        seed=spec["seed"],
-        warmup=spec["warmup"],
-        repeats=spec["repeats"],
-        unet_repeats=spec["unet_repeats"],
-    )
-    data = result.to_json()
-    data["dtype"] = str(dtype).removeprefix("torch.")
-    data["scheduler"] = type(pipe.scheduler).__name__
-    data.update(_dynamo_counts())
+    sizes = spec.get("resolutions") or [[spec["height"], spec["width"]]]
+
+    def timed(height: int, width: int, apply) -> dict:
+        result = measure(
+            pipe,
+            model=spec["model"],
+            compiler=spec["compiler"],
+            apply_compiler=apply,
+            prompt=spec["prompt"],
+            steps=spec["steps"],
+            height=height,
+            width=width,
+            batch=spec["batch"],
+            seed=spec["seed"],
+            warmup=spec["warmup"],
+            repeats=spec["repeats"],
+            unet_repeats=spec["unet_repeats"],
+        )
+        return result.to_json()
+
+    runs = [timed(h, w, apply_compiler if i == 0 else _nothing) for i, (h, w) in enumerate(sizes)]
+    if len(sizes) > 1:
+        graphs_before, captures_before = _dynamo_counts()["dynamo_graphs"], _captures(pipe)
+        second = [timed(h, w, _nothing)["its"] for h, w in sizes]
+        recompiles = _dynamo_counts()["dynamo_graphs"] - graphs_before
+        for run, its in zip(runs, second):
+            run.update(its_second_pass=its, recompiles_after_warmup=recompiles,
+                       captures_after_warmup=_captures(pipe) - captures_before)
+    common = {"dtype": str(dtype).removeprefix("torch."), "scheduler": type(pipe.scheduler).__name__,
+              **_dynamo_counts()}
     report = getattr(pipe, "diffjet", None)
     if report is not None:
-        data["graphs"] = {name: dataclasses.asdict(r.stats) for name, r in report.runners.items()}
-    return data
+        common["graphs"] = {name: dataclasses.asdict(r.stats) for name, r in report.runners.items()}
+    if device.type == "cuda":
+        common["peak_mem_all_shapes_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    return [{**run, **common} for run in runs]
+
+
+def _nothing(pipe) -> dict:
+    return {}
+
+
+def _captures(pipe) -> int:
+    report = getattr(pipe, "diffjet", None)
+    return sum(r.stats.captures for r in report.runners.values()) if report is not None else 0
 
 
 def _warm_start(pipe, spec: dict, apply_compiler) -> dict:
