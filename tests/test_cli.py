@@ -197,3 +197,10 @@ def test_bench_over_several_resolutions_records_each_and_a_warm_second_pass(tmp_
         assert r["recompiles_after_warmup"] == 0 and r["captures_after_warmup"] == 0
         assert r["first_call_s"] > 0
     assert "80x48" in out
+
+
+def test_generate_feeds_a_control_image_to_controlnet_presets(tmp_path, capsys):
+    out = tmp_path / "c.png"
+    code, _, _ = run(["generate", "--model", "tiny-controlnet", "--steps", "2", "--device", "cpu",
+                      "--out", str(out)], capsys)
+    assert code == 0 and Image.open(out).size == (64, 64)

@@ -69,8 +69,9 @@ def _weight_files(folder: pathlib.Path) -> dict[str, dict[str, torch.Tensor]]:
 # --- presets -----------------------------------------------------------------------------------
 
 
-def test_presets_are_the_five_known_architectures():
-    assert set(PRESETS) == {"tiny", "tiny-sdxl", "sd15", "sd21", "sdxl"}
+def test_presets_are_the_known_architectures():
+    assert set(PRESETS) == {"tiny", "tiny-sdxl", "sd15", "sd21", "sdxl",
+                            "tiny-controlnet", "tiny-sdxl-controlnet", "sd15-controlnet", "sdxl-controlnet"}
     assert all(isinstance(preset, Preset) and preset.name == name for name, preset in PRESETS.items())
 
 

@@ -97,3 +97,15 @@ def test_fidelity_rule_holds(model):
     )
     print(verdict.table())
     assert verdict.passed
+
+
+def test_controlnet_scale_is_a_graph_input_not_a_new_graph():
+    from diffjet.models import control_inputs
+
+    pipe = load_pipeline("tiny-controlnet", device="cuda", dtype=torch.float16)
+    pipe.set_progress_bar_config(disable=True)
+    diffjet.compile(pipe, diffjet.Config.fast_startup())
+    for scale in (0.5, 0.7, 1.0):
+        pipe("a cat", num_inference_steps=2, controlnet_conditioning_scale=scale, **control_inputs(pipe, 64, 64))
+    stats = pipe.diffjet.runners["controlnet"].stats
+    assert stats.captures == 1 and stats.replays == 6

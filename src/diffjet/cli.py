@@ -102,14 +102,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from PIL.PngImagePlugin import PngInfo
 
     from .bench import recipes
-    from .models import load_pipeline
+    from .models import control_inputs, load_pipeline
 
     dtype = torch.float16 if device == "cuda" else torch.float32
     pipe = load_pipeline(model, device=device, dtype=dtype)
     recipes.set_scheduler(pipe, args.scheduler)
     recipes.apply(pipe, args.compiler)
     image = pipe(
-        args.prompt,
+        **control_inputs(pipe, height, width),
+        prompt=args.prompt,
         negative_prompt=args.negative_prompt,
         num_inference_steps=steps,
         height=height,

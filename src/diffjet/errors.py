@@ -27,3 +27,7 @@ class OutputError(DiffjetError):
 
 class FidelityError(DiffjetError):
     """A compiled pipeline broke the lossless rule or produced NaN/Inf."""
+
+
+class LoraError(DiffjetError):
+    """A LoRA cannot be loaded, switched or unloaded: unknown keys, another architecture, unknown adapter."""

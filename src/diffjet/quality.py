@@ -15,6 +15,8 @@ from typing import Any, Callable
 import torch
 from torch.utils import _pytree as pytree
 
+from .models import control_inputs
+
 LOSSLESS_FACTOR = 1.5
 # Reordered float32 sums (channels-last convolutions, fused projections) move results by ~1e-6
 # relative per op; after a full tiny-model run that stays far below this floor.
@@ -94,7 +96,8 @@ def unet_output(pipe, inputs: tuple[tuple, dict]) -> torch.Tensor:
 
 def final_latents(pipe, *, prompt: str, steps: int, height: int, width: int, seed: int) -> torch.Tensor:
     out = pipe(
-        prompt,
+        **control_inputs(pipe, height, width),
+        prompt=prompt,
         num_inference_steps=steps,
         height=height,
         width=width,

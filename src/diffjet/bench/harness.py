@@ -23,6 +23,8 @@ from typing import Any, Callable
 
 import torch
 
+from ..models import control_inputs
+
 
 @dataclass
 class RunResult:
@@ -116,10 +118,13 @@ def measure(
         step_marks.append(clock.mark())
         return callback_kwargs
 
+    inputs = control_inputs(pipe, height, width)
+
     def generate() -> Any:
         step_marks.clear()
         return pipe(
-            [prompt] * batch,
+            **inputs,
+            prompt=[prompt] * batch,
             num_inference_steps=steps,
             height=height,
             width=width,

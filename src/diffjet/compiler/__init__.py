@@ -27,8 +27,10 @@ from ..runtime.cuda_graph import CudaGraphRunner
 logger = logging.getLogger(__name__)
 _warned_cpu = False
 
-# Arguments that change on every denoising step without being device tensors (`t` may be a number).
-_TIMESTEP_ARGS = (1, "timestep")
+# Arguments that change between calls without being device tensors: the timestep (a number for some
+# schedulers) and ControlNet's conditioning scale (a float, or one per net). As device tensors they are
+# graph inputs; as Python values each new one would compile and capture a graph of its own.
+_STEP_ARGS = {"unet": (1, "timestep"), "controlnet": (1, "timestep", "conditioning_scale")}
 
 
 @dataclass
@@ -143,7 +145,7 @@ def _wrap_in_graphs(
         _device_of(target),
         name=name,
         weights=[*target.parameters(), *target.buffers()],
-        tensor_args=_TIMESTEP_ARGS if name in ("unet", "controlnet") else (),
+        tensor_args=_STEP_ARGS.get(name, ()),
         max_graphs=config.max_graphs,
         cache=cache,
         cache_parts=cache_parts,

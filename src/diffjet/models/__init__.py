@@ -11,6 +11,7 @@ the real CLIP tokenizer, written as a normal diffusers folder and loaded back wi
 """
 
 from diffjet.models.building import build, count_parameters
+from diffjet.models.control_image import control_image, control_inputs
 from diffjet.models.loading import load_pipeline, resolve
 from diffjet.models.presets import PRESETS, Preset, get_preset
 from diffjet.models.tokenizer import clip_tokenizer
@@ -20,6 +21,8 @@ __all__ = [
     "Preset",
     "build",
     "clip_tokenizer",
+    "control_image",
+    "control_inputs",
     "count_parameters",
     "get_preset",
     "load_pipeline",

@@ -12,12 +12,13 @@ CPU runs in milliseconds.
 """
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 from diffusers import (
     AutoencoderKL,
+    ControlNetModel,
     DDIMScheduler,
     EulerDiscreteScheduler,
     PNDMScheduler,
@@ -338,3 +339,96 @@ ARCHITECTURES: dict[str, Architecture] = {
         pipeline_options={"force_zeros_for_empty_prompt": True},
     ),
 }
+
+
+# --- ControlNet presets: a base preset plus the published ControlNet for it ------------------------------
+
+# lllyasviel/sd-controlnet-canny config.json; every SD 1.5 ControlNet of lllyasviel in diffusers format has
+# this layout (361,279,120 parameters, the same as `ControlNetModel.from_unet` of the SD 1.5 UNet).
+SD15_CONTROLNET = {
+    "act_fn": "silu",
+    "attention_head_dim": 8,
+    "block_out_channels": [320, 640, 1280, 1280],
+    "class_embed_type": None,
+    "conditioning_embedding_out_channels": [16, 32, 96, 256],
+    "controlnet_conditioning_channel_order": "rgb",
+    "cross_attention_dim": 768,
+    "down_block_types": list(_SD_DOWN_BLOCKS),
+    "downsample_padding": 1,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "in_channels": 4,
+    "layers_per_block": 2,
+    "mid_block_scale_factor": 1,
+    "norm_eps": 1e-05,
+    "norm_num_groups": 32,
+    "num_class_embeds": None,
+    "only_cross_attention": False,
+    "projection_class_embeddings_input_dim": None,
+    "resnet_time_scale_shift": "default",
+    "upcast_attention": False,
+    "use_linear_projection": False,
+}
+
+# diffusers/controlnet-canny-sdxl-1.0 config.json (1,251,014,160 parameters).
+SDXL_CONTROLNET = {
+    "act_fn": "silu",
+    "addition_embed_type": "text_time",
+    "addition_embed_type_num_heads": 64,
+    "addition_time_embed_dim": 256,
+    "attention_head_dim": [5, 10, 20],
+    "block_out_channels": [320, 640, 1280],
+    "class_embed_type": None,
+    "conditioning_channels": 3,
+    "conditioning_embedding_out_channels": [16, 32, 96, 256],
+    "controlnet_conditioning_channel_order": "rgb",
+    "cross_attention_dim": 2048,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "downsample_padding": 1,
+    "encoder_hid_dim": None,
+    "encoder_hid_dim_type": None,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "global_pool_conditions": False,
+    "in_channels": 4,
+    "layers_per_block": 2,
+    "mid_block_scale_factor": 1,
+    "norm_eps": 1e-05,
+    "norm_num_groups": 32,
+    "num_attention_heads": None,
+    "num_class_embeds": None,
+    "only_cross_attention": False,
+    "projection_class_embeddings_input_dim": 2816,
+    "resnet_time_scale_shift": "default",
+    "transformer_layers_per_block": [1, 2, 10],
+    "upcast_attention": None,
+    "use_linear_projection": True,
+}
+
+# A ControlNet copies its UNet's encoder, so the tiny ones take the tiny UNets' down path; four
+# conditioning channels widths give the real 8x downsampling of the control image to the latent size.
+_UNET_DECODER_KEYS = ("up_block_types", "sample_size")
+TINY_CONTROLNET = {
+    **{k: v for k, v in TINY_UNET.items() if k not in _UNET_DECODER_KEYS},
+    "conditioning_embedding_out_channels": [16, 16, 32, 32],
+}
+TINY_SDXL_CONTROLNET = {
+    **{k: v for k, v in TINY_SDXL_UNET.items() if k not in _UNET_DECODER_KEYS},
+    "conditioning_embedding_out_channels": [16, 16, 32, 32],
+}
+
+
+def _with_controlnet(base: Architecture, controlnet: Mapping[str, Any]) -> Architecture:
+    models = dict(base.models)
+    models = {"unet": models.pop("unet"), "controlnet": ModelSpec(ControlNetModel, controlnet), **models}
+    return replace(base, models=models)
+
+
+ARCHITECTURES.update(
+    {
+        "tiny-controlnet": _with_controlnet(ARCHITECTURES["tiny"], TINY_CONTROLNET),
+        "tiny-sdxl-controlnet": _with_controlnet(ARCHITECTURES["tiny-sdxl"], TINY_SDXL_CONTROLNET),
+        "sd15-controlnet": _with_controlnet(ARCHITECTURES["sd15"], SD15_CONTROLNET),
+        "sdxl-controlnet": _with_controlnet(ARCHITECTURES["sdxl"], SDXL_CONTROLNET),
+    }
+)

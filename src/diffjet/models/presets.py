@@ -67,6 +67,39 @@ PRESETS: dict[str, Preset] = {
             dtype=torch.float16,
             description="stabilityai/stable-diffusion-xl-base-1.0 architecture, random weights",
         ),
+        # ControlNet pipelines: the base preset's components plus a ControlNet; they need a control image.
+        Preset(
+            name="tiny-controlnet",
+            pipeline_class="StableDiffusionControlNetPipeline",
+            height=64,
+            width=64,
+            dtype=torch.float32,
+            description="the tiny pipeline with a ControlNet of its UNet's shape",
+        ),
+        Preset(
+            name="tiny-sdxl-controlnet",
+            pipeline_class="StableDiffusionXLControlNetPipeline",
+            height=64,
+            width=64,
+            dtype=torch.float32,
+            description="the tiny-sdxl pipeline with a ControlNet of its UNet's shape",
+        ),
+        Preset(
+            name="sd15-controlnet",
+            pipeline_class="StableDiffusionControlNetPipeline",
+            height=512,
+            width=512,
+            dtype=torch.float16,
+            description="sd15 with lllyasviel/sd-controlnet-canny's architecture, random weights",
+        ),
+        Preset(
+            name="sdxl-controlnet",
+            pipeline_class="StableDiffusionXLControlNetPipeline",
+            height=1024,
+            width=1024,
+            dtype=torch.float16,
+            description="sdxl with diffusers/controlnet-canny-sdxl-1.0's architecture, random weights",
+        ),
     )
 }
 

@@ -163,6 +163,8 @@ class CudaGraphRunner:
         return tuple((w.data_ptr(), w.dtype, w.device) for w in ends)
 
     def _tensorize(self, value: Any) -> Any:
+        if isinstance(value, (list, tuple)):  # one value per net of a MultiControlNetModel
+            return type(value)(self._tensorize(v) for v in value)
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return torch.tensor(value, device=self.device)
         if isinstance(value, torch.Tensor) and value.device != self.device:

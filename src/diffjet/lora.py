@@ -1,0 +1,383 @@
+"""LoRA on compiled pipelines: merge adapters into the weights in place, switch them, undo them exactly.
+
+A compiled pipeline's hot modules run Inductor code replayed from CUDA graphs that hold raw pointers to the
+weights, and the fused attention projection (`passes/attention.py`) reads one (3·C)×C tensor of which
+`to_q`/`to_k`/`to_v` are views. The LoRA layers that diffusers injects through PEFT replace modules the
+compiled code no longer calls, so they would be silently ignored. Writing `W + Σ scale · alpha/rank · up @ down`
+into the existing storage instead changes what every graph computes, with no recompilation and no
+re-capture, and a merged adapter costs nothing per denoising step.
+
+Exact undo: the first time an adapter touches a weight, a copy of it goes to CPU in the weight's own dtype.
+Every change (load, unload, new scales) recomputes each touched weight as its base plus the active deltas in
+float32 and writes the result once, so float16 weights do not drift however often adapters are switched,
+and unloading the last adapter of a weight copies its base back bit for bit. The price is host memory equal
+to the weights the loaded adapters touch, held until the last adapter touching them is unloaded.
+
+Formats are those diffusers' `lora_state_dict` reads: diffusers/PEFT keys (`unet.….lora_A/lora_B`,
+`….lora.down/up`, the old `to_q_lora`), kohya (`lora_unet_…`, `lora_te_…`, SDXL's `lora_te1_/lora_te2_`
+and sgm block names, with `.alpha`). diffusers' own converters and key tables turn them into module names.
+Linear and Conv2d layers are supported, 1×1 and k×k kohya conv LoRA included; DoRA, LoHa/LoKr, LoRA biases
+and LoRAs of components other than the UNet and the text encoders raise `LoraError`.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+import os
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from diffusers.loaders import StableDiffusionLoraLoaderMixin
+from diffusers.models.attention_processor import Attention
+from diffusers.utils.state_dict_utils import (
+    DIFFUSERS_OLD_TO_PEFT,
+    DIFFUSERS_TO_PEFT,
+    UNET_TO_DIFFUSERS,
+    convert_state_dict,
+)
+from torch import nn
+
+from .errors import LoraError
+
+#: The pipeline components a LoRA may adapt, named as the prefixes of its keys.
+LORA_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+
+# diffusers' key tables, in the order that turns every format its loaders accept into PEFT's
+# `<module>.lora_A.weight` / `<module>.lora_B.weight`. The UNet and the CLIP text encoders name the same
+# projections differently (`to_q` against `q_proj`), so each has its own order.
+_UNET_MAPPINGS = (UNET_TO_DIFFUSERS, DIFFUSERS_OLD_TO_PEFT)
+_TEXT_ENCODER_MAPPINGS = (DIFFUSERS_OLD_TO_PEFT, DIFFUSERS_TO_PEFT, UNET_TO_DIFFUSERS)
+
+_PEFT_KEY = re.compile(r"(?P<module>.+)\.lora_(?P<part>[AB])\.weight")
+
+# What to call instead of each diffusers LoRA method on a compiled pipeline.
+_REPLACEMENTS = {
+    "load_lora_weights": "diffjet.load_lora(pipe, lora, scale, adapter_name)",
+    "set_adapters": "diffjet.set_lora_scales(pipe, {adapter_name: scale})",
+    "fuse_lora": "diffjet.load_lora(pipe, ...), which merges already",
+    "unfuse_lora": "diffjet.unload_lora(pipe)",
+    "unload_lora_weights": "diffjet.unload_lora(pipe)",
+    "delete_adapters": "diffjet.unload_lora(pipe, adapter_name)",
+    "enable_lora_hotswap": "diffjet.load_lora and diffjet.unload_lora, which never recompile",
+}
+
+
+@dataclass
+class _Layer:
+    """One weight adapted by one adapter: its delta is `alpha_scale · up @ down` (float32, on CPU)."""
+
+    up: torch.Tensor  # (out, rank)
+    down: torch.Tensor  # (rank, in · kh · kw)
+    alpha_scale: float  # alpha / rank; alpha / sqrt(rank) for rsLoRA
+
+
+@dataclass
+class _Adapter:
+    scale: float
+    layers: dict[tuple[str, str], _Layer]  # (component, module path) -> factors
+
+
+@dataclass
+class _LoraState:
+    """Attached to a pipeline as `pipe._diffjet_lora`."""
+
+    adapters: dict[str, _Adapter] = field(default_factory=dict)
+    base: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict)  # weights before any adapter, on CPU
+
+
+# -- public ----------------------------------------------------------------------------------------
+
+
+def load_lora(
+    pipe: Any,
+    lora: str | os.PathLike | Mapping[str, torch.Tensor],
+    scale: float = 1.0,
+    adapter_name: str | None = None,
+    *,
+    weight_name: str | None = None,
+) -> str:
+    """Merge a LoRA into the pipeline's weights in place and return its adapter name.
+
+    `lora` is what `pipe.load_lora_weights` takes: a state dict, a `.safetensors` file, a folder or a hub
+    id (`weight_name` picks the file in a folder or repository). Nothing is changed unless every key maps
+    to a layer of this pipeline with matching shapes. Weight storage never moves, so compiled code and
+    CUDA graphs see the new weights at once. Works on compiled and plain pipelines alike.
+    """
+    state = _state(pipe)
+    if adapter_name is None:
+        adapter_name = next(f"default_{i}" for i in itertools.count() if f"default_{i}" not in state.adapters)
+    elif adapter_name in state.adapters:
+        raise LoraError(f"a LoRA named {adapter_name!r} is loaded already; unload it or pick another adapter_name")
+    layers = _read_lora(pipe, lora, weight_name)
+    for key in layers:
+        if key not in state.base:
+            state.base[key] = _weight_views(pipe, key)[0].detach().to("cpu", copy=True)
+    state.adapters[adapter_name] = _Adapter(float(scale), layers)
+    _merge(pipe, state, layers)
+    return adapter_name
+
+
+def unload_lora(pipe: Any, adapter_name: str | None = None) -> None:
+    """Take one adapter (or, with `adapter_name=None`, all of them) out of the weights, in place.
+
+    Weights that no adapter touches any more get their original values back exactly.
+    """
+    state = _state(pipe)
+    names = list(state.adapters) if adapter_name is None else [adapter_name]
+    _check_known(state, names)
+    touched: set[tuple[str, str]] = set()
+    for name in names:
+        touched.update(state.adapters.pop(name).layers)
+    _merge(pipe, state, touched)
+
+
+def set_lora_scales(pipe: Any, scales: Mapping[str, float]) -> None:
+    """Set the scale of each named adapter (0 turns one off and keeps it loaded); others keep theirs."""
+    state = _state(pipe)
+    _check_known(state, scales)
+    touched: set[tuple[str, str]] = set()
+    for name, scale in scales.items():
+        state.adapters[name].scale = float(scale)
+        touched.update(state.adapters[name].layers)
+    _merge(pipe, state, touched)
+
+
+def lora_scales(pipe: Any) -> dict[str, float]:
+    """The adapters merged into `pipe`, in loading order, with their scales."""
+    return {name: adapter.scale for name, adapter in _state(pipe).adapters.items()}
+
+
+def forbid_diffusers_lora(pipe: Any) -> None:
+    """Make diffusers' own LoRA methods raise `LoraError` on this pipeline object, pointing to diffjet's.
+
+    PEFT LoRA layers are skipped by the compiled code (fused projections, Inductor, CUDA graphs), so
+    `pipe.load_lora_weights` and its siblings would change nothing, silently. Only this instance is
+    changed (instance attributes shadow the class's methods); diffusers itself is left alone. A pipeline
+    that holds PEFT LoRA layers already is refused: fuse and unload them first.
+    """
+    for name, module in pipe.components.items():
+        if isinstance(module, nn.Module) and any(type(m).__module__.startswith("peft.") for m in module.modules()):
+            raise LoraError(
+                f"{name} holds diffusers (PEFT) LoRA layers that compiled code would ignore: call "
+                "pipe.fuse_lora() and pipe.unload_lora_weights() first, or load it with diffjet.load_lora"
+            )
+    for method in _REPLACEMENTS:
+        if hasattr(type(pipe), method):
+            setattr(pipe, method, functools.partial(_refuse, method))
+
+
+def _refuse(method: str, *args: Any, **kwargs: Any) -> None:
+    raise LoraError(
+        f"pipe.{method} does not work on a diffjet-compiled pipeline (its PEFT layers would be skipped); "
+        f"use {_REPLACEMENTS[method]}: diffjet merges LoRA weights in place"
+    )
+
+
+# -- reading a LoRA --------------------------------------------------------------------------------
+
+
+def _read_lora(pipe: Any, lora: Any, weight_name: str | None) -> dict[tuple[str, str], _Layer]:
+    """Every layer the LoRA adapts, checked against the pipeline; raises `LoraError` before any change."""
+    state_dict, network_alphas, metadata = _lora_state_dict(pipe, lora, weight_name)
+    parts: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    alphas: dict[tuple[str, str], float] = {}
+    for key, value in [*state_dict.items(), *(network_alphas or {}).items()]:
+        component, _, rest = key.partition(".")
+        if component not in LORA_COMPONENTS or not rest:
+            raise LoraError(
+                f"LoRA key {key!r} names no component diffjet can adapt ({', '.join(LORA_COMPONENTS)}); "
+                "is it a LoRA for another kind of model?"
+            )
+        if not isinstance(getattr(pipe, component, None), nn.Module):
+            raise LoraError(f"the LoRA adapts {component}, which this {type(pipe).__name__} does not have")
+        if key.endswith(".alpha"):
+            alphas[component, _module_path(component, rest.removesuffix(".alpha"))] = float(value)
+            continue
+        match = _PEFT_KEY.fullmatch(_to_peft_key(component, rest))
+        if match is None:
+            raise LoraError(f"unsupported LoRA key {key!r}: diffjet merges plain LoRA (no DoRA, LoHa, LoKr or biases)")
+        parts.setdefault((component, match["module"]), {})[match["part"]] = value
+
+    layers = {}
+    for (component, path), factors in parts.items():
+        if set(factors) != {"A", "B"}:
+            missing = "lora_B (up)" if "A" in factors else "lora_A (down)"
+            raise LoraError(f"LoRA for {component}.{path} has no {missing} weight")
+        module_path, module = _find_module(pipe, component, path)
+        down, up = factors["A"].float(), factors["B"].float()
+        _check_shapes(f"{component}.{module_path}", module.weight, down, up)
+        rank = down.shape[0]
+        alpha = alphas.get((component, path))
+        if alpha is None:
+            alpha = _metadata_alpha(metadata, component, module_path, rank)
+        rs_lora = bool((metadata or {}).get(f"{component}.use_rslora"))
+        layers[component, module_path] = _Layer(
+            up=up.flatten(1).contiguous(),
+            down=down.flatten(1).contiguous(),
+            alpha_scale=alpha / (math.sqrt(rank) if rs_lora else rank),
+        )
+    if not layers:
+        raise LoraError("the LoRA holds no lora_A/lora_B (lora_down/lora_up) weights")
+    return layers
+
+
+def _lora_state_dict(pipe: Any, lora: Any, weight_name: str | None) -> tuple[dict, dict | None, dict | None]:
+    if isinstance(lora, Mapping):
+        lora = dict(lora)  # diffusers' kohya converter pops keys from the dict it is given
+    elif isinstance(lora, (str, os.PathLike)):
+        lora = os.fspath(lora)
+        looks_local = lora.startswith((".", "/", "~")) or lora.endswith((".safetensors", ".bin"))
+        if looks_local and not os.path.exists(os.path.expanduser(lora)):
+            raise LoraError(f"no LoRA file or folder at {lora}")
+        lora = os.path.expanduser(lora)
+    else:
+        raise LoraError(f"a LoRA is a state dict, a file, a folder or a hub id, got {type(lora).__name__}")
+    # SD and SDXL pipelines read LoRAs with their own loader class; SDXL's needs the UNet config to map
+    # kohya's sgm block names (input_blocks_4_1) onto diffusers' (down_blocks.1.attentions.0).
+    loader = getattr(type(pipe), "lora_state_dict", StableDiffusionLoraLoaderMixin.lora_state_dict)
+    unet = getattr(pipe, "unet", None)
+    kwargs = {"unet_config": unet.config} if unet is not None else {}
+    try:
+        state_dict, network_alphas, metadata = loader(
+            lora, weight_name=weight_name, return_lora_metadata=True, **kwargs
+        )
+    except Exception as error:  # noqa: BLE001 - file, hub (httpx when offline) and key-conversion errors alike
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        source = "state dict" if isinstance(lora, dict) else lora
+        raise LoraError(f"cannot read the LoRA {source}: {reason}") from error
+    if (metadata or {}).get("unet.use_dora") or any("magnitude_vector" in k for k in state_dict):
+        raise LoraError("DoRA adapters are not supported; diffjet merges plain LoRA")
+    return state_dict, network_alphas, metadata
+
+
+def _to_peft_key(component: str, key: str) -> str:
+    mappings = _UNET_MAPPINGS if component == "unet" else _TEXT_ENCODER_MAPPINGS
+    for mapping in mappings:
+        key = next(iter(convert_state_dict({key: None}, mapping)))
+    return key
+
+
+def _module_path(component: str, key: str) -> str:
+    """The module a key or alpha name refers to: `….to_q_lora.down.weight` and `….to_q` both give `….to_q`."""
+    converted = _to_peft_key(component, key)
+    match = _PEFT_KEY.fullmatch(converted)
+    return match["module"] if match else converted
+
+
+def _find_module(pipe: Any, component: str, path: str) -> tuple[str, nn.Module]:
+    root = getattr(pipe, component)
+    candidates = [path]
+    if component.startswith("text_encoder"):
+        # CLIP LoRA keys come with and without a `text_model.` level; transformers 4 has it, 5 does not.
+        candidates += [path.removeprefix("text_model."), f"text_model.{path}"]
+    for candidate in candidates:
+        try:
+            module = root.get_submodule(candidate)
+        except AttributeError:
+            continue
+        if not isinstance(module, (nn.Linear, nn.Conv2d)):
+            kind = type(module).__name__
+            raise LoraError(f"{component}.{candidate} is a {kind}; diffjet merges LoRA into Linear and Conv2d layers")
+        return candidate, module
+    raise LoraError(
+        f"the LoRA adapts {component}.{path}, which {type(root).__name__} does not have: "
+        "is the LoRA for another architecture?"
+    )
+
+
+def _check_shapes(name: str, weight: torch.Tensor, down: torch.Tensor, up: torch.Tensor) -> None:
+    fits = (
+        down.dim() in (2, weight.dim())
+        and up.dim() in (2, weight.dim())
+        and up.shape[0] == weight.shape[0]
+        and up.shape[1] == down.shape[0]
+        and down[0].numel() == weight[0].numel()
+        and (up.dim() == 2 or all(k == 1 for k in up.shape[2:]))
+        and (down.dim() == 2 or down.shape[2:] == weight.shape[2:])
+    )
+    if not fits:
+        raise LoraError(
+            f"LoRA for {name} has down {tuple(down.shape)} and up {tuple(up.shape)}, which do not fit its weight "
+            f"{tuple(weight.shape)}: is the LoRA for another architecture?"
+        )
+
+
+def _metadata_alpha(metadata: Mapping[str, Any] | None, component: str, module_path: str, rank: int) -> float:
+    """PEFT's alpha for a module from diffusers' saved adapter metadata; without any, alpha = rank (scale 1)."""
+    metadata = metadata or {}
+    # PEFT's own rule (peft.utils.other.get_pattern_key): a pattern matches a suffix of the module name.
+    for pattern, alpha in (metadata.get(f"{component}.alpha_pattern") or {}).items():
+        if re.match(rf"(.*\.)?({pattern})$", module_path):
+            return float(alpha)
+    return float(metadata.get(f"{component}.lora_alpha", rank))
+
+
+# -- merging ---------------------------------------------------------------------------------------
+
+
+def _state(pipe: Any) -> _LoraState:
+    state = getattr(pipe, "_diffjet_lora", None)
+    if state is None:
+        state = _LoraState()
+        pipe._diffjet_lora = state
+    return state
+
+
+def _check_known(state: _LoraState, names: Iterable[str]) -> None:
+    unknown = [name for name in names if name not in state.adapters]
+    if unknown:
+        loaded = ", ".join(map(repr, state.adapters)) or "none"
+        raise LoraError(f"no LoRA named {', '.join(map(repr, unknown))} is loaded; loaded: {loaded}")
+
+
+def _weight_views(pipe: Any, key: tuple[str, str]) -> list[torch.Tensor]:
+    """The tensors that hold the weight of layer `key`: its own, plus its rows in a fused projection.
+
+    After diffjet's attention pass `to_q/to_k/to_v` weights are views into the fused `to_qkv`/`to_kv`
+    weight, so one write reaches both. A move with `pipe.to(...)` gives every parameter its own storage
+    and breaks that link, and diffusers' `fuse_qkv_projections` copies instead of viewing; then the rows
+    of the fused weight are written as well.
+    """
+    component, path = key
+    root = getattr(pipe, component)
+    weight = root.get_submodule(path).weight
+    parent_path, _, name = path.rpartition(".")
+    parent = root.get_submodule(parent_path) if parent_path else root
+    if not isinstance(parent, Attention):
+        return [weight]
+    for fused_name, parts in (("to_qkv", ("to_q", "to_k", "to_v")), ("to_kv", ("to_k", "to_v"))):
+        fused = getattr(parent, fused_name, None)
+        if fused is None or name not in parts:
+            continue
+        start = sum(getattr(parent, part).weight.shape[0] for part in parts[: parts.index(name)])
+        rows = fused.weight[start : start + weight.shape[0]]
+        if rows.data_ptr() != weight.data_ptr():
+            return [weight, rows]
+    return [weight]
+
+
+@torch.no_grad()
+def _merge(pipe: Any, state: _LoraState, keys: Iterable[tuple[str, str]]) -> None:
+    """Write base + Σ scale · delta (float32) into each weight in `keys`, in place."""
+    for key in keys:
+        views = _weight_views(pipe, key)
+        base = state.base[key]
+        adapters = [a for a in state.adapters.values() if key in a.layers]
+        if not adapters:
+            for view in views:
+                view.copy_(base)
+            del state.base[key]
+            continue
+        device = views[0].device
+        merged = base.to(device, torch.float32, copy=True, memory_format=torch.contiguous_format)
+        merged = merged.view(base.shape[0], -1)
+        for adapter in adapters:
+            layer = adapter.layers[key]
+            merged.addmm_(layer.up.to(device), layer.down.to(device), alpha=adapter.scale * layer.alpha_scale)
+        for view in views:
+            view.copy_(merged.view(view.shape))

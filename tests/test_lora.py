@@ -1,0 +1,392 @@
+"""diffjet.load_lora / unload_lora / set_lora_scales on compiled pipelines (CPU: fused attention and
+channels-last apply): merged in place, equal to the same deltas merged by hand into an uncompiled
+pipeline, undone bit for bit, and diffusers' own LoRA methods refused with a pointer to diffjet's."""
+
+import json
+import types
+import warnings
+
+import pytest
+import torch
+from diffusers import DiffusionPipeline, StableDiffusionPipeline, UNet2DConditionModel
+from safetensors.torch import save_file
+
+import diffjet
+from diffjet import Config
+from diffjet.errors import LoraError
+from diffjet.lora import forbid_diffusers_lora, load_lora, lora_scales, set_lora_scales, unload_lora
+from diffjet.passes import attention, inductor
+
+from .conftest import relative_error
+
+TOL = 1e-4
+RANK = 4
+
+# Layers of the tiny UNet and CLIP text encoder the test LoRAs adapt: self- and cross-attention
+# projections (fused after compiling), a 1x1 and a 3x3 convolution, text-encoder projections and an MLP.
+_ATTENTION = "down_blocks.0.attentions.0.transformer_blocks.0"
+UNET_LAYERS = [
+    *(f"{_ATTENTION}.attn1.{p}" for p in ("to_q", "to_k", "to_v", "to_out.0")),
+    *(f"{_ATTENTION}.attn2.{p}" for p in ("to_q", "to_k", "to_v", "to_out.0")),
+    "up_blocks.1.attentions.1.transformer_blocks.0.attn1.to_v",
+    "down_blocks.0.attentions.0.proj_in",
+    "down_blocks.0.resnets.0.conv1",
+    "up_blocks.0.resnets.0.conv_shortcut",
+]
+TEXT_ENCODER_LAYERS = ["encoder.layers.0.self_attn.q_proj", "encoder.layers.0.self_attn.out_proj",
+                       "encoder.layers.1.mlp.fc1"]
+
+
+def load(path):
+    pipe = DiffusionPipeline.from_pretrained(path)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def compiled(path, dtype=None):
+    pipe = load(path)
+    if dtype is not None:
+        pipe.to(dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return diffjet.compile(pipe)
+
+
+def generate(pipe):
+    return pipe("a photo of a cat", num_inference_steps=2, output_type="np",
+                generator=torch.Generator().manual_seed(0)).images
+
+
+def lora_factors(pipe, seed, layers=None):
+    """Random (down, up, alpha) per (component, layer path), shaped like the pipeline's layers."""
+    layers = layers or {"unet": UNET_LAYERS, "text_encoder": TEXT_ENCODER_LAYERS}
+    g = torch.Generator().manual_seed(seed)
+    factors = {}
+    for component, paths in layers.items():
+        for path in paths:
+            weight = getattr(pipe, component).get_submodule(path).weight
+            down = torch.randn(RANK, *weight.shape[1:], generator=g) / weight[0].numel() ** 0.5
+            up = torch.randn(weight.shape[0], RANK, *[1] * (weight.dim() - 2), generator=g)
+            factors[component, path] = (down, up, float(RANK) / 2)  # alpha/rank = 0.5
+    return factors
+
+
+def peft_format(factors):
+    """diffusers/PEFT keys (`unet.<layer>.lora_A.weight`); no alphas, so alpha = rank."""
+    state = {}
+    for (component, path), (down, up, _) in factors.items():
+        state[f"{component}.{path}.lora_A.weight"] = down
+        state[f"{component}.{path}.lora_B.weight"] = up
+    return state
+
+
+def diffusers_format(factors):
+    """diffusers' own names: `unet.<layer>.lora.down.weight`, `text_encoder.<layer>.lora_linear_layer.up.weight`."""
+    state = {}
+    for (component, path), (down, up, _) in factors.items():
+        layer = "lora" if component == "unet" else "lora_linear_layer"
+        state[f"{component}.{path}.{layer}.down.weight"] = down
+        state[f"{component}.{path}.{layer}.up.weight"] = up
+    return state
+
+
+def kohya_format(factors, te_prefix="lora_te"):
+    """kohya-ss keys (`lora_unet_down_blocks_0_…`, `lora_te_text_model_…`) with `.alpha`."""
+    state = {}
+    for (component, path), (down, up, alpha) in factors.items():
+        if component == "unet":
+            name = "lora_unet_" + path.replace(".", "_")
+        else:
+            prefix = {"text_encoder": te_prefix, "text_encoder_2": "lora_te2"}[component]
+            name = f"{prefix}_text_model_" + path.removeprefix("text_model.").replace(".", "_")
+        state[f"{name}.lora_down.weight"] = down
+        state[f"{name}.lora_up.weight"] = up
+        state[f"{name}.alpha"] = torch.tensor(alpha)
+    return state
+
+
+@torch.no_grad()
+def merge_by_hand(pipe, factors, scale=1.0, use_alpha=True):
+    for (component, path), (down, up, alpha) in factors.items():
+        weight = getattr(pipe, component).get_submodule(path).weight
+        ratio = alpha / RANK if use_alpha else 1.0
+        weight += scale * ratio * (up.flatten(1) @ down.flatten(1)).reshape(weight.shape)
+
+
+def weights(pipe):
+    return {f"{c}.{n}": p.detach().clone() for c in ("unet", "text_encoder")
+            for n, p in getattr(pipe, c).named_parameters()}
+
+
+def pointers(pipe):
+    return {f"{c}.{n}": p.data_ptr() for c in ("unet", "text_encoder") for n, p in getattr(pipe, c).named_parameters()}
+
+
+@pytest.fixture(scope="module")
+def base_images(tiny_path):
+    return generate(load(tiny_path))
+
+
+# --- loading ------------------------------------------------------------------------------------
+
+
+FORMATS = {"peft": peft_format, "diffusers": diffusers_format, "kohya": kohya_format}
+
+
+@pytest.mark.parametrize("fmt", ["peft", "diffusers", "kohya", "peft-file", "kohya-file"])
+def test_load_lora_matches_deltas_merged_by_hand(tiny_path, tmp_path, base_images, fmt):
+    pipe = compiled(tiny_path)
+    factors = lora_factors(pipe, seed=1)
+    state = FORMATS[fmt.removesuffix("-file")](factors)
+    if fmt.endswith("file"):
+        save_file(state, tmp_path / "lora.safetensors")
+        state = str(tmp_path / "lora.safetensors")
+    assert load_lora(pipe, state, scale=0.8) == "default_0"
+    reference = load(tiny_path)
+    merge_by_hand(reference, factors, scale=0.8, use_alpha=fmt.startswith("kohya"))
+    expected = generate(reference)
+    assert relative_error(generate(pipe), expected) < TOL
+    assert relative_error(expected, base_images) > 1e-2, "the test LoRA must change the image"
+
+
+def test_sdxl_kohya_lora_with_both_text_encoders(tiny_sdxl_path):
+    pipe = compiled(tiny_sdxl_path)
+    layers = {
+        "unet": ["down_blocks.1.attentions.0.transformer_blocks.1.attn1.to_q",
+                 "down_blocks.1.attentions.0.transformer_blocks.1.attn2.to_k",
+                 "mid_block.attentions.0.transformer_blocks.0.attn1.to_out.0",
+                 "down_blocks.0.resnets.0.conv2"],
+        "text_encoder": ["encoder.layers.0.self_attn.k_proj"],
+        # transformers 5: CLIPTextModelWithProjection keeps its `text_model` level, CLIPTextModel does not.
+        "text_encoder_2": ["text_model.encoder.layers.1.self_attn.v_proj"],
+    }
+    factors = lora_factors(pipe, seed=2, layers=layers)
+    load_lora(pipe, kohya_format(factors, te_prefix="lora_te1"))
+    reference = load(tiny_sdxl_path)
+    merge_by_hand(reference, factors)
+    assert relative_error(generate(pipe), generate(reference)) < TOL
+
+
+def test_sdxl_kohya_lora_in_sgm_block_names(tiny_sdxl_path):
+    # kohya trains SDXL on Stability's UNet: input_blocks.3.1 is diffusers' down_blocks.1.attentions.0
+    # in tiny-sdxl (one layer per block), input_blocks.1.0.in_layers.2 its first resnet's conv1.
+    pipe = compiled(tiny_sdxl_path)
+    sgm = {
+        "input_blocks_3_1_transformer_blocks_0_attn1_to_q": "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q",
+        "input_blocks_1_0_in_layers_2": "down_blocks.0.resnets.0.conv1",
+    }
+    factors = lora_factors(pipe, seed=3, layers={"unet": list(sgm.values())})
+    state = kohya_format(factors)
+    for old, new in sgm.items():
+        state = {k.replace("lora_unet_" + new.replace(".", "_"), "lora_unet_" + old): v for k, v in state.items()}
+    load_lora(pipe, state)
+    reference = load(tiny_sdxl_path)
+    merge_by_hand(reference, factors)
+    assert relative_error(generate(pipe), generate(reference)) < TOL
+
+
+def test_alpha_from_diffusers_adapter_metadata(tiny_path, tmp_path):
+    pipe = compiled(tiny_path)
+    factors = lora_factors(pipe, seed=4, layers={"unet": UNET_LAYERS[:4]})
+    metadata = {"lora_adapter_metadata": json.dumps({"unet.r": RANK, "unet.lora_alpha": 3 * RANK})}
+    save_file(peft_format(factors), tmp_path / "lora.safetensors", metadata=metadata)
+    load_lora(pipe, tmp_path / "lora.safetensors")
+    reference = load(tiny_path)
+    merge_by_hand(reference, factors, scale=3.0, use_alpha=False)
+    assert relative_error(generate(pipe), generate(reference)) < TOL
+
+
+@pytest.mark.parametrize("fmt", ["peft", "diffusers", "kohya"])
+def test_load_lora_matches_diffusers_own_loader(tiny_path, fmt):
+    pytest.importorskip("peft")
+    pipe = compiled(tiny_path)
+    factors = lora_factors(pipe, seed=5)
+    state = FORMATS[fmt](factors)
+    load_lora(pipe, state, scale=1.0)
+    reference = load(tiny_path)
+    reference.load_lora_weights(dict(state))
+    assert relative_error(generate(pipe), generate(reference)) < TOL
+
+
+# --- in place, exact undo -----------------------------------------------------------------------
+
+
+def test_load_switch_and_unload_keep_weight_storage(tiny_path):
+    pipe = compiled(tiny_path)
+    before = pointers(pipe)
+    attn = pipe.unet.get_submodule(f"{_ATTENTION}.attn1")
+    load_lora(pipe, peft_format(lora_factors(pipe, seed=1)), adapter_name="a")
+    load_lora(pipe, kohya_format(lora_factors(pipe, seed=2)), adapter_name="b")
+    set_lora_scales(pipe, {"a": 0.5})
+    unload_lora(pipe, "a")
+    load_lora(pipe, peft_format(lora_factors(pipe, seed=3)), adapter_name="c")
+    unload_lora(pipe)
+    assert pointers(pipe) == before
+    assert attn.to_k.weight.data_ptr() == attn.to_qkv.weight[attn.to_q.weight.shape[0]:].data_ptr()
+
+
+def test_lora_reaches_the_fused_projection(tiny_path):
+    pipe = compiled(tiny_path)
+    attn = pipe.unet.get_submodule(f"{_ATTENTION}.attn1")
+    fused_before = attn.to_qkv.weight.detach().clone()
+    load_lora(pipe, peft_format(lora_factors(pipe, seed=1)))
+    rows = attn.to_q.weight.shape[0]
+    assert not torch.equal(attn.to_qkv.weight[:rows], fused_before[:rows])
+    assert torch.equal(attn.to_qkv.weight, torch.cat([attn.to_q.weight, attn.to_k.weight, attn.to_v.weight]))
+
+
+def test_lora_reaches_the_fused_projection_after_the_pipeline_moved(tiny_path):
+    # `pipe.to(dtype)` after compiling gives to_q/k/v their own storage, no longer views of to_qkv.
+    pipe = compiled(tiny_path)
+    pipe.to(torch.float64)
+    factors = lora_factors(pipe, seed=1)
+    load_lora(pipe, peft_format(factors))
+    reference = load(tiny_path).to(torch.float64)
+    merge_by_hand(reference, factors, use_alpha=False)
+    assert relative_error(generate(pipe), generate(reference)) < 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["float32", "float16"])
+def test_unload_restores_base_weights_bit_for_bit(tiny_path, dtype):
+    pipe = compiled(tiny_path, dtype=dtype)
+    original = weights(pipe)
+    load_lora(pipe, peft_format(lora_factors(pipe, seed=1)), scale=0.7, adapter_name="a")
+    load_lora(pipe, kohya_format(lora_factors(pipe, seed=2)), scale=1.3, adapter_name="b")
+    for scales in ({"a": 0.1}, {"b": -2.0}, {"a": 1.0, "b": 0.0}):
+        set_lora_scales(pipe, scales)
+    assert any(not torch.equal(w, original[n]) for n, w in weights(pipe).items())
+    unload_lora(pipe, "a")
+    unload_lora(pipe, "b")
+    for name, weight in weights(pipe).items():
+        assert torch.equal(weight, original[name]), name
+
+
+def test_two_adapters_with_scales(tiny_path):
+    pipe = compiled(tiny_path)
+    a, b = lora_factors(pipe, seed=1), lora_factors(pipe, seed=2)
+    load_lora(pipe, peft_format(a), adapter_name="a")
+    load_lora(pipe, kohya_format(b), scale=0.5, adapter_name="b")
+    assert lora_scales(pipe) == {"a": 1.0, "b": 0.5}
+    set_lora_scales(pipe, {"a": 0.3, "b": 1.2})
+    assert lora_scales(pipe) == {"a": 0.3, "b": 1.2}
+    reference = load(tiny_path)
+    merge_by_hand(reference, a, scale=0.3, use_alpha=False)
+    merge_by_hand(reference, b, scale=1.2)
+    assert relative_error(generate(pipe), generate(reference)) < TOL
+
+
+def test_switching_a_to_b_equals_loading_b_alone(tiny_path):
+    switched, fresh = compiled(tiny_path), compiled(tiny_path)
+    load_lora(switched, kohya_format(lora_factors(switched, seed=1)), adapter_name="a")
+    unload_lora(switched, "a")
+    load_lora(switched, peft_format(lora_factors(switched, seed=2)), adapter_name="b")
+    load_lora(fresh, peft_format(lora_factors(fresh, seed=2)), adapter_name="b")
+    fresh_weights = weights(fresh)
+    for name, weight in weights(switched).items():
+        assert torch.equal(weight, fresh_weights[name]), name
+
+
+def test_in_place_update_needs_no_recompile(tiny_path):
+    # The compiled code reads the weights as inputs: a LoRA changes its output without a recompile.
+    pipe = load(tiny_path)
+    attention.apply(pipe.unet, Config())
+    reference = UNet2DConditionModel.from_pretrained(tiny_path, subfolder="unet").eval()
+    inductor.apply(pipe.unet, Config(backend="aot_eager"))
+    g = torch.Generator().manual_seed(0)
+    inputs = (torch.randn(2, 4, 8, 8, generator=g), torch.tensor(500.0), torch.randn(2, 77, 32, generator=g))
+    factors = lora_factors(pipe, seed=1, layers={"unet": UNET_LAYERS})
+    try:
+        with torch.no_grad():
+            before = pipe.unet(*inputs, return_dict=False)[0]
+            with torch._dynamo.config.patch(error_on_recompile=True):
+                load_lora(pipe, peft_format(factors))
+                after = pipe.unet(*inputs, return_dict=False)[0]
+            merge_by_hand(types.SimpleNamespace(unet=reference), factors, use_alpha=False)
+            expected = reference(*inputs, return_dict=False)[0]
+    finally:
+        torch._dynamo.reset()
+    assert relative_error(after, expected) < 1e-5
+    assert relative_error(before, expected) > 1e-3
+
+
+# --- diffusers' own LoRA methods ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("method", "pointer"),
+    [
+        ("load_lora_weights", "diffjet.load_lora"),
+        ("set_adapters", "diffjet.set_lora_scales"),
+        ("fuse_lora", "diffjet.load_lora"),
+        ("unfuse_lora", "diffjet.unload_lora"),
+        ("unload_lora_weights", "diffjet.unload_lora"),
+    ],
+)
+def test_diffusers_lora_methods_of_a_compiled_pipeline_point_to_diffjet(tiny_path, method, pointer):
+    pipe = compiled(tiny_path)
+    forbid_diffusers_lora(pipe)  # what diffjet.compile calls
+    with pytest.raises(LoraError, match=pointer):
+        getattr(pipe, method)("some-lora")
+
+
+def test_forbidding_diffusers_lora_changes_only_that_pipeline(tiny_path):
+    pipe, other = compiled(tiny_path), load(tiny_path)
+    forbid_diffusers_lora(pipe)
+    assert "load_lora_weights" in vars(pipe) and "load_lora_weights" not in vars(other)
+    assert StableDiffusionPipeline.load_lora_weights is type(other).load_lora_weights
+    assert other.load_lora_weights.__func__ is StableDiffusionPipeline.load_lora_weights
+
+
+def test_pipeline_holding_peft_lora_layers_is_refused(tiny_path):
+    pytest.importorskip("peft")
+    pipe = load(tiny_path)
+    pipe.load_lora_weights(peft_format(lora_factors(pipe, seed=1)))
+    with pytest.raises(LoraError, match="fuse_lora"):
+        forbid_diffusers_lora(pipe)
+
+
+# --- errors -------------------------------------------------------------------------------------
+
+_Q = f"unet.{_ATTENTION}.attn1.to_q"
+
+
+@pytest.mark.parametrize(
+    ("state", "message"),
+    [
+        ({"unet.down_blocks.7.attentions.0.proj_in.lora_A.weight": torch.zeros(4, 32),
+          "unet.down_blocks.7.attentions.0.proj_in.lora_B.weight": torch.zeros(32, 4)}, "another architecture"),
+        ({f"{_Q}.lora_A.weight": torch.zeros(4, 640), f"{_Q}.lora_B.weight": torch.zeros(32, 4)}, "do not fit"),
+        ({f"{_Q}.lora_A.weight": torch.zeros(4, 32), f"{_Q}.lora_B.weight": torch.zeros(32, 8)}, "do not fit"),
+        ({f"{_Q}.lora_A.weight": torch.zeros(4, 32)}, "no lora_B"),
+        ({"transformer.blocks.0.attn.to_q.lora_A.weight": torch.zeros(4, 32)}, "no component"),
+        ({"unet.conv_in.weight": torch.zeros(32, 4, 3, 3)}, "unsupported LoRA key"),
+        ({f"{_Q}.lora_A.weight": torch.zeros(4, 32), f"{_Q}.lora_B.weight": torch.zeros(32, 4),
+          f"{_Q}.lora_magnitude_vector.weight": torch.zeros(32)}, "DoRA"),
+        ({"text_encoder_2.encoder.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(4, 32)}, "does not have"),
+        ({"lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight": torch.zeros(4, 32)},
+         "cannot read"),
+        ({}, "no lora_A"),
+    ],
+    ids=["unknown-layer", "wrong-input-size", "rank-mismatch", "missing-up", "other-model", "not-lora",
+         "dora", "missing-component", "kohya-without-up", "empty"],
+)
+def test_bad_lora_raises_lora_error_and_changes_nothing(tiny_path, state, message):
+    pipe = compiled(tiny_path)
+    original = weights(pipe)
+    with pytest.raises(LoraError, match=message):
+        load_lora(pipe, state)
+    assert lora_scales(pipe) == {}
+    assert all(torch.equal(w, original[n]) for n, w in weights(pipe).items())
+
+
+def test_missing_file_unknown_adapter_and_taken_name_raise_lora_error(tiny_path, tmp_path):
+    pipe = compiled(tiny_path)
+    with pytest.raises(LoraError, match="no LoRA file"):
+        load_lora(pipe, tmp_path / "missing.safetensors")
+    load_lora(pipe, peft_format(lora_factors(pipe, seed=1)), adapter_name="a")
+    with pytest.raises(LoraError, match="loaded already"):
+        load_lora(pipe, peft_format(lora_factors(pipe, seed=2)), adapter_name="a")
+    with pytest.raises(LoraError, match="no LoRA named 'b'"):
+        unload_lora(pipe, "b")
+    with pytest.raises(LoraError, match="no LoRA named 'b'"):
+        set_lora_scales(pipe, {"b": 1.0})
