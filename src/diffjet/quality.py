@@ -126,7 +126,7 @@ def verify(
     half = torch.float16 if device.type == "cuda" else torch.float32
     results = {}
 
-    def evaluate(name: str, dtype: torch.dtype, prepare: Callable[[Any], Any] | None) -> tuple:
+    def evaluate(dtype: torch.dtype, prepare: Callable[[Any], Any] | None) -> tuple:
         pipe = load(dtype)
         pipe.set_progress_bar_config(disable=True)
         if prepare is not None:
@@ -141,14 +141,14 @@ def verify(
             torch.cuda.empty_cache()
         return outputs
 
-    inputs, ref_unet, ref_latents = evaluate("reference", torch.float32, None)
+    inputs, ref_unet, ref_latents = evaluate(torch.float32, None)
     results["inputs"] = inputs
     variants = []
     for name, dtype, prepare in (
         (f"eager {str(half).removeprefix('torch.')}", half, None),
         ("diffjet", half, compile_pipe),
     ):
-        _, unet, latents = evaluate(name, dtype, prepare)
+        _, unet, latents = evaluate(dtype, prepare)
         finite = bool(torch.isfinite(unet).all() and torch.isfinite(latents).all())
         variants.append(
             VariantResult(name, relative_error(unet, ref_unet), relative_error(latents, ref_latents), finite)

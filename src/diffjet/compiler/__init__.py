@@ -108,7 +108,7 @@ def compile_pipeline(pipe, config: Config) -> CompileReport:
         if config.channels_last and any(p.dim() == 4 for p in module.parameters()):
             memory_format.apply(module, config)
             applied.append("channels_last")
-        if config.attention != "keep" and name != "text_encoder" and name != "text_encoder_2":
+        if config.attention != "keep" and not name.startswith("text_encoder"):
             attention.apply(module, config)
             applied.append("fused_qkv_sdpa")
         target = _graph_target(name, module)
