@@ -202,3 +202,17 @@ def test_compile_rejects_what_is_not_a_pipeline_or_config(pipes):
         diffjet.compile(object())
     with pytest.raises(ConfigError):
         diffjet.compile(compiled, {"dtype": "float16"})
+
+
+def test_unknown_modules_are_left_alone_and_named(tiny_path, caplog):
+    import logging
+
+    from torch import nn
+
+    pipe = load(tiny_path)
+    pipe.register_modules(safety_checker=nn.Linear(2, 2))  # any module diffjet does not know
+    with warnings.catch_warnings(), caplog.at_level(logging.WARNING, logger="diffjet"):
+        warnings.simplefilter("ignore", RuntimeWarning)
+        diffjet.compile(pipe)
+    assert "safety_checker" in pipe.diffjet.left_alone
+    assert "safety_checker (Linear)" in caplog.text

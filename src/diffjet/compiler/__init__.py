@@ -120,6 +120,9 @@ def compile_pipeline(pipe, config: Config) -> CompileReport:
             parts = _cache_parts(name, target, config, applied) if compiled and cache else None
             report.runners[name] = _wrap_in_graphs(name, target, config, cache if parts else None, parts)
             applied.append("cuda_graphs")
+    unknown = [f"{n} ({type(modules[n]).__name__})" for n in report.left_alone if n not in KNOWN_COMPONENTS]
+    if unknown:
+        logger.warning("diffjet left these components as they are (eager): %s", ", ".join(unknown))
     logger.info("%s", report.summary())
     return report
 
