@@ -109,3 +109,53 @@ def test_controlnet_scale_is_a_graph_input_not_a_new_graph():
         pipe("a cat", num_inference_steps=2, controlnet_conditioning_scale=scale, **control_inputs(pipe, 64, 64))
     stats = pipe.diffjet.runners["controlnet"].stats
     assert stats.captures == 1 and stats.replays == 6
+
+
+def _tiny_compiled():
+    pipe = load_pipeline("tiny", device="cuda", dtype=torch.float16)
+    pipe.set_progress_bar_config(disable=True)
+    return diffjet.compile(pipe, diffjet.Config(cache=False))
+
+
+def _captures_and_dynamo_graphs(pipe):
+    from torch._dynamo.utils import counters
+
+    return sum(r.stats.captures for r in pipe.diffjet.runners.values()), counters["stats"]["unique_graphs"]
+
+
+def test_each_shape_compiles_and_captures_once():
+    pipe = _tiny_compiled()
+    shapes = [(64, 64, 1), (48, 80, 1), (80, 48, 2)]
+
+    def run_all():
+        for height, width, batch in shapes:
+            pipe("a cat", num_inference_steps=2, height=height, width=width, num_images_per_prompt=batch)
+
+    run_all()
+    warm = _captures_and_dynamo_graphs(pipe)
+    run_all()
+    assert _captures_and_dynamo_graphs(pipe) == warm
+    assert pipe.diffjet.runners["unet"].graphs_held == len(shapes)
+
+
+def test_lora_switch_neither_recompiles_nor_recaptures():
+    import numpy as np
+
+    from .test_lora import lora_factors, peft_format
+
+    pipe = _tiny_compiled()
+
+    def run():
+        return pipe("a cat", num_inference_steps=2, output_type="np", generator=torch.Generator().manual_seed(0)).images
+
+    base = run()
+    warm = _captures_and_dynamo_graphs(pipe)
+    diffjet.load_lora(pipe, peft_format(lora_factors(pipe, seed=1)), adapter_name="a")
+    with_a = run()
+    diffjet.unload_lora(pipe, "a")
+    diffjet.load_lora(pipe, peft_format(lora_factors(pipe, seed=2)), adapter_name="b")
+    with_b = run()
+    diffjet.unload_lora(pipe)
+    assert not np.allclose(with_a, base) and not np.allclose(with_b, with_a)
+    assert np.array_equal(run(), base)
+    assert _captures_and_dynamo_graphs(pipe) == warm
