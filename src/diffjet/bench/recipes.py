@@ -3,8 +3,8 @@
 - `eager`: the pipeline as loaded (fp16 and diffusers' SDPA attention on a GPU).
 - `torch-compile`: the recipe of Diffusers' speed guide: channels-last UNet and VAE, fused QKV
   projections, `conv_1x1_as_mm` and no epilogue fusion, `torch.compile` of the UNet and of `vae.decode`.
-  The guide asks for `max-autotune`; compiling the SD1.5 UNet that way takes more than 8 minutes on the
-  H100, past what one benchmark run may take, so the recipe uses `reduce-overhead` (Inductor plus
+  The guide asks for `max-autotune`; compiling the SD1.5 UNet that way took more than 8 minutes on the
+  H100 (2026-11-24), past what one benchmark run may take, so the recipe uses `reduce-overhead` (Inductor plus
   CUDA-graph trees) and records the mode in every run. The guide's coordinate-descent tuning is left out
   for the same reason: with it, the SD1.5 UNet and VAE had not compiled after 9 minutes on the H200.
 - `diffjet`: `diffjet.compile(pipe)` with the default (lossless) config.
