@@ -136,34 +136,29 @@ def test_verify_passes_on_tiny(capsys):
     assert code == 0 and "PASS" in out
 
 
-def test_verify_fails_when_diffjet_changes_the_numbers(capsys, monkeypatch):
+def _scale_conv_out(pipe):
+    pipe.unet.conv_out.weight.mul_(1.05)
+
+
+def _poison_conv_out(pipe):
+    pipe.unet.conv_out.bias.fill_(float("nan"))
+
+
+@pytest.mark.parametrize("damage, message", [(_scale_conv_out, "error above"), (_poison_conv_out, "NaN")],
+                         ids=["numbers-changed", "nan"])
+def test_verify_fails_when_diffjet_breaks_the_rule(capsys, monkeypatch, damage, message):
+    import torch
+
     compile_ = diffjet.compile
 
     def broken(pipe, config=None):
-        import torch
-
         with torch.no_grad():
-            pipe.unet.conv_out.weight.mul_(1.05)
+            damage(pipe)
         return compile_(pipe, config)
 
     monkeypatch.setattr(diffjet, "compile", broken)
     code, _, err = run(["verify", *FAST], capsys)
-    assert code == 1 and "error above" in err
-
-
-def test_verify_fails_on_nan(capsys, monkeypatch):
-    compile_ = diffjet.compile
-
-    def poisoned(pipe, config=None):
-        import torch
-
-        with torch.no_grad():
-            pipe.unet.conv_out.bias.fill_(float("nan"))
-        return compile_(pipe, config)
-
-    monkeypatch.setattr(diffjet, "compile", poisoned)
-    code, _, err = run(["verify", *FAST], capsys)
-    assert code == 1 and "NaN" in err
+    assert code == 1 and message in err
 
 
 def test_compile_needs_a_gpu(capsys):

@@ -24,6 +24,7 @@ from typing import Any, Callable
 import torch
 
 from ..models import control_inputs
+from ..quality import record_unet_inputs
 
 
 @dataclass
@@ -77,20 +78,6 @@ class _Clock:
             torch.cuda.synchronize()
 
 
-def _record_first_unet_call(pipe) -> tuple[dict[str, Any], Callable[[], None]]:
-    captured: dict[str, Any] = {}
-
-    def hook(module, args, kwargs):
-        if not captured:
-            clone = lambda x: x.clone() if isinstance(x, torch.Tensor) else x  # noqa: E731
-            captured["args"] = torch.utils._pytree.tree_map(clone, args)
-            captured["kwargs"] = torch.utils._pytree.tree_map(clone, kwargs)
-
-    # On the outer module: for torch.compile's wrapper the hook then runs outside the compiled code.
-    handle = pipe.unet.register_forward_pre_hook(hook, with_kwargs=True)
-    return captured, handle.remove
-
-
 def measure(
     pipe,
     *,
@@ -139,10 +126,10 @@ def measure(
     clock.sync()
     first_call_s = time.perf_counter() - start
 
-    unet_inputs, remove_hook = _record_first_unet_call(pipe)
-    for _ in range(max(warmup, 1)):
+    # The hook sits on the outer module: for torch.compile's wrapper it runs outside the compiled code.
+    unet_args, unet_kwargs = record_unet_inputs(pipe, generate)
+    for _ in range(warmup - 1):
         generate()
-    remove_hook()
 
     rates, e2e = [], []
     for _ in range(repeats):
@@ -158,7 +145,7 @@ def measure(
     with torch.no_grad():
         for _ in range(unet_repeats):
             begin = clock.mark()
-            pipe.unet(*unet_inputs["args"], **unet_inputs["kwargs"])
+            pipe.unet(*unet_args, **unet_kwargs)
             unet_times.append(clock.seconds(begin, clock.mark()) * 1000.0)
 
     if not rates:  # one step: the loop rate is the inverse of the whole-call time
