@@ -8,7 +8,6 @@ The JSON follows one schema: `{"device", "torch", "diffusers", "triton", "date",
 from __future__ import annotations
 
 import datetime as dt
-import importlib.metadata
 import json
 import os
 import subprocess
@@ -20,14 +19,9 @@ from typing import Any, Callable
 
 import torch
 
+from ..runtime.compile_cache import package_version
+
 WEIGHTS_NOTE = "random (architecture-exact) for presets"
-
-
-def _version(package: str) -> str | None:
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return None
 
 
 def environment(device: str) -> dict[str, Any]:
@@ -36,9 +30,9 @@ def environment(device: str) -> dict[str, Any]:
     return {
         "device": name,
         "torch": torch.__version__,
-        "diffusers": _version("diffusers"),
-        "transformers": _version("transformers"),
-        "triton": _version("triton"),
+        "diffusers": package_version("diffusers"),
+        "transformers": package_version("transformers"),
+        "triton": package_version("triton"),
         "cuda": torch.version.cuda,
         "python": sys.version.split()[0],
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),

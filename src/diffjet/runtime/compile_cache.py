@@ -47,7 +47,8 @@ def default_cache_dir() -> Path:
     return Path(root) / "compile"
 
 
-def _version(package: str) -> str | None:
+def package_version(package: str) -> str | None:
+    """The installed version of `package`, or None."""
     try:
         return importlib.metadata.version(package)
     except importlib.metadata.PackageNotFoundError:
@@ -62,9 +63,9 @@ def environment_key(device: torch.device) -> dict[str, Any]:
     return {
         "format": FORMAT,
         "torch": torch.__version__,
-        "triton": _version("triton"),
-        "diffusers": _version("diffusers"),
-        "diffjet": _version("diffjet"),
+        "triton": package_version("triton"),
+        "diffusers": package_version("diffusers"),
+        "diffjet": package_version("diffjet"),
         "cuda": torch.version.cuda,
         "gpu": gpu,
     }
