@@ -1,10 +1,13 @@
 """UNet-step variants on the GPU, each in a fresh process: which compile options diffjet should use.
 
     python bench/unet_step.py --model sd15 --variants eager-graph,inductor,inductor-cdt --json out.json
+    python bench/unet_step.py --model sd15 --variants inductor --profile --json profile.json
 
 Loads the preset's UNet (built once with random weights), applies diffjet's passes
 (fp16, channels-last, fused-QKV SDPA), then compiles with the variant's Inductor options, captures the
 step with diffjet's CudaGraphRunner and times replays with CUDA events (median of 100 after warm-up).
+With --profile, also the kernel time of the replayed step by category (torch profiler, CUPTI sees the
+kernels inside graph replays), the top kernels, and FLOPs by category with what each category achieves.
 """
 
 from __future__ import annotations
@@ -29,10 +32,90 @@ VARIANTS = {
     },
     "inductor-cdt": {"conv_1x1_as_mm": True, "coordinate_descent_tuning": True},
     "inductor-benchmark": {"conv_1x1_as_mm": True, "__cudnn_benchmark": True},
+    # GEMMs (and 1x1 convolutions lowered to GEMMs) autotuned against Triton templates; 3x3 convs stay cuDNN.
+    "inductor-autotune-mm": {"conv_1x1_as_mm": True, "max_autotune_gemm": True,
+                             "max_autotune_gemm_backends": "TRITON,ATEN", "max_autotune_conv_backends": "ATEN"},
 }
 
 
-def run_one(model: str, variant: str, batch: int, size: int | None) -> dict:
+def category(kernel: str) -> str:
+    """The issue's categories, from a CUDA kernel's name (cuDNN, cuBLAS/nvjet, Inductor's Triton names).
+
+    Inductor names a fused kernel after every op it holds (`triton_per_fused_add_clone_…_group_norm_silu`):
+    a kernel with a norm in it is normalisation, other reductions too, templates are GEMMs, and the rest of
+    Inductor's pointwise kernels are elementwise unless they only copy.
+    """
+    n = kernel.lower()
+    if any(k in n for k in ("fmha", "flash", "attention", "sdpa", "attn")):
+        return "attention"
+    if n.startswith("triton_"):
+        if n.startswith("triton_tem"):
+            return "gemm"
+        if any(k in n for k in ("norm", "var_mean")) or n.startswith(("triton_red", "triton_per")):
+            return "normalisation"
+        ops = set(n.split("fused_", 1)[-1].split("_")) - {""}
+        if ops and ops <= {"clone", "cat", "copy", "view", "permute", "transpose", "convolution", "unsqueeze"} | {
+                o for o in ops if o.isdigit()}:
+            return "copies/layout"
+        return "elementwise"
+    if any(k in n for k in ("nchwtonhwc", "nhwctonchw", "transpose", "copy", "memcpy", "memset")):
+        return "copies/layout"
+    if any(k in n for k in ("conv", "fprop", "implicit", "winograd")):
+        return "convolution"
+    if any(k in n for k in ("gemm", "nvjet", "cutlass", "xmma", "cublas", "splitk", "matmul")):
+        return "gemm"
+    if any(k in n for k in ("elementwise", "vectorized", "unrolled", "fill", "reduce")):
+        return "elementwise"
+    return "other"
+
+
+def flops_by_category(unet, args, kwargs) -> dict:
+    import collections
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        unet(*args, **kwargs)
+    out = collections.Counter()
+    for op, n in counter.get_flop_counts()["Global"].items():
+        name = str(op)
+        kind = ("convolution" if "convolution" in name else "attention" if "attention" in name
+                else "gemm" if any(k in name for k in ("mm", "addmm", "bmm", "baddbmm")) else "other")
+        out[kind] += n / 1e12
+    return dict(out)
+
+
+def kernel_profile(step, reps: int = 5) -> dict:
+    import collections
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            step()
+        torch.cuda.synchronize()
+    by_cat, by_kernel, calls = collections.Counter(), collections.Counter(), collections.Counter()
+    for event in prof.key_averages():
+        us = getattr(event, "self_device_time_total", 0)
+        if us <= 0:
+            continue
+        by_cat[category(event.key)] += us / reps / 1000
+        by_kernel[event.key[:110]] += us / reps / 1000
+        calls[event.key[:110]] += event.count / reps
+    return {
+        "kernel_ms": round(sum(by_cat.values()), 3),
+        "kernels": int(sum(calls.values())),
+        "by_category_ms": {k: round(v, 3) for k, v in by_cat.most_common()},
+        "top": [{"kernel": k, "ms": round(v, 3), "calls": calls[k], "category": category(k)}
+                for k, v in by_kernel.most_common(25)],
+    }
+
+
+def run_one(model: str, variant: str, batch: int, size: int | None, profile: bool = False) -> dict:
     import torch
 
     from diffjet.config import Config
@@ -89,12 +172,21 @@ def run_one(model: str, variant: str, batch: int, size: int | None) -> dict:
         runner(sample, t, states, return_dict=False, **kwargs)
     b.record()
     b.synchronize()
-    return {
+    result = {
         "model": model, "variant": variant, "batch": batch, "height": height,
         "ms": statistics.median(times), "ms_min": min(times), "ms_max": max(times),
         "ms_pipelined": a.elapsed_time(b) / 50, "first_call_s": first,
         "captures": runner.stats.captures, "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
     }
+    if profile:
+        result["profile"] = kernel_profile(lambda: runner(sample, t, states, return_dict=False, **kwargs))
+        with torch.no_grad():
+            flops = flops_by_category(unet, (sample, t, states), dict(return_dict=False, **kwargs))
+        by_cat = result["profile"]["by_category_ms"]
+        result["profile"]["tflop"] = {k: round(v, 4) for k, v in flops.items()}
+        result["profile"]["tflop_per_s"] = {k: round(v / (by_cat[k] / 1000), 1) for k, v in flops.items()
+                                            if by_cat.get(k)}
+    return result
 
 
 def main() -> None:
@@ -105,19 +197,25 @@ def main() -> None:
     parser.add_argument("--size", type=int)
     parser.add_argument("--json")
     parser.add_argument("--timeout", type=float, default=300, help="seconds per variant")
+    parser.add_argument("--profile", action="store_true", help="kernel time by category and FLOPs")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        print("RESULT " + json.dumps(run_one(args.model, args.one, args.batch, args.size)))
+        print("RESULT " + json.dumps(run_one(args.model, args.one, args.batch, args.size, args.profile)))
         return
+    from diffjet.bench import environment
     from diffjet.models import resolve
 
     resolve(args.model)  # build the preset once, before the variants' processes load it
-    results = []
+    report = {**environment("cuda"), "command": "python " + " ".join(sys.argv),
+              "weights": "random (architecture-exact)", "runs": []}
+    results = report["runs"]
     for variant in args.variants.split(","):
         cmd = [sys.executable, __file__, "--model", args.model, "--batch", str(args.batch), "--one", variant]
         if args.size:
             cmd += ["--size", str(args.size)]
+        if args.profile:
+            cmd.append("--profile")
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
             lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
@@ -129,10 +227,7 @@ def main() -> None:
         print(json.dumps(result), flush=True)
         if args.json:
             with open(args.json, "w") as f:
-                json.dump(results, f, indent=2)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+                json.dump(report, f, indent=2)
     print(f"{'model':6} {'variant':20} {'ms':>7} {'pipelined':>9} {'first s':>8}")
     for r in results:
         if "error" in r:

@@ -136,6 +136,19 @@ def test_verify_passes_on_tiny(capsys):
     assert code == 0 and "PASS" in out
 
 
+def test_verify_with_a_lora_switched_in_on_the_compiled_pipeline(capsys, tmp_path):
+    pytest.importorskip("peft")
+    code, out, _ = run(["verify", *FAST, "--lora", "random", "--lora-scale", "0.7", "--json", str(tmp_path / "v.json")], capsys)
+    record = json.loads((tmp_path / "v.json").read_text())
+    assert code == 0 and "PASS" in out and "LoRA random at scale 0.7" in out
+    assert record["lora"] == "random" and record["lora_scale"] == 0.7 and record["passed"]
+
+
+def test_verify_rejects_a_missing_lora_file(capsys, tmp_path):
+    code, _, err = run(["verify", *FAST, "--lora", str(tmp_path / "nope.safetensors")], capsys)
+    assert code == 2 and "nope.safetensors" in err
+
+
 def _scale_conv_out(pipe):
     pipe.unet.conv_out.weight.mul_(1.05)
 
@@ -199,3 +212,14 @@ def test_generate_feeds_a_control_image_to_controlnet_presets(tmp_path, capsys):
     code, _, _ = run(["generate", "--model", "tiny-controlnet", "--steps", "2", "--device", "cpu",
                       "--out", str(out)], capsys)
     assert code == 0 and Image.open(out).size == (64, 64)
+
+
+def test_warm_start_worker_feeds_a_control_image_to_controlnet_presets():
+    import time
+
+    from diffjet.bench import worker
+
+    spec = dict(model="tiny-controlnet", compiler="diffjet", device="cpu", prompt="a cat", steps=2, scheduler="euler",
+                height=64, width=64, seed=0, warm_start=True, spawned_at=time.time())
+    result = worker.run(spec)
+    assert result["warm_start_s"] > 0 and "warm_cache" in result

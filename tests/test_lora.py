@@ -286,6 +286,35 @@ def test_switching_a_to_b_equals_loading_b_alone(tiny_path):
         assert torch.equal(weight, fresh_weights[name]), name
 
 
+def test_switching_reuses_the_host_copies_of_the_base_weights(tiny_path, monkeypatch):
+    import diffjet.lora as lora_module
+
+    pipe = compiled(tiny_path)
+    copies = []
+    host_copy = lora_module._host_copy
+    monkeypatch.setattr(lora_module, "_host_copy", lambda w: copies.append(w.shape) or host_copy(w))
+    load_lora(pipe, peft_format(lora_factors(pipe, seed=1)), adapter_name="a")
+    first = len(copies)
+    assert first == len(UNET_LAYERS) + len(TEXT_ENCODER_LAYERS)
+    unload_lora(pipe, "a")
+    load_lora(pipe, peft_format(lora_factors(pipe, seed=2)), adapter_name="b")
+    assert len(copies) == first
+
+
+def test_a_weight_changed_after_unloading_becomes_the_new_base(tiny_path):
+    pipe = compiled(tiny_path)
+    layer = pipe.unet.get_submodule(UNET_LAYERS[0])
+    load_lora(pipe, peft_format(lora_factors(pipe, seed=1)), adapter_name="a")
+    unload_lora(pipe, "a")
+    with torch.no_grad():
+        layer.weight.mul_(2.0)  # e.g. the user loads other weights into the layer
+    changed = layer.weight.detach().clone()
+    load_lora(pipe, peft_format(lora_factors(pipe, seed=2)), adapter_name="b")
+    assert not torch.equal(layer.weight, changed)
+    unload_lora(pipe, "b")
+    assert torch.equal(layer.weight, changed)
+
+
 def test_in_place_update_needs_no_recompile(tiny_path):
     # The compiled code reads the weights as inputs: a LoRA changes its output without a recompile.
     pipe = load(tiny_path)
@@ -390,3 +419,41 @@ def test_missing_file_unknown_adapter_and_taken_name_raise_lora_error(tiny_path,
         unload_lora(pipe, "b")
     with pytest.raises(LoraError, match="no LoRA named 'b'"):
         set_lora_scales(pipe, {"b": 1.0})
+
+
+# --- the random LoRA of diffjet.models ------------------------------------------------------------
+
+
+def test_random_lora_adapts_every_attention_ff_and_text_layer_and_is_deterministic(tiny_path):
+    from diffjet.models import lora_layers, random_lora
+
+    pipe = load(tiny_path)
+    layers = lora_layers(pipe)
+    attentions = [n for n, m in pipe.unet.named_modules() if type(m).__name__ == "Attention"]
+    assert len([p for p in layers["unet"] if p.endswith(".to_q")]) == len(attentions)
+    assert any(p.endswith("ff.net.0.proj") for p in layers["unet"])
+    assert any(p.endswith("mlp.fc2") for p in layers["text_encoder"])
+    first, again, other = random_lora(pipe, seed=0), random_lora(pipe, seed=0), random_lora(pipe, seed=1)
+    assert first.keys() == again.keys() and all(torch.equal(first[k], again[k]) for k in first)
+    assert not torch.equal(first[next(iter(first))], other[next(iter(other))])
+    # each delta's RMS is `strength` (0.05) of its weight's, within sampling noise
+    path = layers["unet"][0]
+    weight = pipe.unet.get_submodule(path).weight.float()
+    delta = first[f"unet.{path}.lora_B.weight"].flatten(1) @ first[f"unet.{path}.lora_A.weight"].flatten(1)
+    assert 0.03 < (delta.pow(2).mean().sqrt() / weight.pow(2).mean().sqrt()).item() < 0.07
+
+
+def test_random_lora_through_diffjet_equals_diffusers_and_changes_the_image(tiny_path):
+    pytest.importorskip("peft")
+    from diffjet.models import random_lora
+
+    pipe = compiled(tiny_path)
+    base = generate(pipe)
+    state = random_lora(pipe, seed=3)
+    load_lora(pipe, state, scale=0.8)
+    reference = load(tiny_path)
+    reference.load_lora_weights(dict(state))
+    reference.fuse_lora(lora_scale=0.8)
+    with_lora = generate(pipe)
+    assert relative_error(with_lora, generate(reference)) < TOL
+    assert relative_error(with_lora, base) > 100 * TOL

@@ -191,6 +191,41 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 # -- verify ------------------------------------------------------------------------------------
+def _verify_lora_steps(lora: str, scale: float, height: int, width: int):
+    """How `verify --lora` readies its pipelines: diffusers' `load_lora_weights` + `fuse_lora` for the eager
+    ones; for diffjet's, compile, load another LoRA, generate (so graphs are captured), then switch to this one.
+    "random" is `diffjet.models.random_lora(seed=0)`, drawn once from the float32 reference pipeline."""
+    import diffjet
+
+    from .models import control_inputs, random_lora
+
+    drawn: dict[str, Any] = {}
+
+    def lora_for(pipe):
+        if lora != "random":
+            return lora
+        if "state" not in drawn:
+            drawn["state"] = random_lora(pipe, seed=0)
+        return dict(drawn["state"])  # diffusers' loader may pop keys
+
+    def prepare_eager(pipe):
+        pipe.load_lora_weights(lora_for(pipe))
+        pipe.fuse_lora(lora_scale=scale)
+        return pipe
+
+    def compile_pipe(pipe):
+        target = lora_for(pipe)
+        diffjet.compile(pipe)
+        diffjet.load_lora(pipe, random_lora(pipe, seed=1), adapter_name="previous")
+        pipe(prompt="warm-up", num_inference_steps=2, height=height, width=width,
+             output_type="latent", **control_inputs(pipe, height, width))
+        diffjet.unload_lora(pipe, "previous")
+        diffjet.load_lora(pipe, target, scale=scale)
+        return pipe
+
+    return compile_pipe, prepare_eager
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     import torch
 
@@ -209,6 +244,11 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from .models import resolve
 
     path = resolve(model)
+    if args.lora and args.lora != "random" and not os.path.exists(args.lora):
+        raise ConfigError(f"--lora: no such file or folder: {args.lora}")
+    compile_pipe, prepare_eager = diffjet.compile, None
+    if args.lora:
+        compile_pipe, prepare_eager = _verify_lora_steps(args.lora, args.lora_scale, height, width)
     verdict = quality.verify(
         lambda dtype: load_pipeline(path, device=device, dtype=dtype),
         device=torch.device(device),
@@ -217,9 +257,11 @@ def cmd_verify(args: argparse.Namespace) -> int:
         height=height,
         width=width,
         seed=args.seed,
-        compile_pipe=diffjet.compile,
+        compile_pipe=compile_pipe,
+        prepare_eager=prepare_eager,
     )
-    print(f"fidelity of diffjet on {model} ({device}, {steps} steps), reference: {verdict.reference}")
+    with_lora = f", LoRA {args.lora} at scale {args.lora_scale}" if args.lora else ""
+    print(f"fidelity of diffjet on {model}{with_lora} ({device}, {steps} steps), reference: {verdict.reference}")
     print(verdict.table())
     if json_path:
         from dataclasses import asdict
@@ -227,6 +269,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         from . import bench
 
         record = {**bench.environment(device), "command": args.command_line, "model": model,
+                  "lora": args.lora, "lora_scale": args.lora_scale if args.lora else None,
                   "steps": steps, "passed": verdict.passed, **asdict(verdict)}
         _write_atomically(json_path, lambda h: h.write((json.dumps(record, indent=2) + "\n").encode()))
     if not verdict.passed:
@@ -345,6 +388,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     ver = sub.add_parser("verify", help="check that diffjet's output equals eager within the lossless rule")
     common(ver, None)
+    ver.add_argument("--lora", help="a LoRA file or folder, or \"random\" (a rank-16 LoRA drawn for the model): the "
+                     "eager pipelines load it with diffusers' load_lora_weights + fuse_lora, diffjet's switches to "
+                     "it on the compiled pipeline with diffjet.load_lora")
+    ver.add_argument("--lora-scale", type=float, default=1.0)
     ver.add_argument("--json", help="write the errors here")
     ver.set_defaults(func=cmd_verify)
     return parser

@@ -7,11 +7,16 @@ compiled code no longer calls, so they would be silently ignored. Writing `W + �
 into the existing storage instead changes what every graph computes, with no recompilation and no
 re-capture, and a merged adapter costs nothing per denoising step.
 
-Exact undo: the first time an adapter touches a weight, a copy of it goes to CPU in the weight's own dtype.
-Every change (load, unload, new scales) recomputes each touched weight as its base plus the active deltas in
-float32 and writes the result once, so float16 weights do not drift however often adapters are switched,
-and unloading the last adapter of a weight copies its base back bit for bit. The price is host memory equal
-to the weights the loaded adapters touch, held until the last adapter touching them is unloaded.
+Exact undo: the first time an adapter touches a weight, a copy of it goes to host memory (pinned for CUDA
+weights) in the weight's own dtype. Every change (load, unload, new scales) recomputes each touched weight as
+its base plus the active deltas in float32 and writes the result once, so float16 weights do not drift however
+often adapters are switched, and unloading the last adapter of a weight copies its base back bit for bit.
+
+Switching fast: the base copies are kept after an unload, so the next adapter does not copy the weights off
+the GPU again; a fingerprint (storage, version counter) taken after each write tells whether anything else
+changed a weight since, and then it is copied afresh. A weight diffjet has just restored is its own base, so
+merging into it reads it on the GPU instead of from host memory. Factors go to the GPU in one transfer, and
+no step waits for the GPU. The price is host memory equal to every weight an adapter has touched.
 
 Formats are those diffusers' `lora_state_dict` reads: diffusers/PEFT keys (`unet.….lora_A/lora_B`,
 `….lora.down/up`, the old `to_q_lora`), kohya (`lora_unet_…`, `lora_te_…`, SDXL's `lora_te1_/lora_te2_`
@@ -88,6 +93,7 @@ class _LoraState:
 
     adapters: dict[str, _Adapter] = field(default_factory=dict)
     base: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict)  # weights before any adapter, on CPU
+    written: dict[tuple[str, str], tuple] = field(default_factory=dict)  # each weight's fingerprint after our write
 
 
 # -- public ----------------------------------------------------------------------------------------
@@ -114,11 +120,15 @@ def load_lora(
     elif adapter_name in state.adapters:
         raise LoraError(f"a LoRA named {adapter_name!r} is loaded already; unload it or pick another adapter_name")
     layers = _read_lora(pipe, lora, weight_name)
-    for key in layers:
-        if key not in state.base:
-            state.base[key] = _weight_views(pipe, key)[0].detach().to("cpu", copy=True)
-    state.adapters[adapter_name] = _Adapter(float(scale), layers)
-    _merge(pipe, state, layers)
+    active = {key for adapter in state.adapters.values() for key in adapter.layers}
+    at_base = set()  # weights that hold their base now: merging reads them in place
+    for key in layers.keys() - active:
+        weight = _weight(pipe, key)
+        if key not in state.base or state.written.get(key) != _fingerprint(weight):
+            state.base[key] = _host_copy(weight)
+        at_base.add(key)
+    state.adapters[adapter_name] = _Adapter(float(scale), _to_weight_devices(pipe, layers))
+    _merge(pipe, state, layers, at_base)
     return adapter_name
 
 
@@ -270,6 +280,9 @@ def _module_path(component: str, key: str) -> str:
 
 
 def _find_module(pipe: Any, component: str, path: str) -> tuple[str, nn.Module]:
+    cached = pipe.__dict__.get("_diffjet_lora_modules", {}).get((component, path))
+    if cached is not None:
+        return path, cached[0]
     root = getattr(pipe, component)
     candidates = [path]
     if component.startswith("text_encoder"):
@@ -341,43 +354,96 @@ def _weight_views(pipe: Any, key: tuple[str, str]) -> list[torch.Tensor]:
     After diffjet's attention pass `to_q/to_k/to_v` weights are views into the fused `to_qkv`/`to_kv`
     weight, so one write reaches both. A move with `pipe.to(...)` gives every parameter its own storage
     and breaks that link, and diffusers' `fuse_qkv_projections` copies instead of viewing; then the rows
-    of the fused weight are written as well.
+    of the fused weight are written as well. Module lookups are cached per pipeline (modules stay put
+    when a pipeline moves; their parameters' storage is what changes).
     """
-    component, path = key
-    root = getattr(pipe, component)
-    weight = root.get_submodule(path).weight
-    parent_path, _, name = path.rpartition(".")
-    parent = root.get_submodule(parent_path) if parent_path else root
-    if not isinstance(parent, Attention):
+    cache = pipe.__dict__.setdefault("_diffjet_lora_modules", {})
+    if key not in cache:
+        cache[key] = _locate(pipe, key)
+    module, parent, name = cache[key]
+    weight = module.weight
+    if parent is None:
         return [weight]
+    modules = parent._modules  # plain dict lookups: this runs for every layer on every switch
     for fused_name, parts in (("to_qkv", ("to_q", "to_k", "to_v")), ("to_kv", ("to_k", "to_v"))):
-        fused = getattr(parent, fused_name, None)
+        fused = modules.get(fused_name)
         if fused is None or name not in parts:
             continue
-        start = sum(getattr(parent, part).weight.shape[0] for part in parts[: parts.index(name)])
+        start = sum(modules[part].weight.shape[0] for part in parts[: parts.index(name)])
         rows = fused.weight[start : start + weight.shape[0]]
         if rows.data_ptr() != weight.data_ptr():
             return [weight, rows]
     return [weight]
 
 
+def _weight(pipe: Any, key: tuple[str, str]) -> torch.Tensor:
+    """Layer `key`'s own weight (a fast path of `_weight_views(pipe, key)[0]`)."""
+    cache = pipe.__dict__.setdefault("_diffjet_lora_modules", {})
+    if key not in cache:
+        cache[key] = _locate(pipe, key)
+    return cache[key][0]._parameters["weight"]
+
+
+def _locate(pipe: Any, key: tuple[str, str]) -> tuple[nn.Module, Attention | None, str]:
+    """Layer `key`'s module, its parent when that is an `Attention` (which may hold fused projections), its name."""
+    component, path = key
+    root = getattr(pipe, component)
+    parent_path, _, name = path.rpartition(".")
+    parent = root.get_submodule(parent_path) if parent_path else root
+    return root.get_submodule(path), parent if isinstance(parent, Attention) else None, name
+
+
+def _fingerprint(weight: torch.Tensor) -> tuple:
+    """Changes whenever the weight is written in place (version counter) or replaced (storage, dtype)."""
+    return weight.data_ptr(), weight._version, weight.dtype, weight.device
+
+
+def _host_copy(weight: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy in host memory; pinned and queued without waiting when the weight is on CUDA."""
+    pinned = weight.device.type == "cuda"
+    copy = torch.empty(weight.shape, dtype=weight.dtype, pin_memory=pinned)
+    return copy.copy_(weight.detach(), non_blocking=pinned)
+
+
+def _to_weight_devices(pipe: Any, layers: dict[tuple[str, str], _Layer]) -> dict[tuple[str, str], _Layer]:
+    """The factors moved next to their weights, in one host-to-device transfer per device."""
+    by_device: dict[torch.device, list[tuple[str, str]]] = {}
+    for key in layers:
+        by_device.setdefault(_weight(pipe, key).device, []).append(key)
+    moved = dict(layers)
+    for device, keys in by_device.items():
+        if device.type == "cpu":
+            continue
+        tensors = [t for key in keys for t in (layers[key].up, layers[key].down)]
+        # Pinned, so the copy queues behind the weight copies in flight instead of waiting for them.
+        flat = torch.cat([t.reshape(-1) for t in tensors]).pin_memory().to(device, non_blocking=True)
+        pieces = iter(flat.split([t.numel() for t in tensors]))
+        for key in keys:
+            up, down = (next(pieces).view(t.shape) for t in (layers[key].up, layers[key].down))
+            moved[key] = _Layer(up=up, down=down, alpha_scale=layers[key].alpha_scale)
+    return moved
+
+
 @torch.no_grad()
-def _merge(pipe: Any, state: _LoraState, keys: Iterable[tuple[str, str]]) -> None:
-    """Write base + Σ scale · delta (float32) into each weight in `keys`, in place."""
+def _merge(pipe: Any, state: _LoraState, keys: Iterable[tuple[str, str]], at_base: set | frozenset = frozenset()) -> None:
+    """Write base + Σ scale · delta (float32) into each weight in `keys`, in place.
+
+    A weight in `at_base` holds its base already and is read where it is, not from its host copy.
+    """
     for key in keys:
         views = _weight_views(pipe, key)
-        base = state.base[key]
         adapters = [a for a in state.adapters.values() if key in a.layers]
         if not adapters:
             for view in views:
-                view.copy_(base)
-            del state.base[key]
+                view.copy_(state.base[key], non_blocking=True)
             continue
-        device = views[0].device
-        merged = base.to(device, torch.float32, copy=True, memory_format=torch.contiguous_format)
-        merged = merged.view(base.shape[0], -1)
+        source = views[0] if key in at_base else state.base[key].to(views[0].device, non_blocking=True)
+        merged = source.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
+        merged = merged.view(merged.shape[0], -1)
         for adapter in adapters:
             layer = adapter.layers[key]
-            merged.addmm_(layer.up.to(device), layer.down.to(device), alpha=adapter.scale * layer.alpha_scale)
+            merged.addmm_(layer.up, layer.down, alpha=adapter.scale * layer.alpha_scale)
         for view in views:
             view.copy_(merged.view(view.shape))
+    # Fingerprints after every write: fused rows share one version counter, so all are taken anew.
+    state.written = {key: _fingerprint(_weight(pipe, key)) for key in state.base}

@@ -117,11 +117,14 @@ def verify(
     width: int,
     seed: int,
     compile_pipe: Callable[[Any], Any],
+    prepare_eager: Callable[[Any], Any] | None = None,
 ) -> Verdict:
     """Eager float32 reference, eager half precision (float32 again on CPU), then the compiled pipeline.
 
-    `load(dtype)` returns a fresh pipeline on `device`; `compile_pipe(pipe)` compiles it. One pipeline is
-    alive at a time, so full-size models fit next to their reference's cached outputs.
+    `load(dtype)` returns a fresh pipeline on `device`; `compile_pipe(pipe)` compiles it, and
+    `prepare_eager(pipe)`, when given, readies both eager pipelines the same way (e.g. loads a LoRA with
+    diffusers' own loader). One pipeline is alive at a time, so full-size models fit next to their
+    reference's cached outputs.
     """
     half = torch.float16 if device.type == "cuda" else torch.float32
     results = {}
@@ -141,11 +144,11 @@ def verify(
             torch.cuda.empty_cache()
         return outputs
 
-    inputs, ref_unet, ref_latents = evaluate(torch.float32, None)
+    inputs, ref_unet, ref_latents = evaluate(torch.float32, prepare_eager)
     results["inputs"] = inputs
     variants = []
     for name, dtype, prepare in (
-        (f"eager {str(half).removeprefix('torch.')}", half, None),
+        (f"eager {str(half).removeprefix('torch.')}", half, prepare_eager),
         ("diffjet", half, compile_pipe),
     ):
         _, unet, latents = evaluate(dtype, prepare)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ..models import load_pipeline
+from ..models import control_inputs, load_pipeline
 from . import recipes
 from .harness import measure
 
@@ -86,7 +86,8 @@ def _warm_start(pipe, spec: dict, apply_compiler) -> dict:
     """From this process's start (`spawned_at`, the parent's clock) to its first finished image."""
     apply_compiler(pipe)
     pipe(
-        spec["prompt"],
+        **control_inputs(pipe, spec["height"], spec["width"]),
+        prompt=spec["prompt"],
         num_inference_steps=spec["steps"],
         height=spec["height"],
         width=spec["width"],

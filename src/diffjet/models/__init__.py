@@ -14,6 +14,7 @@ from diffjet.models.building import build, count_parameters
 from diffjet.models.control_image import control_image, control_inputs
 from diffjet.models.loading import load_pipeline, resolve
 from diffjet.models.presets import PRESETS, Preset, get_preset
+from diffjet.models.random_lora import lora_layers, random_lora
 from diffjet.models.tokenizer import clip_tokenizer
 
 __all__ = [
@@ -26,5 +27,7 @@ __all__ = [
     "count_parameters",
     "get_preset",
     "load_pipeline",
+    "lora_layers",
+    "random_lora",
     "resolve",
 ]
