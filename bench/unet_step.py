@@ -32,6 +32,9 @@ VARIANTS = {
     },
     "inductor-cdt": {"conv_1x1_as_mm": True, "coordinate_descent_tuning": True},
     "inductor-benchmark": {"conv_1x1_as_mm": True, "__cudnn_benchmark": True},
+    # diffjet's Triton GroupNorm(+shift)+SiLU kernels in every ResNet block (passes/kernels.py).
+    "inductor-gn-silu": {"conv_1x1_as_mm": True, "__kernels": ("group_norm_silu",)},
+    "eager-gn-silu-graph": {"__eager": True, "__kernels": ("group_norm_silu",)},
     # GEMMs (and 1x1 convolutions lowered to GEMMs) autotuned against Triton templates; 3x3 convs stay cuDNN.
     "inductor-autotune-mm": {"conv_1x1_as_mm": True, "max_autotune_gemm": True,
                              "max_autotune_gemm_backends": "TRITON,ATEN", "max_autotune_conv_backends": "ATEN"},
@@ -133,6 +136,12 @@ def run_one(model: str, variant: str, batch: int, size: int | None, profile: boo
     attention.apply(unet, config)
     options = dict(VARIANTS[variant]) if VARIANTS[variant] is not None else None
     cudnn_benchmark = bool(options and options.pop("__cudnn_benchmark", False))
+    if options and "__kernels" in options:
+        from diffjet.passes import kernels
+
+        print("kernels placed:", kernels.apply(unet, Config(kernels=options.pop("__kernels"))), file=sys.stderr)
+    if options and options.pop("__eager", False):
+        options = None
     forward = type(unet).forward.__get__(unet)
     if options is not None:
         forward = torch.compile(forward, dynamic=False, options=options)

@@ -3,7 +3,12 @@ import os
 import pytest
 import torch
 
-from diffjet.models import build
+if not torch.cuda.is_available():
+    # Without a GPU, diffjet's Triton kernels run on CPU tensors in Triton's interpreter (set before any
+    # kernel is defined: `triton.jit` reads it then).
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from diffjet.models import build  # noqa: E402
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

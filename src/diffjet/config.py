@@ -15,6 +15,8 @@ KNOWN_COMPONENTS = ("unet", "controlnet", "vae", "text_encoder", "text_encoder_2
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "keep": None}
 _ATTENTION = ("sdpa-fused-qkv", "keep")
 _COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
+#: diffjet's Triton kernels (`diffjet/kernels/`) that `Config.kernels` may name.
+KNOWN_KERNELS = ("group_norm_silu",)
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,8 @@ class Config:
         components: the pipeline components diffjet touches; others are left alone and reported.
         inductor: the components compiled with Inductor (`torch.compile`). Text encoders run once per
             image, so by default they get CUDA graphs but no compile time.
+        kernels: diffjet's Triton kernels to put in (`passes/kernels.py`): "group_norm_silu". Applied on
+            CUDA to half-precision channels-last UNet, ControlNet and VAE only.
         compile_mode: "default" or "max-autotune-no-cudagraphs" (much longer compilation).
         backend: the `torch.compile` backend; "inductor" except in tests ("eager", "aot_eager").
         cuda_graphs: capture each component call per input signature into a CUDA graph.
@@ -46,6 +50,7 @@ class Config:
     attention: str = "sdpa-fused-qkv"
     components: tuple[str, ...] = KNOWN_COMPONENTS
     inductor: tuple[str, ...] = ("unet", "controlnet", "vae")
+    kernels: tuple[str, ...] = ()
     compile_mode: str = "default"
     backend: str = "inductor"
     cuda_graphs: bool = True
@@ -68,6 +73,12 @@ class Config:
             if unknown:
                 raise ConfigError(f"{field_name}: unknown component(s) {unknown}; known: {list(KNOWN_COMPONENTS)}")
             object.__setattr__(self, field_name, tuple(value))
+        if isinstance(self.kernels, str) or not isinstance(self.kernels, (tuple, list)):
+            raise ConfigError(f"kernels must be a tuple of kernel names, got {self.kernels!r}")
+        unknown = [k for k in self.kernels if k not in KNOWN_KERNELS]
+        if unknown:
+            raise ConfigError(f"kernels: unknown {unknown}; known: {list(KNOWN_KERNELS)}")
+        object.__setattr__(self, "kernels", tuple(self.kernels))
         if not isinstance(self.max_graphs, int) or self.max_graphs < 1:
             raise ConfigError(f"max_graphs must be a positive integer, got {self.max_graphs!r}")
 

@@ -76,7 +76,7 @@ _REPLACEMENTS = {
 class _Layer:
     """One weight adapted by one adapter: its delta is `alpha_scale · up @ down` (float32, on CPU)."""
 
-    up: torch.Tensor  # (out, rank)
+    up: torch.Tensor  # (out, rank); float32 once next to its weight
     down: torch.Tensor  # (rank, in · kh · kw)
     alpha_scale: float  # alpha / rank; alpha / sqrt(rank) for rsLoRA
 
@@ -219,7 +219,7 @@ def _read_lora(pipe: Any, lora: Any, weight_name: str | None) -> dict[tuple[str,
             missing = "lora_B (up)" if "A" in factors else "lora_A (down)"
             raise LoraError(f"LoRA for {component}.{path} has no {missing} weight")
         module_path, module = _find_module(pipe, component, path)
-        down, up = factors["A"].float(), factors["B"].float()
+        down, up = factors["A"], factors["B"]  # in the file's dtype until they reach the weight's device
         _check_shapes(f"{component}.{module_path}", module.weight, down, up)
         rank = down.shape[0]
         alpha = alphas.get((component, path))
@@ -406,20 +406,28 @@ def _host_copy(weight: torch.Tensor) -> torch.Tensor:
 
 
 def _to_weight_devices(pipe: Any, layers: dict[tuple[str, str], _Layer]) -> dict[tuple[str, str], _Layer]:
-    """The factors moved next to their weights, in one host-to-device transfer per device."""
+    """The factors in float32 next to their weights: for CUDA, one pinned buffer in the LoRA's own dtype,
+    one host-to-device transfer that queues behind the copies in flight instead of waiting, one cast there."""
     by_device: dict[torch.device, list[tuple[str, str]]] = {}
     for key in layers:
         by_device.setdefault(_weight(pipe, key).device, []).append(key)
-    moved = dict(layers)
+    moved = {}
     for device, keys in by_device.items():
-        if device.type == "cpu":
-            continue
         tensors = [t for key in keys for t in (layers[key].up, layers[key].down)]
-        # Pinned, so the copy queues behind the weight copies in flight instead of waiting for them.
-        flat = torch.cat([t.reshape(-1) for t in tensors]).pin_memory().to(device, non_blocking=True)
-        pieces = iter(flat.split([t.numel() for t in tensors]))
+        if device.type == "cpu":
+            floats = iter([t.float() for t in tensors])
+        else:
+            dtypes = {t.dtype for t in tensors}
+            staging = torch.empty(sum(t.numel() for t in tensors), pin_memory=True,
+                                  dtype=dtypes.pop() if len(dtypes) == 1 else torch.float32)
+            offset = 0
+            for t in tensors:
+                staging[offset : offset + t.numel()].copy_(t.reshape(-1))
+                offset += t.numel()
+            flat = staging.to(device, non_blocking=True).float()
+            floats = iter(piece.view(t.shape) for piece, t in zip(flat.split([t.numel() for t in tensors]), tensors))
         for key in keys:
-            up, down = (next(pieces).view(t.shape) for t in (layers[key].up, layers[key].down))
+            up, down = next(floats), next(floats)
             moved[key] = _Layer(up=up, down=down, alpha_scale=layers[key].alpha_scale)
     return moved
 

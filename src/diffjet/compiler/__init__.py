@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..config import KNOWN_COMPONENTS, Config
-from ..passes import attention, inductor, memory_format, precision
+from ..passes import attention, inductor, kernels, memory_format, precision
 from ..runtime.compile_cache import CompileCache, default_cache_dir, environment_key, module_key
 from ..runtime.cuda_graph import CudaGraphRunner
 
@@ -111,6 +111,9 @@ def compile_pipeline(pipe, config: Config) -> CompileReport:
         if config.attention != "keep" and not name.startswith("text_encoder"):
             attention.apply(module, config)
             applied.append("fused_qkv_sdpa")
+        if name in ("unet", "controlnet", "vae") and kernels.applies(module, config):
+            placed = kernels.apply(module, config)
+            applied.append("kernels(" + ",".join(config.kernels) + f": {placed['resnet_blocks']} resnet blocks)")
         target = _graph_target(name, module)
         if on_cuda and name in config.inductor:
             inductor.apply(target, config)

@@ -1,0 +1,200 @@
+"""GroupNorm (optionally after adding a per-channel shift, optionally followed by SiLU) on channels-last
+activations, as Triton kernels.
+
+Every ResNet block of an SD UNet runs `GroupNorm(32) → SiLU` twice on NHWC activations (diffjet keeps
+convolutions channels-last), the second time on `conv1(x) + time_embedding[:, :, None, None]`. A group's values are strided in NHWC memory (C/32 channels of every pixel),
+and Inductor's lowering of `native_group_norm` there reads the tensor with that stride or through a
+layout copy. Here every load is a contiguous run of whole pixel rows:
+
+1. `_stats`: one program per (image, block of pixels) reads a [pixels × C] tile and writes, per channel,
+   the tile's mean and sum of squared deviations (exact two-pass over registers, float32).
+   `_combine`: one program per (image, group) merges those partials with Chan's parallel-variance formula
+   into the group's mean and 1/std. No E[x²] − E[x]² cancellation.
+2. `_apply`: one program per (image, block of pixels) reads the tile again, normalises, applies the
+   per-channel affine transform and SiLU, and writes the output in the same layout.
+
+Bytes moved: the input twice and the output once (plus partials of C floats per 64-pixel block), the
+least for a two-pass normalisation of a tensor that does not fit in one program's registers.
+
+`group_norm_silu` is a `torch.library.triton_op`: Inductor and CUDA graphs see through it, and on CPU
+(or for layouts the kernels do not take) it runs `reference`, plain PyTorch.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+from torch._subclasses.fake_tensor import FakeTensor
+from torch.library import triton_op, wrap_triton
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: the op runs its PyTorch reference
+    triton = None
+
+# Triton's interpreter runs the kernels on CPU tensors: how the tests check them without a GPU.
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# Elements of one [pixels × channels] tile a program holds; the pixel block is this over the padded C.
+_TILE_ELEMENTS = 8192
+
+
+def reference(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, groups: int, eps: float,
+              silu: bool, shift: torch.Tensor | None = None) -> torch.Tensor:
+    """What the kernels compute, in PyTorch: `silu?(group_norm(x + shift[:, :, None, None]))`, with the sum
+    rounded to x's dtype (as the unfused modules do) and float32 statistics; output in x's dtype."""
+    if shift is not None:
+        x = x + shift[:, :, None, None]
+    y = F.group_norm(x.float(), groups, None if weight is None else weight.float(),
+                     None if bias is None else bias.float(), eps)
+    if silu:
+        y = F.silu(y)
+    channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
+    return y.to(x.dtype, memory_format=torch.channels_last if channels_last else torch.preserve_format)
+
+
+def supported(x: torch.Tensor, groups: int) -> bool:
+    """Whether the Triton kernels take this input: a CUDA float tensor, 4-D channels-last, C divisible by groups."""
+    return (
+        triton is not None
+        # The interpreter cannot run on the fake tensors torch.compile traces with; the reference can.
+        and (x.is_cuda or (_INTERPRET and not isinstance(x, FakeTensor)))
+        and x.dim() == 4
+        and x.dtype in (torch.float16, torch.bfloat16, torch.float32)
+        and x.shape[1] % groups == 0
+        and x.is_contiguous(memory_format=torch.channels_last)
+    )
+
+
+if triton is not None:
+
+    @triton.jit
+    def _stats(x_ptr, shift_ptr, mean_ptr, m2_ptr, HW, C, num_blocks,
+               HAS_SHIFT: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
+        n = tl.program_id(0)
+        block = tl.program_id(1)
+        rows = block * BLOCK_HW + tl.arange(0, BLOCK_HW)
+        cols = tl.arange(0, BLOCK_C)
+        row_ok = rows < HW
+        mask = row_ok[:, None] & (cols[None, :] < C)
+        offsets = n.to(tl.int64) * HW * C + rows[:, None].to(tl.int64) * C + cols[None, :]
+        x = tl.load(x_ptr + offsets, mask=mask, other=0.0)
+        if HAS_SHIFT:  # the sum rounded to x's dtype, as the unfused `hidden + temb` is
+            shift = tl.load(shift_ptr + n * C + cols, mask=cols < C, other=0.0)
+            x = (x.to(tl.float32) + shift.to(tl.float32)[None, :]).to(x.dtype)
+        x = tl.where(mask, x.to(tl.float32), 0.0)
+        count = tl.sum(row_ok.to(tl.float32), axis=0)
+        mean = tl.sum(x, axis=0) / count
+        centred = tl.where(mask, x - mean[None, :], 0.0)
+        m2 = tl.sum(centred * centred, axis=0)
+        out = (n * num_blocks + block) * C + cols
+        tl.store(mean_ptr + out, mean, mask=cols < C)
+        tl.store(m2_ptr + out, m2, mask=cols < C)
+
+    @triton.jit
+    def _combine(mean_ptr, m2_ptr, stats_ptr, HW, C, groups, num_blocks, eps,
+                 BLOCK_HW: tl.constexpr, BLOCKS: tl.constexpr, CPG: tl.constexpr, CPG_PAD: tl.constexpr):
+        n = tl.program_id(0)
+        g = tl.program_id(1)
+        chans = tl.arange(0, CPG_PAD)
+        base = n * num_blocks * C + g * CPG
+        # Pass 1: the group's mean, weighting each (block, channel) partial by its pixel count.
+        total = 0.0
+        weighted = 0.0
+        for start in range(0, num_blocks, BLOCKS):
+            blocks = start + tl.arange(0, BLOCKS)
+            mask = (blocks[:, None] < num_blocks) & (chans[None, :] < CPG)
+            means = tl.load(mean_ptr + base + blocks[:, None] * C + chans[None, :], mask=mask, other=0.0)
+            counts = tl.minimum(HW - blocks * BLOCK_HW, BLOCK_HW).to(tl.float32)
+            weights = tl.where(mask, counts[:, None], 0.0)
+            total += tl.sum(tl.sum(weights, axis=1), axis=0)
+            weighted += tl.sum(tl.sum(weights * means, axis=1), axis=0)
+        mean = weighted / total
+        # Pass 2 (Chan et al.): M2 = sum of the partials' M2 + count * (partial mean - mean)^2.
+        m2 = 0.0
+        for start in range(0, num_blocks, BLOCKS):
+            blocks = start + tl.arange(0, BLOCKS)
+            mask = (blocks[:, None] < num_blocks) & (chans[None, :] < CPG)
+            offsets = base + blocks[:, None] * C + chans[None, :]
+            means = tl.load(mean_ptr + offsets, mask=mask, other=0.0)
+            m2s = tl.load(m2_ptr + offsets, mask=mask, other=0.0)
+            counts = tl.minimum(HW - blocks * BLOCK_HW, BLOCK_HW).to(tl.float32)
+            spread = tl.where(mask, means - mean, 0.0)
+            m2 += tl.sum(tl.sum(m2s + counts[:, None] * spread * spread, axis=1), axis=0)
+        rstd = 1.0 / tl.sqrt(m2 / total + eps)
+        tl.store(stats_ptr + (n * groups + g) * 2, mean)
+        tl.store(stats_ptr + (n * groups + g) * 2 + 1, rstd)
+
+    @triton.jit
+    def _apply(x_ptr, shift_ptr, w_ptr, b_ptr, stats_ptr, y_ptr, HW, C, groups,
+               CPG: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_AFFINE: tl.constexpr, SILU: tl.constexpr,
+               BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
+        n = tl.program_id(0)
+        block = tl.program_id(1)
+        rows = block * BLOCK_HW + tl.arange(0, BLOCK_HW)
+        cols = tl.arange(0, BLOCK_C)
+        col_ok = cols < C
+        mask = (rows[:, None] < HW) & col_ok[None, :]
+        offsets = n.to(tl.int64) * HW * C + rows[:, None].to(tl.int64) * C + cols[None, :]
+        x = tl.load(x_ptr + offsets, mask=mask, other=0.0)
+        if HAS_SHIFT:
+            shift = tl.load(shift_ptr + n * C + cols, mask=col_ok, other=0.0)
+            x = (x.to(tl.float32) + shift.to(tl.float32)[None, :]).to(x.dtype)
+        x = x.to(tl.float32)
+        group = cols // CPG
+        mean = tl.load(stats_ptr + (n * groups + group) * 2, mask=col_ok, other=0.0)
+        rstd = tl.load(stats_ptr + (n * groups + group) * 2 + 1, mask=col_ok, other=0.0)
+        scale = rstd
+        shift = -mean * rstd
+        if HAS_AFFINE:
+            w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+            b = tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+            scale = scale * w
+            shift = shift * w + b
+        y = x * scale[None, :] + shift[None, :]
+        if SILU:
+            y = y * tl.sigmoid(y)
+        tl.store(y_ptr + offsets, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def launch(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, groups: int, eps: float,
+           silu: bool, shift: torch.Tensor | None = None, *, out: torch.Tensor | None = None,
+           wrap=lambda kernel: kernel) -> torch.Tensor:
+    """Run the kernels on a channels-last (N, C, H, W) tensor into `out` (new when None), which is returned.
+
+    `wrap` is `wrap_triton` inside the op.
+    """
+    n, c, h, w = x.shape
+    hw = h * w
+    y = torch.empty_like(x, memory_format=torch.channels_last) if out is None else out
+    if x.numel() == 0:
+        return y
+    block_c = triton.next_power_of_2(c)
+    block_hw = max(1, min(_TILE_ELEMENTS // block_c, triton.next_power_of_2(hw)))
+    num_blocks = triton.cdiv(hw, block_hw)
+    cpg = c // groups
+    means = torch.empty((n, num_blocks, c), device=x.device, dtype=torch.float32)
+    m2s = torch.empty_like(means)
+    stats = torch.empty((n, groups, 2), device=x.device, dtype=torch.float32)
+    has_shift = shift is not None
+    shift = shift.to(x.dtype).contiguous() if has_shift else x
+    wrap(_stats)[(n, num_blocks)](x, shift, means, m2s, hw, c, num_blocks, HAS_SHIFT=has_shift, BLOCK_HW=block_hw,
+                                  BLOCK_C=block_c)
+    wrap(_combine)[(n, groups)](means, m2s, stats, hw, c, groups, num_blocks, eps, BLOCK_HW=block_hw,
+                                BLOCKS=max(1, min(triton.next_power_of_2(num_blocks), 4096 // triton.next_power_of_2(cpg))), CPG=cpg,
+                                CPG_PAD=triton.next_power_of_2(cpg))
+    has_affine = weight is not None
+    wrap(_apply)[(n, num_blocks)](x, shift, weight if has_affine else x, bias if has_affine else x, stats, y, hw, c,
+                                  groups, CPG=cpg, HAS_SHIFT=has_shift, HAS_AFFINE=has_affine, SILU=silu, BLOCK_HW=block_hw, BLOCK_C=block_c)
+    return y
+
+
+@triton_op("diffjet::group_norm_silu", mutates_args=())
+def group_norm_silu(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, groups: int,
+                    eps: float, silu: bool, shift: torch.Tensor | None = None) -> torch.Tensor:
+    """`reference`'s result; Triton on CUDA channels-last input, PyTorch otherwise."""
+    if not supported(x, groups):
+        return reference(x, weight, bias, groups, eps, silu, shift)
+    return launch(x, weight, bias, groups, eps, silu, shift, wrap=wrap_triton)

@@ -1,0 +1,112 @@
+"""Kernel pass: put diffjet's Triton kernels (`diffjet/kernels/`) into the diffusers blocks.
+
+`group_norm_silu` replaces, in place and keeping the same parameters:
+- in every `ResnetBlock2D` with SiLU and the default time-embedding mode (all of SD's UNet, ControlNet and
+  VAE blocks): `norm1 → SiLU` and `(conv1 + time embedding) → norm2 → SiLU`, through a forward that
+  mirrors diffusers' own for that configuration;
+- `conv_norm_out → conv_act` at the end of a UNet or VAE decoder, and a transformer's input `norm`
+  (no SiLU) where its input is 4-D.
+Blocks in another configuration are left alone and counted. The kernels take CUDA half-precision
+(float16/bfloat16) channels-last activations; the pass is not applied elsewhere.
+"""
+
+from __future__ import annotations
+
+import types
+from typing import Any
+
+import torch
+from diffusers.models.resnet import ResnetBlock2D
+from torch import nn
+
+from ..config import Config
+from ..kernels.group_norm_silu import group_norm_silu
+
+
+class FusedGroupNorm(nn.Module):
+    """`GroupNorm` (and SiLU when `silu`) through `diffjet::group_norm_silu`, sharing the norm's parameters."""
+
+    def __init__(self, norm: nn.GroupNorm, silu: bool) -> None:
+        super().__init__()
+        self.num_groups, self.eps, self.silu = norm.num_groups, norm.eps, silu
+        self.weight, self.bias = norm.weight, norm.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4:
+            y = nn.functional.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+            return nn.functional.silu(y) if self.silu else y
+        return group_norm_silu(x, self.weight, self.bias, self.num_groups, self.eps, self.silu)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_groups}, {self.weight.shape[0]}, eps={self.eps}, silu={self.silu}"
+
+
+def _resnet_forward(self: ResnetBlock2D, input_tensor: torch.Tensor, temb: torch.Tensor | None,
+                    *args: Any, **kwargs: Any) -> torch.Tensor:
+    """diffusers' `ResnetBlock2D.forward` for time_embedding_norm="default" and SiLU, norms fused."""
+    norm1, norm2 = self.norm1, self.norm2
+    hidden = group_norm_silu(input_tensor, norm1.weight, norm1.bias, norm1.num_groups, norm1.eps, True)
+    if self.upsample is not None:
+        if hidden.shape[0] >= 64:  # diffusers' workaround for upsample_nearest_nhwc at large batch
+            input_tensor, hidden = input_tensor.contiguous(), hidden.contiguous()
+        input_tensor, hidden = self.upsample(input_tensor), self.upsample(hidden)
+    elif self.downsample is not None:
+        input_tensor, hidden = self.downsample(input_tensor), self.downsample(hidden)
+    hidden = self.conv1(hidden)
+    shift = None
+    if self.time_emb_proj is not None:
+        if not self.skip_time_act:
+            temb = self.nonlinearity(temb)
+        shift = self.time_emb_proj(temb)
+    elif temb is not None:
+        hidden = hidden + temb
+    hidden = group_norm_silu(hidden, norm2.weight, norm2.bias, norm2.num_groups, norm2.eps, True, shift)
+    hidden = self.conv2(self.dropout(hidden))
+    if self.conv_shortcut is not None:
+        input_tensor = self.conv_shortcut(input_tensor)
+    return (input_tensor + hidden) / self.output_scale_factor
+
+
+def _resnet_fits(block: ResnetBlock2D) -> bool:
+    return (
+        block.time_embedding_norm == "default"
+        and isinstance(block.nonlinearity, nn.SiLU)
+        and all(isinstance(n, nn.GroupNorm) and n.affine for n in (block.norm1, block.norm2))
+    )
+
+
+def applies(module: nn.Module, config: Config) -> bool:
+    """On CUDA, half precision and channels-last only: what the kernels are made and measured for."""
+    parameter = next(module.parameters())
+    return (
+        bool(config.kernels)
+        and config.channels_last
+        and parameter.is_cuda
+        and parameter.dtype in (torch.float16, torch.bfloat16)
+    )
+
+
+def apply(module: nn.Module, config: Config) -> dict[str, int]:
+    """Swap the kernels in; returns how many places each went into (and `left_alone`: blocks that did not fit)."""
+    counts = {"resnet_blocks": 0, "norm_out": 0, "transformer_norms": 0, "left_alone": 0}
+    if "group_norm_silu" not in config.kernels:
+        return counts
+    for _, block in list(module.named_modules()):
+        if isinstance(block, ResnetBlock2D):
+            if getattr(block, "_diffjet_fused_norms", False):
+                continue
+            if _resnet_fits(block):
+                block.forward = types.MethodType(_resnet_forward, block)
+                block._diffjet_fused_norms = True
+                counts["resnet_blocks"] += 1
+            else:
+                counts["left_alone"] += 1
+        norm, act = getattr(block, "conv_norm_out", None), getattr(block, "conv_act", None)
+        if isinstance(norm, nn.GroupNorm) and norm.affine and isinstance(act, nn.SiLU):
+            block.conv_norm_out, block.conv_act = FusedGroupNorm(norm, silu=True), nn.Identity()
+            counts["norm_out"] += 1
+        norm = getattr(block, "norm", None)
+        if type(block).__name__ == "Transformer2DModel" and isinstance(norm, nn.GroupNorm) and norm.affine:
+            block.norm = FusedGroupNorm(norm, silu=False)
+            counts["transformer_norms"] += 1
+    return counts
