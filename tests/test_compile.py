@@ -188,12 +188,33 @@ def test_config_is_frozen_and_validated():
     with pytest.raises(dataclasses.FrozenInstanceError):
         config.dtype = "bfloat16"
     for bad in ({"dtype": "float8"}, {"attention": "magic"}, {"components": ("unet", "refiner")},
-                {"components": "unet"}, {"max_graphs": 0}, {"compile_mode": "fast"}):
+                {"components": "unet"}, {"max_graphs": 0}, {"compile_mode": "fast"}, {"graph_memory_gib": 0},
+                {"graph_memory_gib": -1.0}, {"graph_memory_gib": "2"}, {"graph_memory_gib": True}):
         with pytest.raises(ConfigError):
             Config(**bad)
     assert Config.lossless() == Config()
     assert Config.fast_startup().inductor == ()
     assert Config(components=["unet"]).components == ("unet",)
+    assert Config(graph_memory_gib=1.5).graph_memory_gib == 1.5
+
+
+@pytest.mark.parametrize(
+    "held, max_graphs, max_bytes, victims",
+    [
+        ([("a", 10), ("b", 10), ("c", 10)], 16, None, []),
+        ([("a", 10), ("b", 10), ("c", 10)], 2, None, ["a"]),
+        ([("a", 10), ("b", 10), ("c", 10)], 16, 25, ["a"]),
+        ([("a", 30), ("b", 1), ("c", 1)], 16, 25, ["a"]),
+        ([("a", 1), ("b", 30), ("c", 1)], 16, 25, ["a", "b"]),
+        ([("a", 10), ("b", 10), ("c", 40)], 16, 25, ["a", "b"]),  # the newest stays even when over the cap
+        ([("a", 40)], 16, 25, []),
+        ([("a", 5), ("b", 5), ("c", 5), ("d", 5)], 3, 12, ["a", "b"]),
+    ],
+)
+def test_lru_eviction_under_the_count_and_memory_caps(held, max_graphs, max_bytes, victims):
+    from diffjet.runtime.cuda_graph import lru_victims
+
+    assert lru_victims(held, max_graphs, max_bytes) == victims
 
 
 def test_compile_rejects_what_is_not_a_pipeline_or_config(pipes):

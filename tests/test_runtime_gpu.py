@@ -78,6 +78,37 @@ def test_lru_bound_on_graphs():
     assert runner.graphs_held == 2
 
 
+def test_memory_cap_evicts_least_recently_used_graphs_and_frees_their_memory():
+    weight = torch.randn(1024, 1024, device="cuda")
+
+    def big(x):  # 4 KiB of float32 activations per row, several times over
+        return ((x @ weight).relu() @ weight).sum(dim=1)
+
+    sizes = (16384, 8192, 12288)
+    torch.cuda.empty_cache()
+    start = torch.cuda.memory_reserved()
+    probe = CudaGraphRunner(big, torch.device("cuda"), name="big", max_memory=2**40)  # own pools, no eviction
+    for rows in sizes:
+        probe(torch.randn(rows, 1024, device="cuda"))
+    footprints = [c.bytes for c in probe._graphs.values()]
+    assert probe.graphs_held == 3 and min(footprints) > 0
+    del probe
+    torch.cuda.empty_cache()
+    assert torch.cuda.memory_reserved() - start < min(footprints)  # dropped graphs gave their pools back
+
+    # Room for the largest graph with 10% to spare (a capture's growth varies with how blocks split), not
+    # for two: footprints are about 1, 0.5 and 0.75 of the largest, so each capture drops the one before.
+    cap = int(1.1 * max(footprints))
+    capped = CudaGraphRunner(big, torch.device("cuda"), name="big", max_memory=cap)
+    for rows in sizes:
+        x = torch.randn(rows, 1024, device="cuda")
+        torch.testing.assert_close(capped(x), big(x))
+        assert capped.memory_held <= cap or capped.graphs_held == 1
+    assert capped.graphs_held == 1 and capped.stats.captures == 3
+    torch.cuda.empty_cache()  # warm-up runs outside the graphs leave blocks in the ordinary cache
+    assert torch.cuda.memory_reserved() - start < cap + min(footprints)
+
+
 def test_compiled_pipeline_steady_state_captures_nothing_new():
     pipe = load_pipeline("tiny", device="cuda", dtype=torch.float16)
     pipe.set_progress_bar_config(disable=True)

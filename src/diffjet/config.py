@@ -39,6 +39,11 @@ class Config:
         backend: the `torch.compile` backend; "inductor" except in tests ("eager", "aot_eager").
         cuda_graphs: capture each component call per input signature into a CUDA graph.
         max_graphs: how many input signatures each component keeps captured (least recently used goes).
+        graph_memory_gib: a cap on the device memory each component's graphs hold. With a cap, every graph
+            gets a memory pool of its own (counted as the growth of reserved memory during its capture),
+            and a capture that takes a component over the cap drops its least recently used graphs, whose
+            memory goes back to the driver, until it fits (the newest graph always stays). None (default):
+            all graphs of a device share one pool, which needs less memory in all but returns none.
         cache: keep what Inductor compiled on disk and reuse it in later processes.
         cache_dir: the compile cache's folder (default: `$DIFFJET_CACHE_DIR/compile`, else
             `~/.cache/diffjet/compile`). Only this folder is ever read: entries are deserialised.
@@ -55,6 +60,7 @@ class Config:
     backend: str = "inductor"
     cuda_graphs: bool = True
     max_graphs: int = 16
+    graph_memory_gib: float | None = None
     cache: bool = True
     cache_dir: str | None = None
 
@@ -81,6 +87,9 @@ class Config:
         object.__setattr__(self, "kernels", tuple(self.kernels))
         if not isinstance(self.max_graphs, int) or self.max_graphs < 1:
             raise ConfigError(f"max_graphs must be a positive integer, got {self.max_graphs!r}")
+        cap = self.graph_memory_gib
+        if cap is not None and (isinstance(cap, bool) or not isinstance(cap, (int, float)) or not cap > 0):
+            raise ConfigError(f"graph_memory_gib must be a positive number of GiB or None, got {cap!r}")
 
     @property
     def torch_dtype(self) -> torch.dtype | None:

@@ -153,6 +153,7 @@ def _wrap_in_graphs(
         weights=[*target.parameters(), *target.buffers()],
         tensor_args=_STEP_ARGS.get(name, ()),
         max_graphs=config.max_graphs,
+        max_memory=None if config.graph_memory_gib is None else int(config.graph_memory_gib * 2**30),
         cache=cache,
         cache_parts=cache_parts,
     )

@@ -10,7 +10,7 @@ call: 6.34 ms against 7.58 ms, bench/results/h200-2026-11-26.json) and it never 
 outside the pool, and every output tensor is cloned before it is returned, so the next replay cannot
 overwrite what the caller holds.
 
-All graphs of a device share one memory pool. That is safe because graphs never run concurrently and
+All graphs of a device share one memory pool unless a memory cap is set (see `CudaGraphRunner`). That is safe because graphs never run concurrently and
 every value that lives across a replay (static inputs, cloned outputs) sits outside the pool; the
 static outputs inside it are read right after their own replay, before any other graph runs.
 """
@@ -60,6 +60,22 @@ class _Captured:
     graph: torch.cuda.CUDAGraph | None  # None: capture failed, this signature runs eagerly
     static_inputs: list[torch.Tensor | None]
     static_output: Any
+    bytes: int = 0  # growth of reserved device memory during its capture
+
+
+def lru_victims(held: list[tuple[Any, int]], max_graphs: int, max_bytes: int | None) -> list[Any]:
+    """Which graphs to drop, least recently used first, from `held` = [(key, bytes)] oldest first.
+
+    Drops until at most `max_graphs` remain and their bytes fit `max_bytes`; the newest always stays.
+    """
+    victims = []
+    count, total = len(held), sum(size for _, size in held)
+    for key, size in held[:-1]:
+        if count <= max_graphs and (max_bytes is None or total <= max_bytes):
+            break
+        victims.append(key)
+        count, total = count - 1, total - size
+    return victims
 
 
 def _leaf_key(leaf: Any) -> Any:
@@ -81,7 +97,11 @@ class CudaGraphRunner:
     and buffers: if any of them moves or changes dtype (`pipe.to(...)`), every graph is dropped and
     re-captured on the next call, because a graph holds raw pointers to them.
 
-    `max_graphs` bounds the number of signatures held; the least recently used graph goes first.
+    `max_graphs` bounds the number of signatures held; the least recently used graph goes first. With
+    `max_memory` (bytes), each graph captures into a pool of its own, is counted as that pool's size plus
+    its static inputs, and dropping it gives that memory back to the driver; the runner
+    drops least recently used graphs until its total fits. Without it, all graphs of a device share one
+    pool: less memory in all, but nothing that a dropped graph could give back.
 
     With a `cache`, the compiled artifacts of each new signature are preloaded from it before the
     first call (or stored into it after the capture when they were not there), keyed by `cache_parts`
@@ -98,6 +118,7 @@ class CudaGraphRunner:
         tensor_args: tuple[int | str, ...] = (),
         warmup_calls: int = 2,
         max_graphs: int = 16,
+        max_memory: int | None = None,
         cache: CompileCache | None = None,
         cache_parts: dict[str, Any] | None = None,
     ) -> None:
@@ -109,6 +130,7 @@ class CudaGraphRunner:
         self.tensor_args = tensor_args
         self.warmup_calls = warmup_calls
         self.max_graphs = max_graphs
+        self.max_memory = max_memory
         self.stats = GraphStats()
         self._weights = list(weights or [])
         self._weights_key = self._current_weights_key()
@@ -148,6 +170,11 @@ class CudaGraphRunner:
     @property
     def graphs_held(self) -> int:
         return sum(1 for c in self._graphs.values() if c.graph is not None)
+
+    @property
+    def memory_held(self) -> int:
+        """Bytes the held graphs added to reserved device memory when they were captured."""
+        return sum(c.bytes for c in self._graphs.values())
 
     def reset(self) -> None:
         """Drop every captured graph (their pool memory is reused by the next capture)."""
@@ -192,7 +219,9 @@ class CudaGraphRunner:
                 for _ in range(self.warmup_calls):
                     self.fn(*args, **kwargs)
                 stream.synchronize()
-                with torch.cuda.graph(graph, pool=graph_pool(self.device), stream=stream):
+                pool = graph_pool(self.device) if self.max_memory is None else torch.cuda.graph_pool_handle()
+                reserved_before = torch.cuda.memory_reserved(self.device)  # after warm-up's own allocations
+                with torch.cuda.graph(graph, pool=pool, stream=stream):
                     static_output = self.fn(*args, **kwargs)
         except Exception as exc:  # noqa: BLE001 - any failure to capture falls back to eager, loudly
             torch.cuda.synchronize(self.device)
@@ -200,13 +229,18 @@ class CudaGraphRunner:
             captured = _Captured(graph=None, static_inputs=[], static_output=None)
         else:
             torch.cuda.current_stream(self.device).wait_stream(stream)
-            captured = _Captured(graph=graph, static_inputs=static_inputs, static_output=static_output)
+            captured = _Captured(graph=graph, static_inputs=static_inputs, static_output=static_output,
+                                 bytes=max(0, torch.cuda.memory_reserved(self.device) - reserved_before)
+                                 + sum(x.nbytes for x in static_inputs if x is not None))
             self.stats.captures += 1
             self.stats.signatures.append(signature)
             if self.cache is not None and not cached:
                 self.cache.store(cache_parts)
             logger.info("%s: captured a CUDA graph for [%s]", self.name, signature)
         self._graphs[key] = captured
-        while len(self._graphs) > self.max_graphs:
-            self._graphs.popitem(last=False)
+        victims = lru_victims([(k, c.bytes) for k, c in self._graphs.items()], self.max_graphs, self.max_memory)
+        for victim in victims:
+            del self._graphs[victim]
+        if victims and self.max_memory is not None:
+            torch.cuda.empty_cache()  # give what the dropped graphs alone held back to the driver
         return captured
