@@ -94,15 +94,20 @@ def test_op_falls_back_to_the_reference_for_layouts_the_kernels_do_not_take():
     assert not gn.supported(x, 7)  # 320 channels do not split into 7 groups
 
 
-def test_op_traces_under_torch_compile():
-    # Dynamo traces the op with fake tensors (one graph, no break), then runs the kernels.
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_op_traces_under_torch_compile(backend):
+    # Traced with its fake implementation (one graph, no break, the output's layout as the kernels give it),
+    # then run for real.
     x, weight, bias, shift = inputs(SHAPES[1], torch.float32)
 
     def f(x, shift):
-        return torch.ops.diffjet.group_norm_silu(x, weight, bias, 32, 1e-5, True, shift) * 2
+        y = torch.ops.diffjet.group_norm_silu(x, weight, bias, 32, 1e-5, True, shift)
+        return y * 2, y.stride()
 
-    compiled = torch.compile(f, backend="eager", fullgraph=True)
-    torch.testing.assert_close(compiled(x, shift), f(x, shift))
+    compiled = torch.compile(f, backend=backend, fullgraph=True)
+    (got, stride), (want, want_stride) = compiled(x, shift), f(x, shift)
+    torch.testing.assert_close(got, want)
+    assert stride == want_stride == x.stride()  # channels-last in, channels-last out
 
 
 @pytest.mark.gpu
@@ -151,3 +156,13 @@ def test_config_rejects_unknown_kernels():
         Config(kernels=("flash_qkv",))
     with pytest.raises(ConfigError, match="tuple"):
         Config(kernels="group_norm_silu")
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "contiguous"])
+def test_fake_implementation_matches_the_real_op(layout):
+    x, weight, bias, shift = inputs(SHAPES[2], torch.float16 if DEVICE == "cuda" else torch.float32)
+    if layout == "contiguous":
+        x = x.contiguous()
+    for args in ((x, weight, bias, 8, 1e-5, True, shift), (x, None, None, 8, 1e-6, False, None)):
+        torch.library.opcheck(torch.ops.diffjet.group_norm_silu.default, args,
+                              test_utils=("test_schema", "test_faketensor"))
