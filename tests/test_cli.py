@@ -223,3 +223,14 @@ def test_warm_start_worker_feeds_a_control_image_to_controlnet_presets():
                 height=64, width=64, seed=0, warm_start=True, spawned_at=time.time())
     result = worker.run(spec)
     assert result["warm_start_s"] > 0 and "warm_cache" in result
+
+
+def test_bench_diffjet_kernels_variant_records_its_passes(tmp_path, capsys):
+    path = tmp_path / "bench.json"
+    code, _, _ = run(["bench", *FAST, "--compiler", "diffjet-kernels", "--repeats", "1", "--unet-repeats", "1",
+                      "--warmup", "1", "--json", str(path)], capsys)
+    run_ = json.loads(path.read_text())["runs"][0]
+    assert code == 0 and run_["compiler"] == "diffjet-kernels"
+    # On a CPU the kernels do not apply: the passes say so instead of claiming them.
+    assert not any(p.startswith("kernels") for passes in run_["passes"].values() for p in passes)
+    assert "fused_qkv_sdpa" in run_["passes"]["unet"]

@@ -8,6 +8,8 @@
   CUDA-graph trees) and records the mode in every run. The guide's coordinate-descent tuning is left out
   for the same reason: with it, the SD1.5 UNet and VAE had not compiled after 9 minutes on the H200.
 - `diffjet`: `diffjet.compile(pipe)` with the default (lossless) config.
+- `diffjet-kernels`: the same plus every Triton kernel of `diffjet/kernels/` (`Config.kernels`), so that
+  each kernel's effect is measured side by side with the default before it becomes one.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Any
 
 import torch
 
-COMPILERS = ("eager", "torch-compile", "diffjet")
+COMPILERS = ("eager", "torch-compile", "diffjet", "diffjet-kernels")
 TORCH_COMPILE_MODE = "reduce-overhead"
 SCHEDULERS = {
     "default": None,
@@ -50,10 +52,12 @@ def apply(pipe, compiler: str, cache_dir: str | None = None) -> dict[str, Any]:
         return {}
     if compiler == "torch-compile":
         return _torch_compile(pipe)
-    if compiler == "diffjet":
+    if compiler in ("diffjet", "diffjet-kernels"):
         import diffjet
+        from diffjet.config import KNOWN_KERNELS
 
-        diffjet.compile(pipe, diffjet.Config(cache_dir=cache_dir))
+        kernels = KNOWN_KERNELS if compiler == "diffjet-kernels" else ()
+        diffjet.compile(pipe, diffjet.Config(cache_dir=cache_dir, kernels=kernels))
         report = pipe.diffjet
         return {"passes": report.passes, "left_alone": report.left_alone, "off": report.off}
     raise ValueError(f"unknown compiler {compiler!r}; choose from {', '.join(COMPILERS)}")
