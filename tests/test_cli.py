@@ -234,3 +234,13 @@ def test_bench_diffjet_kernels_variant_records_its_passes(tmp_path, capsys):
     # On a CPU the kernels do not apply: the passes say so instead of claiming them.
     assert not any(p.startswith("kernels") for passes in run_["passes"].values() for p in passes)
     assert "fused_qkv_sdpa" in run_["passes"]["unet"]
+
+
+def test_verify_covers_a_controlnet_pipeline(capsys, tmp_path):
+    code, out, _ = run(["verify", "--model", "tiny-controlnet", "--steps", "2", "--device", "cpu",
+                        "--json", str(tmp_path / "v.json")], capsys)
+    record = json.loads((tmp_path / "v.json").read_text())
+    assert code == 0 and "PASS" in out and record["model"] == "tiny-controlnet"
+    # On a CPU the "half precision" baseline is float32 again (error 0), so diffjet meets the floor bound.
+    assert record["candidate"]["finite"] and record["baseline"]["unet_error"] == 0.0
+    assert record["candidate"]["unet_error"] <= record["bound_unet"]
