@@ -139,7 +139,8 @@ def run_one(model: str, variant: str, batch: int, size: int | None, profile: boo
     if options and "__kernels" in options:
         from diffjet.passes import kernels
 
-        print("kernels placed:", kernels.apply(unet, Config(kernels=options.pop("__kernels"))), file=sys.stderr)
+        kernels.apply(unet, Config(kernels=options.pop("__kernels")))
+        print("kernels placed:", kernels.placements(unet), file=sys.stderr)
     if options and options.pop("__eager", False):
         options = None
     forward = type(unet).forward.__get__(unet)

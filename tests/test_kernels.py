@@ -129,10 +129,13 @@ def test_pass_swaps_every_resnet_block_and_keeps_the_unet_output(tiny_path):
     reference = UNet2DConditionModel.from_pretrained(tiny_path, subfolder="unet").eval()
     unet.to(memory_format=torch.channels_last)
     resnets = sum(type(m).__name__ == "ResnetBlock2D" for m in unet.modules())
-    counts = kernel_pass.apply(unet, Config(kernels=("group_norm_silu",)))
+    assert kernel_pass.apply(unet, Config()) is unet and kernel_pass.placements(unet)["resnet_blocks"] == 0
+    assert kernel_pass.apply(unet, Config(kernels=("group_norm_silu",))) is unet
+    counts = kernel_pass.placements(unet)
     assert counts["resnet_blocks"] == resnets > 0 and counts["left_alone"] == 0
     assert counts["norm_out"] == 1 and counts["transformer_norms"] > 0
-    assert kernel_pass.apply(unet, Config(kernels=("group_norm_silu",)))["resnet_blocks"] == 0  # idempotent
+    kernel_pass.apply(unet, Config(kernels=("group_norm_silu",)))
+    assert kernel_pass.placements(unet) == counts  # idempotent: nothing wrapped twice
     assert {id(p) for p in unet.parameters()} >= {id(unet.conv_norm_out.weight)}
     g = torch.Generator().manual_seed(0)
     sample = torch.randn(2, 4, 8, 8, generator=g).contiguous(memory_format=torch.channels_last)

@@ -112,8 +112,9 @@ def compile_pipeline(pipe, config: Config) -> CompileReport:
             attention.apply(module, config)
             applied.append("fused_qkv_sdpa")
         if name in ("unet", "controlnet", "vae") and kernels.applies(module, config):
-            placed = kernels.apply(module, config)
-            applied.append("kernels(" + ",".join(config.kernels) + f": {placed['resnet_blocks']} resnet blocks)")
+            kernels.apply(module, config)
+            placed = kernels.placements(module)["resnet_blocks"]
+            applied.append("kernels(" + ",".join(config.kernels) + f": {placed} resnet blocks)")
         target = _graph_target(name, module)
         if on_cuda and name in config.inductor:
             inductor.apply(target, config)

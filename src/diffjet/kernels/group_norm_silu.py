@@ -18,7 +18,8 @@ least for a two-pass normalisation of a tensor that does not fit in one program'
 
 `group_norm_silu` is an opaque `torch.library.custom_op` with a fake implementation: Inductor places it
 in its graph as one call and CUDA graphs capture its kernels. (As a `triton_op`, which Inductor traces
-into, the SD1.5 UNet did not finish compiling in 82 s where it otherwise takes 8.4 s.) On CPU, or for layouts the kernels do not take, it runs `reference`,
+into, the SD1.5 UNet did not finish compiling in 82 s where it otherwise takes 8.4 s:
+bench/results/unet-step-sd15-gn-silu-h200-2026-11-26.json.) On CPU, or for layouts the kernels do not take, it runs `reference`,
 plain PyTorch.
 """
 

@@ -86,27 +86,34 @@ def applies(module: nn.Module, config: Config) -> bool:
     )
 
 
-def apply(module: nn.Module, config: Config) -> dict[str, int]:
-    """Swap the kernels in; returns how many places each went into (and `left_alone`: blocks that did not fit)."""
-    counts = {"resnet_blocks": 0, "norm_out": 0, "transformer_norms": 0, "left_alone": 0}
+def apply(module: nn.Module, config: Config) -> nn.Module:
+    """Swap the kernels named in `config.kernels` into `module`'s blocks, in place; idempotent."""
     if "group_norm_silu" not in config.kernels:
-        return counts
-    for _, block in list(module.named_modules()):
-        if isinstance(block, ResnetBlock2D):
-            if getattr(block, "_diffjet_fused_norms", False):
-                continue
-            if _resnet_fits(block):
-                block.forward = types.MethodType(_resnet_forward, block)
-                block._diffjet_fused_norms = True
-                counts["resnet_blocks"] += 1
-            else:
-                counts["left_alone"] += 1
+        return module
+    for block in list(module.modules()):
+        if isinstance(block, ResnetBlock2D) and _resnet_fits(block) and not _is_fused(block):
+            block.forward = types.MethodType(_resnet_forward, block)
         norm, act = getattr(block, "conv_norm_out", None), getattr(block, "conv_act", None)
         if isinstance(norm, nn.GroupNorm) and norm.affine and isinstance(act, nn.SiLU):
             block.conv_norm_out, block.conv_act = FusedGroupNorm(norm, silu=True), nn.Identity()
-            counts["norm_out"] += 1
         norm = getattr(block, "norm", None)
         if type(block).__name__ == "Transformer2DModel" and isinstance(norm, nn.GroupNorm) and norm.affine:
             block.norm = FusedGroupNorm(norm, silu=False)
-            counts["transformer_norms"] += 1
-    return counts
+    return module
+
+
+def placements(module: nn.Module) -> dict[str, int]:
+    """Where the kernels are in `module`: fused ResNet blocks, fused norms, and ResNet blocks left alone."""
+    resnets = [m for m in module.modules() if isinstance(m, ResnetBlock2D)]
+    fused = [m for m in module.modules() if isinstance(m, FusedGroupNorm)]
+    return {
+        "resnet_blocks": sum(_is_fused(m) for m in resnets),
+        "norm_out": sum(m.silu for m in fused),
+        "transformer_norms": sum(not m.silu for m in fused),
+        "left_alone": sum(not _is_fused(m) for m in resnets),
+    }
+
+
+def _is_fused(block: ResnetBlock2D) -> bool:
+    forward = block.__dict__.get("forward")
+    return getattr(forward, "__func__", None) is _resnet_forward
