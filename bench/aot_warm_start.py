@@ -1,0 +1,156 @@
+"""Warm start without Dynamo: how fast a new process gets a compiled UNet from `torch.compile(...).aot_compile`.
+
+    python bench/aot_warm_start.py --model sd15 --json aot-warm-start.json
+
+diffjet's compile cache today preloads Inductor's artifacts, but a new process still re-traces the UNet
+with Dynamo (about 9 s of sd15's warm start: bench/results/warm-start-profile-sd15-h200-2026-11-26.json).
+`aot_compile` saves the traced and compiled function, guards included, and loads it back as a callable.
+This measures that path on one shape before diffjet's cache adopts it:
+
+1. a process loads the preset's UNet, applies diffjet's passes (half precision on CUDA, channels-last,
+   fused-QKV SDPA), `aot_compile`s one UNet step (full graph, portable guards only, diffjet's Inductor
+   options) and saves it (`compile_s`);
+2. a fresh process loads the UNet and the saved function and calls it: `import_s`, `load_model_s`,
+   `load_compiled_s`, `first_call_s` and `start_to_first_step_s` from the process's start; the error
+   against the same UNet run eagerly, and whether an in-place weight update (a LoRA merge) is seen.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def _unet_and_inputs(model: str, device: str):
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from diffjet.config import Config
+    from diffjet.models import PRESETS, resolve
+    from diffjet.passes import attention, memory_format, precision
+
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    unet = UNet2DConditionModel.from_pretrained(resolve(model), subfolder="unet", torch_dtype=dtype).to(device).eval()
+    config = Config()
+    if device == "cuda":
+        precision.apply(unet, config)
+    memory_format.apply(unet, config)
+    attention.apply(unet, config)
+    latent = PRESETS[model].height // 8
+    g = torch.Generator().manual_seed(0)
+    sample = torch.randn(2, unet.config.in_channels, latent, latent, generator=g).to(device, dtype)
+    sample = sample.contiguous(memory_format=torch.channels_last)
+    states = torch.randn(2, 77, unet.config.cross_attention_dim, generator=g).to(device, dtype)
+    kwargs = {}
+    if unet.config.addition_embed_type == "text_time":
+        size = PRESETS[model].height
+        kwargs["added_cond_kwargs"] = {"text_embeds": torch.randn(2, 1280, generator=g).to(device, dtype),
+                                       "time_ids": torch.tensor([[size, size, 0, 0, size, size]] * 2).to(device, dtype)}
+    return unet, (sample, torch.tensor(999.0, device=device), states), kwargs
+
+
+def step(unet, sample, timestep, states, added_cond_kwargs=None):
+    return unet(sample, timestep, states, added_cond_kwargs=added_cond_kwargs, return_dict=False)[0]
+
+
+def _sync():
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def save(model: str, device: str, path: str) -> dict:
+    import torch
+
+    unet, args, kwargs = _unet_and_inputs(model, device)
+    compiled = torch.compile(step, fullgraph=True, dynamic=False, options={
+        "conv_1x1_as_mm": True, "guard_filter_fn": torch.compiler.keep_portable_guards_unsafe})
+    start = time.perf_counter()
+    with torch.no_grad():
+        function = compiled.aot_compile(((unet, *args), kwargs))
+        _sync()
+        compile_s = time.perf_counter() - start
+        function.save_compiled_function(path)
+    return {"compile_s": compile_s, "artifact_mb": Path(path).stat().st_size / 2**20}
+
+
+def load(model: str, device: str, path: str, spawned_at: float) -> dict:
+    import diffusers  # noqa: F401 - imports are timed apart from loading
+    import torch
+
+    import diffjet  # noqa: F401
+
+    imported = time.time()
+    unet, args, kwargs = _unet_and_inputs(model, device)
+    loaded_model = time.time()
+    with open(path, "rb") as handle:
+        function = torch.compiler.load_compiled_function(handle)
+    loaded_function = time.time()
+    with torch.no_grad():
+        out = function(unet, *args, **kwargs)
+        _sync()
+        first = time.time()
+        reference = step(unet, *args, **kwargs)
+        error = ((out.float() - reference.float()).norm() / reference.float().norm()).item()
+        unet.conv_out.weight.mul_(1.5)  # what an in-place LoRA merge does to a weight
+        seen = not torch.equal(function(unet, *args, **kwargs), out)
+        times = []
+        for _ in range(20):
+            _sync()
+            begin = time.perf_counter()
+            function(unet, *args, **kwargs)
+            _sync()
+            times.append((time.perf_counter() - begin) * 1000)
+    return {
+        "import_s": imported - spawned_at, "load_model_s": loaded_model - imported,
+        "load_compiled_s": loaded_function - loaded_model, "first_call_s": first - loaded_function,
+        "start_to_first_step_s": first - spawned_at, "error_vs_eager": error,
+        "in_place_weight_update_seen": seen, "call_ms_median": sorted(times)[len(times) // 2],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="sd15")
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    parser.add_argument("--json")
+    parser.add_argument("--phase", choices=("save", "load"), help=argparse.SUPPRESS)
+    parser.add_argument("--path", help=argparse.SUPPRESS)
+    parser.add_argument("--spawned-at", type=float, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.phase == "save":
+        print("RESULT " + json.dumps(save(args.model, args.device, args.path)))
+        return
+    if args.phase == "load":
+        print("RESULT " + json.dumps(load(args.model, args.device, args.path, args.spawned_at)))
+        return
+
+    from diffjet.bench import environment
+    from diffjet.models import resolve
+
+    resolve(args.model)  # build the preset before any process is timed
+    report = {**environment(args.device), "command": "python " + " ".join(sys.argv), "model": args.model}
+    with tempfile.TemporaryDirectory() as folder:
+        path = str(Path(folder) / "unet-step.pt2")
+        for phase in ("save", "load"):
+            cmd = [sys.executable, __file__, "--model", args.model, "--device", args.device, "--phase", phase,
+                   "--path", path, "--spawned-at", repr(time.time())]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+            if not lines:
+                report[phase] = {"error": proc.stderr.strip().splitlines()[-5:]}
+                break
+            report[phase] = json.loads(lines[-1][7:])
+    print(json.dumps(report, indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
