@@ -301,6 +301,31 @@ def test_switching_reuses_the_host_copies_of_the_base_weights(tiny_path, monkeyp
     assert len(copies) == first
 
 
+def test_a_lora_file_is_parsed_once_until_it_changes(tiny_path, tmp_path, monkeypatch):
+    import os
+
+    import diffjet.lora as lora_module
+
+    pipe = compiled(tiny_path)
+    path = tmp_path / "a.safetensors"
+    save_file(peft_format(lora_factors(pipe, seed=1)), path)
+    reads = []
+    read = lora_module._read_lora
+    monkeypatch.setattr(lora_module, "_read_lora", lambda *a: reads.append(a[1]) or read(*a))
+    load_lora(pipe, path, adapter_name="a")
+    first = weights(pipe)
+    unload_lora(pipe, "a")
+    load_lora(pipe, str(path), adapter_name="a")  # same file, as a str: not parsed again
+    assert len(reads) == 1
+    assert all(torch.equal(w, first[n]) for n, w in weights(pipe).items())
+    unload_lora(pipe, "a")
+    save_file(peft_format(lora_factors(pipe, seed=2)), path)  # rewritten in place: read again
+    os.utime(path, ns=(os.stat(path).st_atime_ns, os.stat(path).st_mtime_ns + 1_000_000))
+    load_lora(pipe, path, adapter_name="a")
+    assert len(reads) == 2
+    assert any(not torch.equal(w, first[n]) for n, w in weights(pipe).items())
+
+
 def test_a_weight_changed_after_unloading_becomes_the_new_base(tiny_path):
     pipe = compiled(tiny_path)
     layer = pipe.unet.get_submodule(UNET_LAYERS[0])
