@@ -169,3 +169,24 @@ def test_fake_implementation_matches_the_real_op(layout):
     for args in ((x, weight, bias, 8, 1e-5, True, shift), (x, None, None, 8, 1e-6, False, None)):
         torch.library.opcheck(torch.ops.diffjet.group_norm_silu.default, args,
                               test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("model", ["tiny", "tiny-sdxl"])
+def test_pipeline_with_the_kernels_keeps_the_lossless_rule(model):
+    import diffjet
+    from diffjet.models import load_pipeline
+    from diffjet.quality import verify
+
+    config = Config(kernels=("group_norm_silu",), cache=False)
+    placed = {}
+
+    def compile_with_kernels(pipe):
+        diffjet.compile(pipe, config)
+        placed.update(kernel_pass.placements(pipe.unet))
+        return pipe
+
+    verdict = verify(lambda dtype: load_pipeline(model, device="cuda", dtype=dtype), device=torch.device("cuda"),
+                     prompt="a cat", steps=4, height=64, width=64, seed=0, compile_pipe=compile_with_kernels)
+    assert placed["resnet_blocks"] > 0
+    assert verdict.passed, verdict.table()
