@@ -461,7 +461,8 @@ def _to_weight_devices(pipe: Any, layers: dict[tuple[str, str], _Layer]) -> dict
 
 
 @torch.no_grad()
-def _merge(pipe: Any, state: _LoraState, keys: Iterable[tuple[str, str]], at_base: set | frozenset = frozenset()) -> None:
+def _merge(pipe: Any, state: _LoraState, keys: Iterable[tuple[str, str]],
+           at_base: set | frozenset = frozenset()) -> None:
     """Write base + Σ scale · delta (float32) into each weight in `keys`, in place.
 
     A weight in `at_base` holds its base already and is read where it is, not from its host copy.

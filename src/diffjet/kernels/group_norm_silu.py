@@ -1,26 +1,22 @@
-"""GroupNorm (optionally after adding a per-channel shift, optionally followed by SiLU) on channels-last
-activations, as Triton kernels.
+"""GroupNorm (after an optional per-channel shift, before an optional SiLU) on channels-last activations.
 
-Every ResNet block of an SD UNet runs `GroupNorm(32) → SiLU` twice on NHWC activations (diffjet keeps
-convolutions channels-last), the second time on `conv1(x) + time_embedding[:, :, None, None]`. A group's values are strided in NHWC memory (C/32 channels of every pixel),
-and Inductor's lowering of `native_group_norm` there reads the tensor with that stride or through a
-layout copy. Here every load is a contiguous run of whole pixel rows:
+Every ResNet block of an SD UNet runs `GroupNorm(32) → SiLU` twice on NHWC activations, the second time
+on `conv1(x) + time_embedding[:, :, None, None]`. A group's values are strided in NHWC memory (C/32
+channels of every pixel), and Inductor's lowering reads them with that stride or through a layout copy.
+Here every load is a contiguous run of whole pixel rows:
 
-1. `_stats`: one program per (image, block of pixels) reads a [pixels × C] tile and writes, per channel,
-   the tile's mean and sum of squared deviations (exact two-pass over registers, float32).
-   `_combine`: one program per (image, group) merges those partials with Chan's parallel-variance formula
-   into the group's mean and 1/std. No E[x²] − E[x]² cancellation.
-2. `_apply`: one program per (image, block of pixels) reads the tile again, normalises, applies the
-   per-channel affine transform and SiLU, and writes the output in the same layout.
+1. `_stats`: per (image, block of pixels), each channel's mean and sum of squared deviations over the
+   tile (exact two-pass over registers, float32); `_combine`: per (image, group), Chan's parallel-variance
+   merge of those partials into the group's mean and 1/std (no E[x²] − E[x]² cancellation).
+2. `_apply`: per (image, block of pixels), normalise, scale and shift per channel, SiLU, store.
 
-Bytes moved: the input twice and the output once (plus partials of C floats per 64-pixel block), the
-least for a two-pass normalisation of a tensor that does not fit in one program's registers.
+Bytes moved: the input twice and the output once, plus C floats of partials per pixel block.
 
-`group_norm_silu` is an opaque `torch.library.custom_op` with a fake implementation: Inductor places it
-in its graph as one call and CUDA graphs capture its kernels. (As a `triton_op`, which Inductor traces
-into, the SD1.5 UNet did not finish compiling in 82 s where it otherwise takes 8.4 s:
-bench/results/unet-step-sd15-gn-silu-h200-2026-11-26.json.) On CPU, or for layouts the kernels do not take, it runs `reference`,
-plain PyTorch.
+`group_norm_silu` is an opaque `torch.library.custom_op` with a fake implementation: Inductor places one
+call in its graph and CUDA graphs capture its kernels. (As a `triton_op`, which Inductor traces into, the
+SD1.5 UNet did not finish compiling in 82 s where it otherwise takes 8.4 s:
+bench/results/unet-step-sd15-gn-silu-h200-2026-11-26.json.) On CPU, or for layouts the kernels do not
+take, it runs `reference`, plain PyTorch.
 """
 
 from __future__ import annotations
@@ -181,14 +177,16 @@ def launch(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | No
     stats = torch.empty((n, groups, 2), device=x.device, dtype=torch.float32)
     has_shift = shift is not None
     shift = shift.to(x.dtype).contiguous() if has_shift else x
-    _stats[(n, num_blocks)](x, shift, means, m2s, hw, c, num_blocks, HAS_SHIFT=has_shift, BLOCK_HW=block_hw,
-                                  BLOCK_C=block_c)
-    _combine[(n, groups)](means, m2s, stats, hw, c, groups, num_blocks, eps, BLOCK_HW=block_hw,
-                                BLOCKS=max(1, min(triton.next_power_of_2(num_blocks), 4096 // triton.next_power_of_2(cpg))), CPG=cpg,
-                                CPG_PAD=triton.next_power_of_2(cpg))
+    cpg_pad = triton.next_power_of_2(cpg)
+    blocks_per_pass = max(1, min(triton.next_power_of_2(num_blocks), 4096 // cpg_pad))  # ≤ 4096 partials at once
     has_affine = weight is not None
-    _apply[(n, num_blocks)](x, shift, weight if has_affine else x, bias if has_affine else x, stats, y, hw, c,
-                                  groups, CPG=cpg, HAS_SHIFT=has_shift, HAS_AFFINE=has_affine, SILU=silu, BLOCK_HW=block_hw, BLOCK_C=block_c)
+    w, b = (weight, bias) if has_affine else (x, x)  # unused pointers when there is no affine transform
+    _stats[(n, num_blocks)](x, shift, means, m2s, hw, c, num_blocks,
+                            HAS_SHIFT=has_shift, BLOCK_HW=block_hw, BLOCK_C=block_c)
+    _combine[(n, groups)](means, m2s, stats, hw, c, groups, num_blocks, eps,
+                          BLOCK_HW=block_hw, BLOCKS=blocks_per_pass, CPG=cpg, CPG_PAD=cpg_pad)
+    _apply[(n, num_blocks)](x, shift, w, b, stats, y, hw, c, groups, CPG=cpg, HAS_SHIFT=has_shift,
+                            HAS_AFFINE=has_affine, SILU=silu, BLOCK_HW=block_hw, BLOCK_C=block_c)
     return y
 
 
