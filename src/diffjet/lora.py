@@ -75,7 +75,10 @@ _REPLACEMENTS = {
 
 @dataclass
 class _Layer:
-    """One weight adapted by one adapter: its delta is `alpha_scale · up @ down` (float32, on CPU)."""
+    """One weight adapted by one adapter: its delta is `alpha_scale · up @ down`.
+
+    As read, the factors are CPU tensors in the LoRA's dtype; an adapter holds them in float32 on the
+    weight's device (`_to_weight_devices`)."""
 
     up: torch.Tensor  # (out, rank); float32 once next to its weight
     down: torch.Tensor  # (rank, in · kh · kw)
@@ -99,6 +102,8 @@ class _LoraState:
     files: OrderedDict[tuple, dict[tuple[str, str], _Layer]] = field(default_factory=OrderedDict)
 
 
+#: The pipeline attribute that caches `_locate`'s answers.
+_MODULE_CACHE = "_diffjet_lora_modules"
 #: How many parsed LoRA files a pipeline keeps (host memory: the factors, 109 MB for a full rank-16 sdxl LoRA).
 PARSED_FILES_KEPT = 4
 
@@ -287,7 +292,7 @@ def _module_path(component: str, key: str) -> str:
 
 
 def _find_module(pipe: Any, component: str, path: str) -> tuple[str, nn.Module]:
-    cached = pipe.__dict__.get("_diffjet_lora_modules", {}).get((component, path))
+    cached = pipe.__dict__.get(_MODULE_CACHE, {}).get((component, path))
     if cached is not None:
         return path, cached[0]
     root = getattr(pipe, component)
@@ -385,10 +390,7 @@ def _weight_views(pipe: Any, key: tuple[str, str]) -> list[torch.Tensor]:
     of the fused weight are written as well. Module lookups are cached per pipeline (modules stay put
     when a pipeline moves; their parameters' storage is what changes).
     """
-    cache = pipe.__dict__.setdefault("_diffjet_lora_modules", {})
-    if key not in cache:
-        cache[key] = _locate(pipe, key)
-    module, parent, name = cache[key]
+    module, parent, name = _located(pipe, key)
     weight = module.weight
     if parent is None:
         return [weight]
@@ -406,10 +408,15 @@ def _weight_views(pipe: Any, key: tuple[str, str]) -> list[torch.Tensor]:
 
 def _weight(pipe: Any, key: tuple[str, str]) -> torch.Tensor:
     """Layer `key`'s own weight (a fast path of `_weight_views(pipe, key)[0]`)."""
-    cache = pipe.__dict__.setdefault("_diffjet_lora_modules", {})
+    return _located(pipe, key)[0]._parameters["weight"]
+
+
+def _located(pipe: Any, key: tuple[str, str]) -> tuple[nn.Module, Attention | None, str]:
+    """`_locate(pipe, key)`, looked up once per pipeline (modules stay put when a pipeline moves)."""
+    cache = pipe.__dict__.setdefault(_MODULE_CACHE, {})
     if key not in cache:
         cache[key] = _locate(pipe, key)
-    return cache[key][0]._parameters["weight"]
+    return cache[key]
 
 
 def _locate(pipe: Any, key: tuple[str, str]) -> tuple[nn.Module, Attention | None, str]:

@@ -24,7 +24,8 @@ _TEXT_LAYERS = re.compile(r"(self_attn\.(q_proj|k_proj|v_proj|out_proj)|mlp\.(fc
 def lora_layers(pipe) -> dict[str, list[str]]:
     """The module paths `random_lora` adapts, per pipeline component."""
     layers = {}
-    for component, pattern in (("unet", _UNET_LAYERS), ("text_encoder", _TEXT_LAYERS), ("text_encoder_2", _TEXT_LAYERS)):
+    patterns = {"unet": _UNET_LAYERS, "text_encoder": _TEXT_LAYERS, "text_encoder_2": _TEXT_LAYERS}
+    for component, pattern in patterns.items():
         model = getattr(pipe, component, None)
         if model is None:
             continue

@@ -2,17 +2,19 @@
 
 A Stable Diffusion UNet step is a few hundred kernels; launched one by one from Python they leave the
 GPU idle (SD1.5 512², batch 2, H200: 24.6 ms eager in bench/results/h200-2026-11-26.json against 10.1 ms
-for the same kernels replayed from a graph in bench/results/unet-step-sd15-h200-2026-11-26.json). `CudaGraphRunner` captures a callable once per input signature (shapes, strides,
-dtypes, devices and non-tensor values of its arguments) and replays it afterwards.
+for the same kernels replayed from a graph in bench/results/unet-step-sd15-h200-2026-11-26.json).
+`CudaGraphRunner` captures a callable once per input signature (shapes, strides, dtypes, devices and
+non-tensor values of its arguments) and replays it afterwards.
 
 Unlike torch.compile's `reduce-overhead` mode it keeps no per-call bookkeeping (a synchronous SD1.5 UNet
-call: 6.34 ms against 7.58 ms, bench/results/h200-2026-11-26.json) and it never hands out graph memory: inputs are copied into static buffers that live
-outside the pool, and every output tensor is cloned before it is returned, so the next replay cannot
-overwrite what the caller holds.
+call: 6.34 ms against 7.58 ms, bench/results/h200-2026-11-26.json) and it never hands out graph memory:
+inputs are copied into static buffers that live outside the pool, and every output tensor is cloned
+before it is returned, so the next replay cannot overwrite what the caller holds.
 
-All graphs of a device share one memory pool unless a memory cap is set (see `CudaGraphRunner`). That is safe because graphs never run concurrently and
-every value that lives across a replay (static inputs, cloned outputs) sits outside the pool; the
-static outputs inside it are read right after their own replay, before any other graph runs.
+All graphs of a device share one memory pool unless a memory cap is set (see `CudaGraphRunner`). That
+is safe because graphs never run concurrently and every value that lives across a replay (static
+inputs, cloned outputs) sits outside the pool; the static outputs inside it are read right after their
+own replay, before any other graph runs.
 """
 
 from __future__ import annotations
@@ -99,8 +101,8 @@ class CudaGraphRunner:
 
     `max_graphs` bounds the number of signatures held; the least recently used graph goes first. With
     `max_memory` (bytes), each graph captures into a pool of its own, is counted as that pool's size plus
-    its static inputs, and dropping it gives that memory back to the driver; the runner
-    drops least recently used graphs until its total fits. Without it, all graphs of a device share one
+    its static inputs, and dropping it gives that memory back to the driver; the runner drops least
+    recently used graphs until its total fits. Without it, all graphs of a device share one
     pool: less memory in all, but nothing that a dropped graph could give back.
 
     With a `cache`, the compiled artifacts of each new signature are preloaded from it before the
@@ -173,7 +175,7 @@ class CudaGraphRunner:
 
     @property
     def memory_held(self) -> int:
-        """Bytes the held graphs added to reserved device memory when they were captured."""
+        """Bytes the held graphs hold, as counted at their capture: pool growth plus static inputs."""
         return sum(c.bytes for c in self._graphs.values())
 
     def reset(self) -> None:
