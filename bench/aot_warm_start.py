@@ -69,6 +69,8 @@ def save(model: str, device: str, path: str) -> dict:
     import torch
 
     unet, args, kwargs = _unet_and_inputs(model, device)
+    if hasattr(torch._dynamo.config, "enable_aot_compile"):  # off by default before torch 2.12
+        torch._dynamo.config.enable_aot_compile = True
     compiled = torch.compile(step, fullgraph=True, dynamic=False, options={
         "conv_1x1_as_mm": True, "guard_filter_fn": torch.compiler.keep_portable_guards_unsafe})
     start = time.perf_counter()

@@ -7,6 +7,7 @@ image) and Dynamo's per-phase compile times.
 
 import argparse
 import json
+import logging
 import time
 
 START = time.time()
@@ -18,6 +19,8 @@ from diffjet.models import load_pipeline  # noqa: E402
 
 
 def main() -> None:
+    logging.basicConfig(format="%(relativeCreated)8.0f ms %(name)s: %(message)s")
+    logging.getLogger("diffjet").setLevel(logging.INFO)
     parser = argparse.ArgumentParser()
     parser.add_argument("cache_dir")
     parser.add_argument("--model", default="sd15")

@@ -85,6 +85,11 @@ def test_memory_cap_evicts_least_recently_used_graphs_and_frees_their_memory():
         return ((x @ weight).relu() @ weight).sum(dim=1)
 
     sizes = (16384, 8192, 12288)
+    # cuBLAS keeps one workspace per stream for the process's life: let the capture stream have its own
+    # before counting, so what follows measures graphs only.
+    # The eager calls below need the default stream's too.
+    CudaGraphRunner(big, torch.device("cuda"), name="first", max_memory=2**40)(torch.randn(8, 1024, device="cuda"))
+    big(torch.randn(8, 1024, device="cuda"))
     torch.cuda.empty_cache()
     start = torch.cuda.memory_reserved()
     probe = CudaGraphRunner(big, torch.device("cuda"), name="big", max_memory=2**40)  # own pools, no eviction
@@ -105,8 +110,27 @@ def test_memory_cap_evicts_least_recently_used_graphs_and_frees_their_memory():
         torch.testing.assert_close(capped(x), big(x))
         assert capped.memory_held <= cap or capped.graphs_held == 1
     assert capped.graphs_held == 1 and capped.stats.captures == 3
+    del x
     torch.cuda.empty_cache()  # warm-up runs outside the graphs leave blocks in the ordinary cache
     assert torch.cuda.memory_reserved() - start < cap + min(footprints)
+
+
+def test_captures_share_one_side_stream():
+    weight = torch.randn(256, 256, device="cuda")
+    runners = [CudaGraphRunner(lambda x: x @ weight, torch.device("cuda"), name=f"r{i}") for i in range(2)]
+    for runner in runners:
+        runner(torch.randn(64, 256, device="cuda"))
+    torch.cuda.empty_cache()
+    before = torch.cuda.memory_reserved()
+    for rows in (32, 96, 128, 160):  # four more captures, each with a cuBLAS call
+        for runner in runners:
+            x = torch.randn(rows, 256, device="cuda")
+            torch.testing.assert_close(runner(x), x @ weight)
+    assert sum(r.stats.captures for r in runners) == 10
+    torch.cuda.empty_cache()
+    # Eight small graphs in the shared pool take a few MiB; a stream per capture would add eight cuBLAS
+    # workspaces (32 MiB each on Hopper).
+    assert torch.cuda.memory_reserved() - before < 64 * 2**20
 
 
 def test_compiled_pipeline_steady_state_captures_nothing_new():
@@ -190,3 +214,42 @@ def test_lora_switch_neither_recompiles_nor_recaptures():
     assert not np.allclose(with_a, base) and not np.allclose(with_b, with_a)
     assert np.array_equal(run(), base)
     assert _captures_and_dynamo_graphs(pipe) == warm
+
+
+_WARM_START = """
+import json, sys
+import torch
+from torch._dynamo.utils import counters
+import diffjet
+from diffjet.models import load_pipeline
+
+pipe = load_pipeline("tiny", device="cuda", dtype=torch.float16)
+pipe.set_progress_bar_config(disable=True)
+diffjet.compile(pipe, diffjet.Config(cache_dir=sys.argv[1]))
+image = pipe("a cat", num_inference_steps=2, output_type="np", generator=torch.Generator().manual_seed(0)).images
+stats = pipe.diffjet.cache.stats
+print(json.dumps({"frames": sum(counters["frames"].values()), "hits": stats.hits, "stored": stats.stored,
+                  "image": image.tolist()}))
+"""
+
+
+def test_a_warm_process_loads_precompiled_functions_without_tracing(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    runs = []
+    for _ in range(2):
+        proc = subprocess.run([sys.executable, "-c", _WARM_START, str(tmp_path)], capture_output=True, text=True,
+                              env=env, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    cold, warm = runs
+    assert cold["hits"] == 0 and cold["stored"] >= 2  # the UNet's and the VAE decoder's functions
+    assert warm["hits"] == cold["stored"] and warm["stored"] == 0
+    assert warm["frames"] == 0, "a warm process must not trace with Dynamo"
+    assert np.abs(np.array(warm["image"]) - np.array(cold["image"])).max() < 1e-3

@@ -99,6 +99,7 @@ def _warm_start(pipe, spec: dict, apply_compiler) -> dict:
     return {
         "warm_start_s": time.time() - spec["spawned_at"],
         "warm_cache": dataclasses.asdict(cache.stats) if cache is not None else None,
+        "warm_dynamo_frames": _dynamo_counts()["dynamo_frames"],
     }
 
 
@@ -109,6 +110,7 @@ def _dynamo_counts() -> dict[str, int]:
     return {
         "dynamo_graphs": int(counters["stats"].get("unique_graphs", 0)),
         "graph_breaks": int(sum(counters["graph_break"].values())),
+        "dynamo_frames": int(counters["frames"].get("total", 0)),  # frames Dynamo traced (0: all precompiled)
     }
 
 

@@ -22,6 +22,7 @@ from torch import nn
 from ..config import KNOWN_COMPONENTS, Config
 from ..passes import attention, inductor, kernels, memory_format, precision
 from ..runtime.compile_cache import CompileCache, default_cache_dir, environment_key, module_key
+from ..runtime import precompiled
 from ..runtime.cuda_graph import CudaGraphRunner
 
 logger = logging.getLogger(__name__)
@@ -157,6 +158,8 @@ def _wrap_in_graphs(
         max_memory=None if config.graph_memory_gib is None else int(config.graph_memory_gib * 2**30),
         cache=cache,
         cache_parts=cache_parts,
+        precompile=precompiled.Precompiler(target, inductor.inductor_options(config))
+        if cache and precompiled.supported(config.backend) else None,
     )
     target.forward = runner
     return runner

@@ -28,11 +28,15 @@ def is_compiled(module: nn.Module) -> bool:
     return getattr(module, "_diffjet_compiled", False)
 
 
+def inductor_options(config: Config) -> dict | None:
+    """Inductor's options for `config.compile_mode`; None for other backends."""
+    return dict(_OPTIONS[config.compile_mode]) if config.backend == "inductor" else None
+
+
 def apply(module: nn.Module, config: Config) -> nn.Module:
     if is_compiled(module):
         return module
     forward = type(module).forward.__get__(module)
-    options = _OPTIONS[config.compile_mode] if config.backend == "inductor" else None
-    module.forward = torch.compile(forward, backend=config.backend, dynamic=False, options=options)
+    module.forward = torch.compile(forward, backend=config.backend, dynamic=False, options=inductor_options(config))
     module._diffjet_compiled = True
     return module

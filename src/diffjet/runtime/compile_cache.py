@@ -5,14 +5,17 @@ process compiled (Inductor's FX-graph and AOTAutograd caches, Triton kernels, au
 `torch.compiler.save_cache_artifacts()`, and preload it into a new process with
 `load_cache_artifacts()`, after which Dynamo still traces but nothing is compiled again.
 
+Dynamo's tracing is skipped too where an entry also holds a precompiled function (`precompiled.py`):
+the traced and compiled forward itself, which a new process loads and calls directly.
+
 `CompileCache` stores those bytes per entry, under a key that names everything the compiled code depends
 on: the module's architecture (class and config), its weights' names, shapes, dtypes and layouts, the
 input signature, the passes applied, the torch/triton/diffusers/diffjet versions and the GPU's
-architecture. An entry is a folder holding `artifacts.bin` and `meta.json` (its key parts, size and
-SHA-256). Loading checks size and hash first: a truncated, tampered or foreign entry is deleted with a
-warning and rebuilt, never loaded. Artifacts are only ever read from the directory the user configured
-(`Config.cache_dir` or the `DIFFJET_CACHE_DIR` environment variable), because loading them deserialises
-Python objects.
+architecture. An entry is a folder holding `artifacts.bin`, any further files (`function.bin`) and
+`meta.json` (its key parts, and each file's size and SHA-256). Loading checks sizes and hashes first: a
+truncated, tampered or foreign entry is deleted with a warning and rebuilt, never loaded. Entries are
+only ever read from the directory the user configured (`Config.cache_dir` or the `DIFFJET_CACHE_DIR`
+environment variable), because loading them deserialises Python objects.
 
 Writes are atomic: an entry is written into a temporary folder beside its final place and renamed; when
 two processes fill the same entry at once, one rename wins and the other process drops its copy.
@@ -37,8 +40,9 @@ from torch import nn
 logger = logging.getLogger(__name__)
 
 ARTIFACTS = "artifacts.bin"
+FUNCTION = "function.bin"
 META = "meta.json"
-FORMAT = 1
+FORMAT = 2
 
 
 def default_cache_dir() -> Path:
@@ -117,35 +121,46 @@ class CompileCache:
 
     def load(self, parts: dict[str, Any]) -> bool:
         """Preload the entry for `parts` into this process's compiler caches; False on a miss."""
+        return self.load_entry(parts) is not None
+
+    def load_entry(self, parts: dict[str, Any]) -> dict[str, bytes] | None:
+        """Preload the entry for `parts` and return its further files by name; None on a miss."""
         key = entry_key(parts)
         folder = self.path(key)
         if not folder.exists():
             self.stats.misses += 1
-            return False
-        problem = self._check(folder, key)
+            return None
+        problem, files = self._read(folder, key)
         if problem is not None:
             logger.warning("diffjet compile cache: %s; rebuilding %s", problem, folder)
             shutil.rmtree(folder, ignore_errors=True)
             self.stats.rejected += 1
             self.stats.misses += 1
-            return False
-        self._load((folder / ARTIFACTS).read_bytes())
-        self.stats.hits += 1
-        return True
-
-    def store(self, parts: dict[str, Any]) -> Path | None:
-        """Write what this process compiled so far as the entry for `parts`; None if nothing to write."""
-        saved = self._save()
-        if not saved:
             return None
-        artifacts = saved[0] if isinstance(saved, tuple) else saved
+        artifacts = files.pop(ARTIFACTS)
+        if artifacts:
+            self._load(artifacts)
+        self.stats.hits += 1
+        return files
+
+    def store(self, parts: dict[str, Any], extra: dict[str, bytes] | None = None) -> Path | None:
+        """Write what this process compiled so far, and `extra` files, as the entry for `parts`; None if
+        there is nothing to write."""
+        saved = self._save()
+        artifacts = (saved[0] if isinstance(saved, tuple) else saved) if saved else b""
+        if not artifacts and not extra:
+            return None
+        files = {ARTIFACTS: artifacts, **(extra or {})}
         key = entry_key(parts)
         final = self.path(key)
         final.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{key[:12]}.", dir=final.parent))
         try:
-            (staging / ARTIFACTS).write_bytes(artifacts)
-            meta = {"key": key, "parts": parts, "size": len(artifacts), "sha256": hashlib.sha256(artifacts).hexdigest()}
+            for name, data in files.items():
+                (staging / name).write_bytes(data)
+            meta = {"key": key, "parts": parts, "size": len(artifacts), "sha256": hashlib.sha256(artifacts).hexdigest(),
+                    "files": {name: {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+                              for name, data in files.items() if name != ARTIFACTS}}
             (staging / META).write_text(json.dumps(meta, indent=1, sort_keys=True, default=str))
             try:
                 os.rename(staging, final)
@@ -159,17 +174,19 @@ class CompileCache:
         return final
 
     @staticmethod
-    def _check(folder: Path, key: str) -> str | None:
+    def _read(folder: Path, key: str) -> tuple[str | None, dict[str, bytes]]:
+        """(what is wrong with the entry or None, its files by name once checked)."""
         try:
             meta = json.loads((folder / META).read_text())
-            size = (folder / ARTIFACTS).stat().st_size
-        except (OSError, ValueError) as exc:
-            return f"unreadable entry ({exc.__class__.__name__})"
+            expected = {ARTIFACTS: {"size": meta.get("size"), "sha256": meta.get("sha256")}, **meta.get("files", {})}
+            files = {name: (folder / name).read_bytes() for name in expected}
+        except (OSError, ValueError, AttributeError, TypeError) as exc:
+            return f"unreadable entry ({exc.__class__.__name__})", {}
         if meta.get("key") != key:
-            return "entry belongs to another key"
-        if meta.get("size") != size:
-            return f"truncated entry ({size} of {meta.get('size')} bytes)"
-        digest = hashlib.sha256((folder / ARTIFACTS).read_bytes()).hexdigest()
-        if digest != meta.get("sha256"):
-            return "entry's hash does not match its contents"
-        return None
+            return "entry belongs to another key", {}
+        for name, data in files.items():
+            if len(data) != expected[name]["size"]:
+                return f"truncated entry ({name}: {len(data)} of {expected[name]['size']} bytes)", {}
+            if hashlib.sha256(data).hexdigest() != expected[name]["sha256"]:
+                return f"entry's hash does not match its contents ({name})", {}
+        return None, files

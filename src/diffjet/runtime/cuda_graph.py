@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -28,22 +29,41 @@ from typing import Any, Callable
 import torch
 from torch.utils import _pytree as pytree
 
-from .compile_cache import CompileCache
+from .compile_cache import FUNCTION, CompileCache
+from .precompiled import Precompiler
 
 logger = logging.getLogger(__name__)
 MAX_SIGNATURES = 256
 
 _POOLS: dict[int, Any] = {}
+_STREAMS: dict[int, torch.cuda.Stream] = {}
 _POOLS_LOCK = threading.Lock()
+
+
+def _index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
 
 
 def graph_pool(device: torch.device) -> Any:
     """The one memory pool that every diffjet graph on `device` captures into."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
     with _POOLS_LOCK:
+        index = _index(device)
         if index not in _POOLS:
             _POOLS[index] = torch.cuda.graph_pool_handle()
         return _POOLS[index]
+
+
+def capture_stream(device: torch.device) -> torch.cuda.Stream:
+    """The one side stream that warm-ups and captures on `device` run on.
+
+    cuBLAS keeps a workspace (32 MiB on Hopper) for every stream it has run on until the process ends,
+    so a new stream per capture would leak that much device memory with each captured shape.
+    """
+    with _POOLS_LOCK:
+        index = _index(device)
+        if index not in _STREAMS:
+            _STREAMS[index] = torch.cuda.Stream(torch.device("cuda", index))
+        return _STREAMS[index]
 
 
 @dataclass
@@ -92,11 +112,11 @@ def _leaf_key(leaf: Any) -> Any:
 class CudaGraphRunner:
     """Wrap `fn` so that each input signature is captured once into a CUDA graph and replayed.
 
-    `fn` runs on `device` under `torch.no_grad()`: this is an inference runtime. Tensor arguments on the
-    `tensor_args` names the arguments (by position or keyword) that change every call but are not
-    tensors on the device, such as a scheduler's timestep: Python numbers and CPU tensors there become
-    device tensors, so one graph serves every timestep instead of baking one value in. `weights` are the module's parameters
-    and buffers: if any of them moves or changes dtype (`pipe.to(...)`), every graph is dropped and
+    `fn` runs on `device` under `torch.no_grad()`: this is an inference runtime. `tensor_args` names the
+    arguments (by position or keyword) that change every call but are not tensors on the device, such as
+    a scheduler's timestep: Python numbers and CPU tensors there become device tensors, so one graph
+    serves every timestep instead of baking one value in. `weights` are the module's parameters and
+    buffers: if any of them moves or changes dtype (`pipe.to(...)`), every graph is dropped and
     re-captured on the next call, because a graph holds raw pointers to them.
 
     `max_graphs` bounds the number of signatures held; the least recently used graph goes first. With
@@ -107,7 +127,9 @@ class CudaGraphRunner:
 
     With a `cache`, the compiled artifacts of each new signature are preloaded from it before the
     first call (or stored into it after the capture when they were not there), keyed by `cache_parts`
-    plus the signature.
+    plus the signature. With a `precompile` as well, each signature's forward is compiled whole ahead of
+    its warm-up and kept in the cache, so that a later process loads it without tracing (see
+    `precompiled.py`).
     """
 
     def __init__(
@@ -123,6 +145,7 @@ class CudaGraphRunner:
         max_memory: int | None = None,
         cache: CompileCache | None = None,
         cache_parts: dict[str, Any] | None = None,
+        precompile: Precompiler | None = None,
     ) -> None:
         if device.type != "cuda":
             raise ValueError(f"CudaGraphRunner needs a CUDA device, got {device}")
@@ -139,6 +162,8 @@ class CudaGraphRunner:
         self._graphs: OrderedDict[Any, _Captured] = OrderedDict()
         self.cache = cache
         self.cache_parts = cache_parts or {}
+        self.precompile = precompile
+        self._functions: dict[str, Callable[..., Any]] = {}  # precompiled, by signature
 
     # -- public -------------------------------------------------------------------------------
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -200,6 +225,42 @@ class CudaGraphRunner:
             return value.to(self.device)
         return value
 
+    def _function_for(self, parts: dict, args: tuple, kwargs: dict, signature: str) -> tuple[Callable[..., Any], bool]:
+        """The function to warm up and capture for one signature, and whether the cache still lacks its
+        entry once the warm-up has compiled it.
+
+        With a `precompile`, a signature's function comes from the cache's precompiled function when
+        there is one, else it is compiled ahead of the warm-up and stored at once; should that fail, the
+        runner says so and goes on with `fn`, whose compiled artifacts the cache keeps instead.
+        """
+        if self.cache is None:
+            return self.fn, False
+        signature_key = parts["signature"]
+        if signature_key in self._functions:
+            return self._functions[signature_key], False
+        files = self.cache.load_entry(parts)
+        if self.precompile is None:
+            return self.fn, files is None
+        start = time.perf_counter()
+        try:
+            if files and FUNCTION in files:
+                function = self.precompile.load(files[FUNCTION])
+                logger.info("%s: loaded the precompiled function for [%s] in %.1f s", self.name, signature,
+                            time.perf_counter() - start)
+            else:
+                function, data = self.precompile.compile(args, kwargs)
+                compiled = time.perf_counter()
+                self.cache.store(parts, extra={FUNCTION: data})
+                logger.info("%s: precompiled [%s] in %.1f s, stored it in %.1f s", self.name, signature,
+                            compiled - start, time.perf_counter() - compiled)
+        except Exception as exc:  # noqa: BLE001 - a traced-and-saved function is an optimisation only
+            logger.warning("%s: no precompiled function for [%s], compiling in this process instead: %s",
+                           self.name, signature, exc)
+            self.precompile = None
+            return self.fn, files is None
+        self._functions[signature_key] = function
+        return function, False
+
     def _capture(self, key: Any, leaves: list[Any], spec: Any) -> _Captured:
         signature = ", ".join(
             f"{tuple(x.shape)}:{str(x.dtype).removeprefix('torch.')}" for x in leaves if isinstance(x, torch.Tensor)
@@ -208,8 +269,8 @@ class CudaGraphRunner:
         static_leaves = [s if s is not None else x for s, x in zip(static_inputs, leaves)]
         args, kwargs = pytree.tree_unflatten(static_leaves, spec)
         cache_parts = {**self.cache_parts, "signature": f"{spec} {[_leaf_key(x) for x in leaves]}"}
-        cached = self.cache is not None and self.cache.load(cache_parts)
-        stream = torch.cuda.Stream(self.device)
+        fn, store_after_capture = self._function_for(cache_parts, args, kwargs, signature)
+        stream = capture_stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         graph = torch.cuda.CUDAGraph()
         try:
@@ -219,12 +280,15 @@ class CudaGraphRunner:
                 # Warm-up outside the graph: compiles (Inductor), picks cuDNN/cuBLAS algorithms and
                 # creates library handles, none of which may happen during capture.
                 for _ in range(self.warmup_calls):
-                    self.fn(*args, **kwargs)
+                    fn(*args, **kwargs)
                 stream.synchronize()
                 pool = graph_pool(self.device) if self.max_memory is None else torch.cuda.graph_pool_handle()
-                reserved_before = torch.cuda.memory_reserved(self.device)  # after warm-up's own allocations
+                # `torch.cuda.graph` empties the cache before capturing: do it first, or the warm-up's
+                # cached blocks it gives back would be subtracted from the graph's footprint.
+                torch.cuda.empty_cache()
+                reserved_before = torch.cuda.memory_reserved(self.device)
                 with torch.cuda.graph(graph, pool=pool, stream=stream):
-                    static_output = self.fn(*args, **kwargs)
+                    static_output = fn(*args, **kwargs)
         except Exception as exc:  # noqa: BLE001 - any failure to capture falls back to eager, loudly
             torch.cuda.synchronize(self.device)
             logger.warning("%s: CUDA graph capture failed for [%s], running it eagerly: %s", self.name, signature, exc)
@@ -236,7 +300,7 @@ class CudaGraphRunner:
                                  + sum(x.nbytes for x in static_inputs if x is not None))
             self.stats.captures += 1
             self.stats.signatures.append(signature)
-            if self.cache is not None and not cached:
+            if store_after_capture:
                 self.cache.store(cache_parts)
             logger.info("%s: captured a CUDA graph for [%s]", self.name, signature)
         self._graphs[key] = captured

@@ -1,0 +1,78 @@
+"""Precompiled forwards: a module's forward traced and compiled once, saved whole, loaded without Dynamo.
+
+With only Inductor's artifacts cached, a new process still traces every component with Dynamo before the
+cache can answer: about 10 s of the SD1.5 warm start on the H100
+(bench/results/warm-start-profile-sd15-h100-2026-11-26.json). `torch.compile(...).aot_compile` keeps the
+traced bytecode, the compiled graph and its guards as one serialisable function instead; loading it back
+takes about 2.5 s and its first call under a second (bench/results/aot-warm-start-sd15-h100-2026-11-26.json).
+
+What is compiled is `forward(module, *args, **kwargs)`, the module's class forward with the module as an
+argument: parameters stay graph inputs read at each call, so in-place weight updates (LoRA merges) reach
+the loaded function, and nothing of the weights is saved with it. Only guards that survive a new process
+are kept (`keep_portable_guards_unsafe`); the CUDA-graph runner calls each function only with the input
+signature it was compiled for, which is what the dropped guards would have checked.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+
+
+def supported(backend: str) -> bool:
+    """Whether this torch can save functions compiled with `backend` (Inductor's are serialisable)."""
+    return (
+        backend == "inductor"
+        and hasattr(torch.compiler, "load_compiled_function")
+        and hasattr(torch.compiler, "keep_portable_guards_unsafe")
+    )
+
+
+def forward(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """What is compiled: the class's forward (the instance's `forward` is the CUDA-graph runner)."""
+    return type(module).forward(module, *args, **kwargs)
+
+
+def _aot_enabled():
+    flags = torch._dynamo.config
+    if hasattr(flags, "enable_aot_compile"):  # off by default before torch 2.12
+        return flags.patch(enable_aot_compile=True)
+    return contextlib.nullcontext()
+
+
+class Precompiler:
+    """Compiles (with Inductor's `options`), saves and loads `module`'s forward for one input signature
+    at a time."""
+
+    def __init__(self, module: nn.Module, options: dict | None = None) -> None:
+        self.module = module
+        self.options = dict(options or {})
+
+    def compile(self, args: tuple, kwargs: dict) -> tuple[Callable[..., Any], bytes]:
+        """Compile for the signature of `args`/`kwargs`: the callable (taking the forward's arguments)
+        and its serialised form."""
+        options = {**self.options, "guard_filter_fn": torch.compiler.keep_portable_guards_unsafe}
+        with _aot_enabled(), torch.no_grad():
+            compiled = torch.compile(forward, fullgraph=True, dynamic=False, options=options)
+            function = compiled.aot_compile(((self.module, *args), kwargs))
+        data = type(function).serialize(function).serialized_data
+        return self._bind(function), data
+
+    def load(self, data: bytes) -> Callable[..., Any]:
+        """The callable that `compile` returned, from its serialised form (in any process)."""
+        with _aot_enabled():
+            function = torch.compiler.load_compiled_function(io.BytesIO(data))
+        return self._bind(function)
+
+    def _bind(self, function: Callable[..., Any]) -> Callable[..., Any]:
+        module = self.module
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            return function(module, *args, **kwargs)
+
+        return call

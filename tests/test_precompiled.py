@@ -1,0 +1,99 @@
+"""Precompiled forwards (`runtime/precompiled.py`) and their entries in the compile cache, on CPU."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from diffusers.models.resnet import ResnetBlock2D
+
+from diffjet.runtime import precompiled
+from diffjet.runtime.compile_cache import FUNCTION, CompileCache
+from diffjet.runtime.precompiled import Precompiler
+
+pytestmark = pytest.mark.skipif(not precompiled.supported("inductor"),
+                                reason="this torch cannot save compiled functions")
+
+BLOCK = textwrap.dedent(
+    """
+    import torch
+    from diffusers.models.resnet import ResnetBlock2D
+
+    def block_and_inputs():
+        torch.manual_seed(0)
+        block = ResnetBlock2D(in_channels=32, out_channels=32, temb_channels=64, groups=8).eval()
+        return block, torch.randn(1, 32, 16, 16), torch.randn(1, 64)
+    """
+)
+exec(BLOCK)  # defines block_and_inputs, shared with the new process below
+
+LOADER = BLOCK + textwrap.dedent(
+    """
+    import json, sys
+    from torch._dynamo.utils import counters
+    from diffjet.runtime.precompiled import Precompiler
+
+    block, x, temb = block_and_inputs()
+    function = Precompiler(block).load(open(sys.argv[1], "rb").read())
+    with torch.no_grad():
+        out = function(x, temb)
+        error = (out - block(x, temb)).abs().max().item()
+    print(json.dumps({"error": error, "dynamo_frames": sum(counters["frames"].values())}))
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    block, x, temb = block_and_inputs()  # noqa: F821 - from BLOCK
+    function, data = Precompiler(block).compile((x, temb), {})
+    return block, x, temb, function, data
+
+
+def test_compiled_function_matches_eager_and_sees_in_place_weight_updates(compiled):
+    block, x, temb, function, _ = compiled
+    with torch.no_grad():
+        torch.testing.assert_close(function(x, temb), block(x, temb), rtol=1e-5, atol=1e-5)
+        before = function(x, temb)
+        original = block.conv2.weight.clone()
+        block.conv2.weight.mul_(1.5)  # what a LoRA merge does
+        try:
+            after = function(x, temb)
+            assert not torch.allclose(after, before)
+            torch.testing.assert_close(after, block(x, temb), rtol=1e-5, atol=1e-5)
+        finally:
+            block.conv2.weight.copy_(original)
+
+
+def test_a_new_process_loads_it_without_tracing(compiled, tmp_path):
+    *_, data = compiled
+    path = tmp_path / FUNCTION
+    path.write_bytes(data)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.run([sys.executable, "-c", LOADER, str(path)], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["error"] < 1e-5
+    assert result["dynamo_frames"] == 0, "the loaded function must not be traced again"
+
+
+def test_cache_entries_keep_and_check_the_function(compiled, tmp_path, caplog):
+    *_, data = compiled
+    cache = CompileCache(tmp_path, save_artifacts=lambda: None, load_artifacts=lambda b: None)
+    parts = {"component": "block", "signature": "x"}
+    assert cache.load_entry(parts) is None
+    folder = cache.store(parts, extra={FUNCTION: data})
+    assert cache.load_entry(parts) == {FUNCTION: data}
+    damaged = bytearray(data)
+    damaged[len(damaged) // 2] ^= 0xFF
+    (folder / FUNCTION).write_bytes(bytes(damaged))
+    assert cache.load_entry(parts) is None and cache.stats.rejected == 1
+    assert "function.bin" in caplog.text and not folder.exists()
+
+
+def test_only_inductor_is_precompiled():
+    assert not precompiled.supported("aot_eager")
