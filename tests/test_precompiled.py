@@ -97,3 +97,53 @@ def test_cache_entries_keep_and_check_the_function(compiled, tmp_path, caplog):
 
 def test_only_inductor_is_precompiled():
     assert not precompiled.supported("aot_eager")
+
+
+class _FakePrecompiler:
+    def __init__(self, fail=False):
+        self.fail, self.compiled, self.loaded = fail, 0, []
+
+    def compile(self, args, kwargs):
+        if self.fail:
+            raise RuntimeError("cannot trace this whole")
+        self.compiled += 1
+        return (lambda *a, **k: "precompiled"), b"function-bytes"
+
+    def load(self, data):
+        self.loaded.append(data)
+        return lambda *a, **k: "loaded"
+
+
+def _runner_policy(cache, precompile):
+    """A CUDA-graph runner's choice of function per signature, without a GPU (no capture happens)."""
+    from diffjet.runtime.cuda_graph import CudaGraphRunner
+
+    runner = object.__new__(CudaGraphRunner)
+    runner.fn, runner.name, runner.cache, runner.precompile, runner._functions = (
+        lambda *a, **k: "jit", "unet", cache, precompile, {})
+    return runner
+
+
+def test_runner_compiles_once_stores_the_function_and_a_new_process_loads_it(tmp_path):
+    parts = {"component": "unet", "signature": "s1"}
+    fake = _FakePrecompiler()
+    cache = CompileCache(tmp_path, save_artifacts=lambda: None, load_artifacts=lambda b: None)
+    runner = _runner_policy(cache, fake)
+    fn, store_after_capture = runner._function_for(parts, (), {}, "s1")
+    assert fn() == "precompiled" and not store_after_capture and fake.compiled == 1
+    assert runner._function_for(parts, (), {}, "s1")[0]() == "precompiled" and fake.compiled == 1
+    assert cache.stats.stored == 1
+
+    later = _FakePrecompiler()  # another process, same cache
+    runner = _runner_policy(CompileCache(tmp_path, save_artifacts=lambda: None, load_artifacts=lambda b: None), later)
+    fn, store_after_capture = runner._function_for(parts, (), {}, "s1")
+    assert fn() == "loaded" and later.loaded == [b"function-bytes"] and later.compiled == 0
+
+
+def test_runner_falls_back_to_compiling_in_process_when_precompiling_fails(tmp_path, caplog):
+    parts = {"component": "unet", "signature": "s1"}
+    cache = CompileCache(tmp_path, save_artifacts=lambda: None, load_artifacts=lambda b: None)
+    runner = _runner_policy(cache, _FakePrecompiler(fail=True))
+    fn, store_after_capture = runner._function_for(parts, (), {}, "s1")
+    assert fn() == "jit" and store_after_capture, "the in-process compile's artifacts still go to the cache"
+    assert runner.precompile is None and "cannot trace this whole" in caplog.text
