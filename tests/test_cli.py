@@ -215,14 +215,15 @@ def test_generate_feeds_a_control_image_to_controlnet_presets(tmp_path, capsys):
 
 
 def test_warm_start_worker_feeds_a_control_image_to_controlnet_presets():
-    import time
-
     from diffjet.bench import worker
 
     spec = dict(model="tiny-controlnet", compiler="diffjet", device="cpu", prompt="a cat", steps=2, scheduler="euler",
-                height=64, width=64, seed=0, warm_start=True, spawned_at=time.time())
+                height=64, width=64, seed=0, warm_start=True, spawned_at=worker.IMPORTED_AT - 1.0)
     result = worker.run(spec)
-    assert result["warm_start_s"] > 0 and "warm_cache" in result
+    assert result["warm_start_s"] > 1.0 and "warm_cache" in result
+    phases = result["warm_start_phases_s"]
+    assert phases["imports"] == 1.0 and min(phases.values()) >= 0
+    assert sum(phases.values()) == pytest.approx(result["warm_start_s"])
 
 
 def test_bench_diffjet_kernels_variant_records_its_passes(tmp_path, capsys):

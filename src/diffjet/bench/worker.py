@@ -19,6 +19,8 @@ from ..models import control_inputs, load_pipeline
 from . import recipes
 from .harness import measure
 
+IMPORTED_AT = time.time()  # a warm start's phases: imports end here
+
 
 def run(spec: dict) -> list[dict] | dict:
     """Time the variant at each of `spec["resolutions"]` (or its one height/width) in this process.
@@ -32,6 +34,7 @@ def run(spec: dict) -> list[dict] | dict:
     pipe = load_pipeline(spec["model"], device=str(device), dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     recipes.set_scheduler(pipe, spec.get("scheduler", "euler"))
+    spec = {**spec, "loaded_at": time.time()}
     apply_compiler = lambda p: recipes.apply(p, spec["compiler"], cache_dir=spec.get("cache_dir"))  # noqa: E731
     if spec.get("warm_start"):
         return _warm_start(pipe, spec, apply_compiler)
@@ -83,8 +86,10 @@ def _captures(pipe) -> int:
 
 
 def _warm_start(pipe, spec: dict, apply_compiler) -> dict:
-    """From this process's start (`spawned_at`, the parent's clock) to its first finished image."""
+    """From this process's start (`spawned_at`, the parent's clock) to its first finished image, and the
+    phases of that time: imports, loading the pipeline, compiling (with the cache), the first image."""
     apply_compiler(pipe)
+    compiled_at = time.time()
     pipe(
         **control_inputs(pipe, spec["height"], spec["width"]),
         prompt=spec["prompt"],
@@ -96,8 +101,11 @@ def _warm_start(pipe, spec: dict, apply_compiler) -> dict:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     cache = getattr(getattr(pipe, "diffjet", None), "cache", None)
+    done = time.time()
     return {
-        "warm_start_s": time.time() - spec["spawned_at"],
+        "warm_start_s": done - spec["spawned_at"],
+        "warm_start_phases_s": {"imports": IMPORTED_AT - spec["spawned_at"], "load": spec["loaded_at"] - IMPORTED_AT,
+                                "compile": compiled_at - spec["loaded_at"], "first_image": done - compiled_at},
         "warm_cache": dataclasses.asdict(cache.stats) if cache is not None else None,
         "warm_dynamo_frames": _dynamo_counts()["dynamo_frames"],
     }
