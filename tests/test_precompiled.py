@@ -147,3 +147,24 @@ def test_runner_falls_back_to_compiling_in_process_when_precompiling_fails(tmp_p
     fn, store_after_capture = runner._function_for(parts, (), {}, "s1")
     assert fn() == "jit" and store_after_capture, "the in-process compile's artifacts still go to the cache"
     assert runner.precompile is None and "cannot trace this whole" in caplog.text
+
+
+def test_an_entry_stored_without_a_function_gets_one_when_precompiling_works_again(tmp_path):
+    parts = {"component": "unet", "signature": "s1"}
+
+    def cache():
+        return CompileCache(tmp_path, save_artifacts=lambda: (b"kernels", None), load_artifacts=lambda b: None)
+
+    first = _runner_policy(cache(), _FakePrecompiler(fail=True))
+    assert first._function_for(parts, (), {}, "s1")[1]  # fell back: the capture will store the kernels
+    first.cache.store(parts)
+    assert cache().load_entry(parts) == {}
+
+    fake = _FakePrecompiler()
+    assert _runner_policy(cache(), fake)._function_for(parts, (), {}, "s1")[0]() == "precompiled"
+    assert cache().load_entry(parts) == {FUNCTION: b"function-bytes"}
+    leftovers = [p for p in tmp_path.rglob("*") if p.name.startswith(".")]
+    assert leftovers == []
+
+    later = _FakePrecompiler()
+    assert _runner_policy(cache(), later)._function_for(parts, (), {}, "s1")[0]() == "loaded" and later.compiled == 0

@@ -143,9 +143,9 @@ class CompileCache:
         self.stats.hits += 1
         return files
 
-    def store(self, parts: dict[str, Any], extra: dict[str, bytes] | None = None) -> Path | None:
+    def store(self, parts: dict[str, Any], extra: dict[str, bytes] | None = None, replace: bool = False) -> Path | None:
         """Write what this process compiled so far, and `extra` files, as the entry for `parts`; None if
-        there is nothing to write."""
+        there is nothing to write. An existing entry is kept, unless `replace` (this one has more in it)."""
         saved = self._save()
         artifacts = (saved[0] if isinstance(saved, tuple) else saved) if saved else b""
         if not artifacts and not extra:
@@ -167,7 +167,16 @@ class CompileCache:
             except OSError:
                 if not final.exists():
                     raise
-                return final  # another process stored the same entry first; its copy is as good
+                if not replace:
+                    return final  # another process stored the same entry first; its copy is as good
+                old = Path(tempfile.mkdtemp(prefix=f".{key[:12]}.old.", dir=final.parent))
+                try:
+                    os.rename(final, old / "entry")  # out of the way first: a folder cannot be renamed over
+                    os.rename(staging, final)
+                except OSError:
+                    return final if final.exists() else None  # another process replaced it meanwhile
+                finally:
+                    shutil.rmtree(old, ignore_errors=True)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         self.stats.stored += 1

@@ -250,7 +250,8 @@ class CudaGraphRunner:
             else:
                 function, data = self.precompile.compile(args, kwargs)
                 compiled = time.perf_counter()
-                self.cache.store(parts, extra={FUNCTION: data})
+                # An entry without a function (an earlier process could not precompile) gets one now.
+                self.cache.store(parts, extra={FUNCTION: data}, replace=files is not None)
                 logger.info("%s: precompiled [%s] in %.1f s, stored it in %.1f s", self.name, signature,
                             compiled - start, time.perf_counter() - compiled)
         except Exception as exc:  # noqa: BLE001 - a traced-and-saved function is an optimisation only
