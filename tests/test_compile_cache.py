@@ -145,7 +145,7 @@ def test_two_processes_filling_one_cache_leave_it_valid(tmp_path):
     assert len(entries) == 8
     for folder in entries:
         meta = json.loads((folder / META).read_text())
-        assert hashlib.sha256((folder / ARTIFACTS).read_bytes()).hexdigest() == meta["sha256"]
+        assert hashlib.sha256((folder / ARTIFACTS).read_bytes()).hexdigest() == meta["files"][ARTIFACTS]["sha256"]
     leftovers = [p for p in tmp_path.rglob("*") if p.name.startswith(".")]
     assert leftovers == []
 

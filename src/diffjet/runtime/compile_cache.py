@@ -158,25 +158,18 @@ class CompileCache:
         try:
             for name, data in files.items():
                 (staging / name).write_bytes(data)
-            meta = {"key": key, "parts": parts, "size": len(artifacts), "sha256": hashlib.sha256(artifacts).hexdigest(),
+            meta = {"key": key, "parts": parts,
                     "files": {name: {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-                              for name, data in files.items() if name != ARTIFACTS}}
+                              for name, data in files.items()}}
             (staging / META).write_text(json.dumps(meta, indent=1, sort_keys=True, default=str))
             try:
                 os.rename(staging, final)
             except OSError:
                 if not final.exists():
                     raise
-                if not replace:
-                    return final  # another process stored the same entry first; its copy is as good
-                old = Path(tempfile.mkdtemp(prefix=f".{key[:12]}.old.", dir=final.parent))
-                try:
-                    os.rename(final, old / "entry")  # out of the way first: a folder cannot be renamed over
-                    os.rename(staging, final)
-                except OSError:
-                    return final if final.exists() else None  # another process replaced it meanwhile
-                finally:
-                    shutil.rmtree(old, ignore_errors=True)
+                # Another process stored the same entry first: its copy is as good, unless this one has more.
+                if not (replace and _swap(staging, final)):
+                    return final if final.exists() else None
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         self.stats.stored += 1
@@ -187,15 +180,31 @@ class CompileCache:
         """(what is wrong with the entry or None, its files by name once checked)."""
         try:
             meta = json.loads((folder / META).read_text())
-            expected = {ARTIFACTS: {"size": meta.get("size"), "sha256": meta.get("sha256")}, **meta.get("files", {})}
+            expected = {name: (int(f["size"]), str(f["sha256"])) for name, f in meta["files"].items()}
             files = {name: (folder / name).read_bytes() for name in expected}
-        except (OSError, ValueError, AttributeError, TypeError) as exc:
+        except (OSError, ValueError, KeyError, AttributeError, TypeError) as exc:
             return f"unreadable entry ({exc.__class__.__name__})", {}
+        if ARTIFACTS not in files:
+            return "entry has no artifacts", {}
         if meta.get("key") != key:
             return "entry belongs to another key", {}
         for name, data in files.items():
-            if len(data) != expected[name]["size"]:
-                return f"truncated entry ({name}: {len(data)} of {expected[name]['size']} bytes)", {}
-            if hashlib.sha256(data).hexdigest() != expected[name]["sha256"]:
+            size, digest = expected[name]
+            if len(data) != size:
+                return f"truncated entry ({name}: {len(data)} of {size} bytes)", {}
+            if hashlib.sha256(data).hexdigest() != digest:
                 return f"entry's hash does not match its contents ({name})", {}
         return None, files
+
+
+def _swap(staging: Path, final: Path) -> bool:
+    """Put the entry in `staging` in place of the one at `final`; False if another process got in between."""
+    old = Path(tempfile.mkdtemp(prefix=f".{final.name[:12]}.old.", dir=final.parent))
+    try:
+        os.rename(final, old / "entry")  # out of the way first: a folder cannot be renamed over another
+        os.rename(staging, final)
+        return True
+    except OSError:
+        return False
+    finally:
+        shutil.rmtree(old, ignore_errors=True)
