@@ -37,20 +37,21 @@ MAX_SIGNATURES = 256
 
 _POOLS: dict[int, Any] = {}
 _STREAMS: dict[int, torch.cuda.Stream] = {}
-_POOLS_LOCK = threading.Lock()
+_LOCK = threading.Lock()
 
 
-def _index(device: torch.device) -> int:
-    return device.index if device.index is not None else torch.cuda.current_device()
+def _per_device(table: dict[int, Any], device: torch.device, make: Callable[[int], Any]) -> Any:
+    """`table`'s one object for `device`, made by `make(index)` the first time it is asked for."""
+    with _LOCK:
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        if index not in table:
+            table[index] = make(index)
+        return table[index]
 
 
 def graph_pool(device: torch.device) -> Any:
     """The one memory pool that every diffjet graph on `device` captures into."""
-    with _POOLS_LOCK:
-        index = _index(device)
-        if index not in _POOLS:
-            _POOLS[index] = torch.cuda.graph_pool_handle()
-        return _POOLS[index]
+    return _per_device(_POOLS, device, lambda index: torch.cuda.graph_pool_handle())
 
 
 def capture_stream(device: torch.device) -> torch.cuda.Stream:
@@ -59,11 +60,7 @@ def capture_stream(device: torch.device) -> torch.cuda.Stream:
     cuBLAS keeps a workspace (32 MiB on Hopper) for every stream it has run on until the process ends,
     so a new stream per capture would leak that much device memory with each captured shape.
     """
-    with _POOLS_LOCK:
-        index = _index(device)
-        if index not in _STREAMS:
-            _STREAMS[index] = torch.cuda.Stream(torch.device("cuda", index))
-        return _STREAMS[index]
+    return _per_device(_STREAMS, device, lambda index: torch.cuda.Stream(torch.device("cuda", index)))
 
 
 @dataclass
