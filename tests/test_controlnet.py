@@ -66,21 +66,6 @@ def test_controlnet_presets_have_published_parameter_counts(name):
     assert counts == count_parameters(name.removesuffix("-controlnet"))
 
 
-@pytest.mark.parametrize(
-    ("name", "pipeline_class", "resolution", "dtype"),
-    [
-        ("tiny-controlnet", "StableDiffusionControlNetPipeline", 64, torch.float32),
-        ("tiny-sdxl-controlnet", "StableDiffusionXLControlNetPipeline", 64, torch.float32),
-        ("sd15-controlnet", "StableDiffusionControlNetPipeline", 512, torch.float16),
-        ("sdxl-controlnet", "StableDiffusionXLControlNetPipeline", 1024, torch.float16),
-    ],
-)
-def test_controlnet_preset_describes_pipeline_resolution_and_dtype(name, pipeline_class, resolution, dtype):
-    preset = get_preset(name)
-    assert (preset.pipeline_class, preset.height, preset.width, preset.dtype) == (
-        pipeline_class, resolution, resolution, dtype)
-
-
 @pytest.mark.parametrize("name", ["tiny-controlnet", "tiny-sdxl-controlnet"])
 def test_tiny_controlnet_folder_loads_as_a_controlnet_pipeline(folders, name):
     pipe = load(folders[name])

@@ -83,6 +83,10 @@ def test_presets_are_the_known_architectures():
         ("sd15", "StableDiffusionPipeline", 512, torch.float16),
         ("sd21", "StableDiffusionPipeline", 768, torch.float16),
         ("sdxl", "StableDiffusionXLPipeline", 1024, torch.float16),
+        ("tiny-controlnet", "StableDiffusionControlNetPipeline", 64, torch.float32),
+        ("tiny-sdxl-controlnet", "StableDiffusionXLControlNetPipeline", 64, torch.float32),
+        ("sd15-controlnet", "StableDiffusionControlNetPipeline", 512, torch.float16),
+        ("sdxl-controlnet", "StableDiffusionXLControlNetPipeline", 1024, torch.float16),
     ],
 )
 def test_preset_describes_pipeline_resolution_and_dtype(name, pipeline_class, resolution, dtype):
