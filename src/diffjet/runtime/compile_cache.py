@@ -42,7 +42,7 @@ logger = logging.getLogger(__name__)
 ARTIFACTS = "artifacts.bin"
 FUNCTION = "function.bin"
 META = "meta.json"
-FORMAT = 2
+FORMAT = 3  # 3: meta.json lists every file of an entry under "files"
 
 
 def default_cache_dir() -> Path:
