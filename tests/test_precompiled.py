@@ -26,6 +26,24 @@ BLOCK = textwrap.dedent(
         torch.manual_seed(0)
         block = ResnetBlock2D(in_channels=32, out_channels=32, temb_channels=64, groups=8).eval()
         return block, torch.randn(1, 32, 16, 16), torch.randn(1, 64)
+
+    class Outer(torch.nn.Module):  # a block inside a module, for diffjet's GroupNorm+SiLU kernel pass
+
+        def __init__(self, block):
+            super().__init__()
+            self.block = block
+
+        def forward(self, x, temb):
+            return self.block(x, temb)
+
+    def fused_and_inputs():
+        from diffjet import Config
+        from diffjet.passes import kernels
+
+        block, x, temb = block_and_inputs()
+        outer = kernels.apply(Outer(block), Config(kernels=("group_norm_silu",)))
+        assert kernels.placements(outer)["resnet_blocks"] == 1
+        return outer, x, temb
     """
 )
 exec(BLOCK)  # defines block_and_inputs, shared with the new process below
@@ -36,7 +54,7 @@ LOADER = BLOCK + textwrap.dedent(
     from torch._dynamo.utils import counters
     from diffjet.runtime.precompiled import Precompiler
 
-    block, x, temb = block_and_inputs()
+    block, x, temb = fused_and_inputs() if sys.argv[2] == "fused" else block_and_inputs()
     function = Precompiler(block).load(open(sys.argv[1], "rb").read())
     with torch.no_grad():
         out = function(x, temb)
@@ -70,11 +88,25 @@ def test_compiled_function_matches_eager_and_sees_in_place_weight_updates(compil
 
 def test_a_new_process_loads_it_without_tracing(compiled, tmp_path):
     *_, data = compiled
+    _load_in_a_new_process(data, "plain", tmp_path)
+
+
+def test_blocks_with_the_kernel_pass_are_saved_and_loaded_too(tmp_path):
+    # The pass once patched `forward` onto each block instance: Dynamo's guards on such a method cannot
+    # be saved, so every process fell back to tracing (found on the GPU with the tiny preset).
+    outer, x, temb = fused_and_inputs()  # noqa: F821 - from BLOCK
+    function, data = Precompiler(outer).compile((x, temb), {})
+    with torch.no_grad():
+        torch.testing.assert_close(function(x, temb), outer(x, temb), rtol=1e-5, atol=1e-5)
+    _load_in_a_new_process(data, "fused", tmp_path)
+
+
+def _load_in_a_new_process(data: bytes, which: str, tmp_path) -> None:
     path = tmp_path / FUNCTION
     path.write_bytes(data)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    proc = subprocess.run([sys.executable, "-c", LOADER, str(path)], capture_output=True, text=True, env=env,
-                          timeout=300)
+    proc = subprocess.run([sys.executable, "-c", LOADER, str(path), which], capture_output=True, text=True,
+                          env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["error"] < 1e-5

@@ -225,7 +225,7 @@ from diffjet.models import load_pipeline
 
 pipe = load_pipeline("tiny", device="cuda", dtype=torch.float16)
 pipe.set_progress_bar_config(disable=True)
-diffjet.compile(pipe, diffjet.Config(cache_dir=sys.argv[1]))
+diffjet.compile(pipe, diffjet.Config(cache_dir=sys.argv[1], kernels=tuple(json.loads(sys.argv[2]))))
 image = pipe("a cat", num_inference_steps=2, output_type="np", generator=torch.Generator().manual_seed(0)).images
 stats = pipe.diffjet.cache.stats
 print(json.dumps({"frames": sum(counters["frames"].values()), "hits": stats.hits, "stored": stats.stored,
@@ -233,7 +233,8 @@ print(json.dumps({"frames": sum(counters["frames"].values()), "hits": stats.hits
 """
 
 
-def test_a_warm_process_loads_precompiled_functions_without_tracing(tmp_path):
+@pytest.mark.parametrize("kernels", [(), ("group_norm_silu",)], ids=["inductor", "gn-silu-kernel"])
+def test_a_warm_process_loads_precompiled_functions_without_tracing(tmp_path, kernels):
     import json
     import os
     import subprocess
@@ -244,7 +245,7 @@ def test_a_warm_process_loads_precompiled_functions_without_tracing(tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     runs = []
     for _ in range(2):
-        proc = subprocess.run([sys.executable, "-c", _WARM_START, str(tmp_path)], capture_output=True, text=True,
+        proc = subprocess.run([sys.executable, "-c", _WARM_START, str(tmp_path), json.dumps(kernels)], capture_output=True, text=True,
                               env=env, timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
         runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))

@@ -12,7 +12,6 @@ Blocks in another configuration are left alone and counted. The kernels take CUD
 
 from __future__ import annotations
 
-import types
 from typing import Any
 
 import torch
@@ -41,30 +40,35 @@ class FusedGroupNorm(nn.Module):
         return f"{self.num_groups}, {self.weight.shape[0]}, eps={self.eps}, silu={self.silu}"
 
 
-def _resnet_forward(self: ResnetBlock2D, input_tensor: torch.Tensor, temb: torch.Tensor | None,
-                    *args: Any, **kwargs: Any) -> torch.Tensor:
-    """diffusers' `ResnetBlock2D.forward` for time_embedding_norm="default" and SiLU, norms fused."""
-    norm1, norm2 = self.norm1, self.norm2
-    hidden = group_norm_silu(input_tensor, norm1.weight, norm1.bias, norm1.num_groups, norm1.eps, True)
-    if self.upsample is not None:
-        if hidden.shape[0] >= 64:  # diffusers' workaround for upsample_nearest_nhwc at large batch
-            input_tensor, hidden = input_tensor.contiguous(), hidden.contiguous()
-        input_tensor, hidden = self.upsample(input_tensor), self.upsample(hidden)
-    elif self.downsample is not None:
-        input_tensor, hidden = self.downsample(input_tensor), self.downsample(hidden)
-    hidden = self.conv1(hidden)
-    shift = None
-    if self.time_emb_proj is not None:
-        if not self.skip_time_act:
-            temb = self.nonlinearity(temb)
-        shift = self.time_emb_proj(temb)
-    elif temb is not None:
-        hidden = hidden + temb
-    hidden = group_norm_silu(hidden, norm2.weight, norm2.bias, norm2.num_groups, norm2.eps, True, shift)
-    hidden = self.conv2(self.dropout(hidden))
-    if self.conv_shortcut is not None:
-        input_tensor = self.conv_shortcut(input_tensor)
-    return (input_tensor + hidden) / self.output_scale_factor
+class FusedResnetBlock2D(ResnetBlock2D):
+    """A `ResnetBlock2D` (time_embedding_norm="default", SiLU) whose norms run through
+    `diffjet::group_norm_silu`. The pass changes a block's class to this one, keeping its modules and
+    parameters: an importable class, unlike a forward patched onto the instance, which a precompiled
+    function's guards cannot be saved with (`runtime/precompiled.py`)."""
+
+    def forward(self, input_tensor: torch.Tensor, temb: torch.Tensor | None, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """diffusers' `ResnetBlock2D.forward` for this configuration, norms fused."""
+        norm1, norm2 = self.norm1, self.norm2
+        hidden = group_norm_silu(input_tensor, norm1.weight, norm1.bias, norm1.num_groups, norm1.eps, True)
+        if self.upsample is not None:
+            if hidden.shape[0] >= 64:  # diffusers' workaround for upsample_nearest_nhwc at large batch
+                input_tensor, hidden = input_tensor.contiguous(), hidden.contiguous()
+            input_tensor, hidden = self.upsample(input_tensor), self.upsample(hidden)
+        elif self.downsample is not None:
+            input_tensor, hidden = self.downsample(input_tensor), self.downsample(hidden)
+        hidden = self.conv1(hidden)
+        shift = None
+        if self.time_emb_proj is not None:
+            if not self.skip_time_act:
+                temb = self.nonlinearity(temb)
+            shift = self.time_emb_proj(temb)
+        elif temb is not None:
+            hidden = hidden + temb
+        hidden = group_norm_silu(hidden, norm2.weight, norm2.bias, norm2.num_groups, norm2.eps, True, shift)
+        hidden = self.conv2(self.dropout(hidden))
+        if self.conv_shortcut is not None:
+            input_tensor = self.conv_shortcut(input_tensor)
+        return (input_tensor + hidden) / self.output_scale_factor
 
 
 def _resnet_fits(block: ResnetBlock2D) -> bool:
@@ -91,8 +95,8 @@ def apply(module: nn.Module, config: Config) -> nn.Module:
     if "group_norm_silu" not in config.kernels:
         return module
     for block in list(module.modules()):
-        if isinstance(block, ResnetBlock2D) and _resnet_fits(block) and not _is_fused(block):
-            block.forward = types.MethodType(_resnet_forward, block)
+        if type(block) is ResnetBlock2D and _resnet_fits(block):
+            block.__class__ = FusedResnetBlock2D
         norm, act = getattr(block, "conv_norm_out", None), getattr(block, "conv_act", None)
         if isinstance(norm, nn.GroupNorm) and norm.affine and isinstance(act, nn.SiLU):
             block.conv_norm_out, block.conv_act = FusedGroupNorm(norm, silu=True), nn.Identity()
@@ -115,5 +119,4 @@ def placements(module: nn.Module) -> dict[str, int]:
 
 
 def _is_fused(block: ResnetBlock2D) -> bool:
-    forward = block.__dict__.get("forward")
-    return getattr(forward, "__func__", None) is _resnet_forward
+    return isinstance(block, FusedResnetBlock2D)
