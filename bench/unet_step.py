@@ -61,6 +61,8 @@ def category(kernel: str) -> str:
                 o for o in ops if o.isdigit()}:
             return "copies/layout"
         return "elementwise"
+    if "group_norm" in n or "layer_norm" in n:  # diffjet's kernels, ATen's norms
+        return "normalisation"
     if any(k in n for k in ("nchwtonhwc", "nhwctonchw", "transpose", "copy", "memcpy", "memset")):
         return "copies/layout"
     if any(k in n for k in ("conv", "fprop", "implicit", "winograd")):
@@ -115,6 +117,8 @@ def kernel_profile(step, reps: int = 5) -> dict:
         "by_category_ms": {k: round(v, 3) for k, v in by_cat.most_common()},
         "top": [{"kernel": k, "ms": round(v, 3), "calls": calls[k], "category": category(k)}
                 for k, v in by_kernel.most_common(25)],
+        "top_normalisation": [{"kernel": k, "ms": round(v, 3), "calls": calls[k]}
+                              for k, v in by_kernel.most_common() if category(k) == "normalisation"][:15],
     }
 
 

@@ -5,10 +5,10 @@ on `conv1(x) + time_embedding[:, :, None, None]`. A group's values are strided i
 channels of every pixel), and Inductor's lowering reads them with that stride or through a layout copy.
 Here every load is a contiguous run of whole pixel rows:
 
-1. `_stats`: per (image, block of pixels), each channel's mean and sum of squared deviations over the
-   tile (exact two-pass over registers, float32); `_combine`: per (image, group), Chan's parallel-variance
+1. `_group_norm_stats`: per (image, block of pixels), each channel's mean and sum of squared deviations over the
+   tile (exact two-pass over registers, float32); `_group_norm_combine`: per (image, group), Chan's parallel-variance
    merge of those partials into the group's mean and 1/std (no E[x²] − E[x]² cancellation).
-2. `_apply`: per (image, block of pixels), normalise, scale and shift per channel, SiLU, store.
+2. `_group_norm_apply`: per (image, block of pixels), normalise, scale and shift per channel, SiLU, store.
 
 Bytes moved: the input twice and the output once, plus C floats of partials per pixel block.
 
@@ -72,7 +72,7 @@ def supported(x: torch.Tensor, groups: int) -> bool:
 if triton is not None:
 
     @triton.jit
-    def _stats(x_ptr, shift_ptr, mean_ptr, m2_ptr, HW, C, num_blocks,
+    def _group_norm_stats(x_ptr, shift_ptr, mean_ptr, m2_ptr, HW, C, num_blocks,
                HAS_SHIFT: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
         n = tl.program_id(0)
         block = tl.program_id(1)
@@ -95,7 +95,7 @@ if triton is not None:
         tl.store(m2_ptr + out, m2, mask=cols < C)
 
     @triton.jit
-    def _combine(mean_ptr, m2_ptr, stats_ptr, HW, C, groups, num_blocks, eps,
+    def _group_norm_combine(mean_ptr, m2_ptr, stats_ptr, HW, C, groups, num_blocks, eps,
                  BLOCK_HW: tl.constexpr, BLOCKS: tl.constexpr, CPG: tl.constexpr, CPG_PAD: tl.constexpr):
         n = tl.program_id(0)
         g = tl.program_id(1)
@@ -129,7 +129,7 @@ if triton is not None:
         tl.store(stats_ptr + (n * groups + g) * 2 + 1, rstd)
 
     @triton.jit
-    def _apply(x_ptr, shift_ptr, w_ptr, b_ptr, stats_ptr, y_ptr, HW, C, groups,
+    def _group_norm_apply(x_ptr, shift_ptr, w_ptr, b_ptr, stats_ptr, y_ptr, HW, C, groups,
                CPG: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_AFFINE: tl.constexpr, SILU: tl.constexpr,
                BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
         n = tl.program_id(0)
@@ -181,12 +181,12 @@ def launch(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | No
     blocks_per_pass = max(1, min(triton.next_power_of_2(num_blocks), 4096 // cpg_pad))  # ≤ 4096 partials at once
     has_affine = weight is not None
     w, b = (weight, bias) if has_affine else (x, x)  # unused pointers when there is no affine transform
-    _stats[(n, num_blocks)](x, shift, means, m2s, hw, c, num_blocks,
-                            HAS_SHIFT=has_shift, BLOCK_HW=block_hw, BLOCK_C=block_c)
-    _combine[(n, groups)](means, m2s, stats, hw, c, groups, num_blocks, eps,
-                          BLOCK_HW=block_hw, BLOCKS=blocks_per_pass, CPG=cpg, CPG_PAD=cpg_pad)
-    _apply[(n, num_blocks)](x, shift, w, b, stats, y, hw, c, groups, CPG=cpg, HAS_SHIFT=has_shift,
-                            HAS_AFFINE=has_affine, SILU=silu, BLOCK_HW=block_hw, BLOCK_C=block_c)
+    _group_norm_stats[(n, num_blocks)](x, shift, means, m2s, hw, c, num_blocks,
+                                       HAS_SHIFT=has_shift, BLOCK_HW=block_hw, BLOCK_C=block_c)
+    _group_norm_combine[(n, groups)](means, m2s, stats, hw, c, groups, num_blocks, eps,
+                                     BLOCK_HW=block_hw, BLOCKS=blocks_per_pass, CPG=cpg, CPG_PAD=cpg_pad)
+    _group_norm_apply[(n, num_blocks)](x, shift, w, b, stats, y, hw, c, groups, CPG=cpg, HAS_SHIFT=has_shift,
+                                       HAS_AFFINE=has_affine, SILU=silu, BLOCK_HW=block_hw, BLOCK_C=block_c)
     return y
 
 
