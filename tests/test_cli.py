@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -224,6 +225,9 @@ def test_warm_start_worker_feeds_a_control_image_to_controlnet_presets():
     phases = result["warm_start_phases_s"]
     assert phases["imports"] == 1.0 and min(phases.values()) >= 0
     assert sum(phases.values()) == pytest.approx(result["warm_start_s"])
+    # diffjet's own log of the start, each line with its time since the start: the compile summary at least
+    assert any(re.fullmatch(r"\d+\.\d\d s diffjet\.compiler: diffjet on cpu.*", line, re.S)
+               for line in result["warm_start_log"]), result["warm_start_log"]
 
 
 def test_bench_diffjet_kernels_variant_records_its_passes(tmp_path, capsys):

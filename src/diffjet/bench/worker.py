@@ -87,19 +87,28 @@ def _captures(pipe) -> int:
 
 def _warm_start(pipe, spec: dict, apply_compiler, loaded_at: float) -> dict:
     """From this process's start (`spawned_at`, the parent's clock) to its first finished image, and the
-    phases of that time: imports, loading the pipeline, compiling (with the cache), the first image."""
-    apply_compiler(pipe)
-    compiled_at = time.time()
-    pipe(
-        **control_inputs(pipe, spec["height"], spec["width"]),
-        prompt=spec["prompt"],
-        num_inference_steps=spec["steps"],
-        height=spec["height"],
-        width=spec["width"],
-        generator=torch.Generator("cpu").manual_seed(spec["seed"]),
-    )
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+    phases of that time: imports, loading the pipeline, compiling (with the cache), the first image, and
+    diffjet's log of it (cache loads, captures) with each line's time since the start."""
+    log, logger = _TimedLog(spec["spawned_at"]), logging.getLogger("diffjet")
+    level = logger.level
+    logger.addHandler(log)
+    logger.setLevel(logging.INFO)
+    try:
+        apply_compiler(pipe)
+        compiled_at = time.time()
+        pipe(
+            **control_inputs(pipe, spec["height"], spec["width"]),
+            prompt=spec["prompt"],
+            num_inference_steps=spec["steps"],
+            height=spec["height"],
+            width=spec["width"],
+            generator=torch.Generator("cpu").manual_seed(spec["seed"]),
+        )
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    finally:
+        logger.removeHandler(log)
+        logger.setLevel(level)
     cache = getattr(getattr(pipe, "diffjet", None), "cache", None)
     done = time.time()
     return {
@@ -108,7 +117,19 @@ def _warm_start(pipe, spec: dict, apply_compiler, loaded_at: float) -> dict:
                                 "compile": compiled_at - loaded_at, "first_image": done - compiled_at},
         "warm_cache": dataclasses.asdict(cache.stats) if cache is not None else None,
         "warm_dynamo_frames": _dynamo_counts()["dynamo_frames"],
+        "warm_start_log": log.lines,
     }
+
+
+class _TimedLog(logging.Handler):
+    """Keeps each record as `"12.34 s name: message"`, seconds since `start`."""
+
+    def __init__(self, start: float):
+        super().__init__(logging.INFO)
+        self.start, self.lines = start, []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(f"{record.created - self.start:.2f} s {record.name}: {record.getMessage()}")
 
 
 def _dynamo_counts() -> dict[str, int]:
