@@ -5,9 +5,10 @@ on `conv1(x) + time_embedding[:, :, None, None]`. A group's values are strided i
 channels of every pixel), and Inductor's lowering reads them with that stride or through a layout copy.
 Here every load is a contiguous run of whole pixel rows:
 
-1. `_group_norm_stats`: per (image, block of pixels), each channel's mean and sum of squared deviations over the
-   tile (exact two-pass over registers, float32); `_group_norm_combine`: per (image, group), Chan's parallel-variance
-   merge of those partials into the group's mean and 1/std (no E[x²] − E[x]² cancellation).
+1. `_group_norm_stats`: per (image, block of pixels), each channel's mean and sum of squared deviations
+   over the tile (exact two-pass over registers, float32); `_group_norm_combine`: per (image, group),
+   Chan's parallel-variance merge of those partials into the group's mean and 1/std (no E[x²] − E[x]²
+   cancellation).
 2. `_group_norm_apply`: per (image, block of pixels), normalise, scale and shift per channel, SiLU, store.
 
 Bytes moved: the input twice and the output once, plus C floats of partials per pixel block.
@@ -73,7 +74,7 @@ if triton is not None:
 
     @triton.jit
     def _group_norm_stats(x_ptr, shift_ptr, mean_ptr, m2_ptr, HW, C, num_blocks,
-               HAS_SHIFT: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
+                          HAS_SHIFT: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
         n = tl.program_id(0)
         block = tl.program_id(1)
         rows = block * BLOCK_HW + tl.arange(0, BLOCK_HW)
@@ -96,7 +97,7 @@ if triton is not None:
 
     @triton.jit
     def _group_norm_combine(mean_ptr, m2_ptr, stats_ptr, HW, C, groups, num_blocks, eps,
-                 BLOCK_HW: tl.constexpr, BLOCKS: tl.constexpr, CPG: tl.constexpr, CPG_PAD: tl.constexpr):
+                            BLOCK_HW: tl.constexpr, BLOCKS: tl.constexpr, CPG: tl.constexpr, CPG_PAD: tl.constexpr):
         n = tl.program_id(0)
         g = tl.program_id(1)
         chans = tl.arange(0, CPG_PAD)
@@ -130,8 +131,8 @@ if triton is not None:
 
     @triton.jit
     def _group_norm_apply(x_ptr, shift_ptr, w_ptr, b_ptr, stats_ptr, y_ptr, HW, C, groups,
-               CPG: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_AFFINE: tl.constexpr, SILU: tl.constexpr,
-               BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
+                          CPG: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_AFFINE: tl.constexpr, SILU: tl.constexpr,
+                          BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
         n = tl.program_id(0)
         block = tl.program_id(1)
         rows = block * BLOCK_HW + tl.arange(0, BLOCK_HW)

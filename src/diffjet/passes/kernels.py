@@ -111,12 +111,8 @@ def placements(module: nn.Module) -> dict[str, int]:
     resnets = [m for m in module.modules() if isinstance(m, ResnetBlock2D)]
     fused = [m for m in module.modules() if isinstance(m, FusedGroupNorm)]
     return {
-        "resnet_blocks": sum(_is_fused(m) for m in resnets),
+        "resnet_blocks": sum(isinstance(m, FusedResnetBlock2D) for m in resnets),
         "norm_out": sum(m.silu for m in fused),
         "transformer_norms": sum(not m.silu for m in fused),
-        "left_alone": sum(not _is_fused(m) for m in resnets),
+        "left_alone": sum(not isinstance(m, FusedResnetBlock2D) for m in resnets),
     }
-
-
-def _is_fused(block: ResnetBlock2D) -> bool:
-    return isinstance(block, FusedResnetBlock2D)

@@ -23,7 +23,6 @@ import torch
 from torch import nn
 
 
-
 def supported(backend: str) -> bool:
     """Whether this torch can save functions compiled with `backend` (Inductor's are serialisable)."""
     return (
