@@ -242,15 +242,25 @@ def test_a_warm_process_loads_precompiled_functions_without_tracing(tmp_path, ke
 
     import numpy as np
 
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    cache = tmp_path / "cache"
     runs = []
-    for _ in range(2):
-        proc = subprocess.run([sys.executable, "-c", _WARM_START, str(tmp_path), json.dumps(kernels)], capture_output=True, text=True,
-                              env=env, timeout=600)
+    for process in ("cold", "warm"):
+        # Each process with Inductor and Triton caches of its own: only diffjet's cache carries over.
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path),
+               "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / process / "inductor"),
+               "TRITON_CACHE_DIR": str(tmp_path / process / "triton")}
+        proc = subprocess.run([sys.executable, "-c", _WARM_START, str(cache), json.dumps(kernels)], capture_output=True,
+                              text=True, env=env, timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
         runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
     cold, warm = runs
-    assert cold["hits"] == 0 and cold["stored"] >= 2  # the UNet's and the VAE decoder's functions
-    assert warm["hits"] == cold["stored"] and warm["stored"] == 0
+    entries = [json.loads(meta.read_text()) for meta in cache.rglob("meta.json")]
+    assert cold["hits"] == 0 and len(entries) >= 2  # the UNet's and the VAE decoder's functions
+    assert all("function.bin" in entry["files"] for entry in entries)
+    triton_files = [name for entry in entries for name in entry["files"] if name.startswith("triton/")]
+    if kernels:
+        assert triton_files, "diffjet's kernels, compiled at the warm-up, are kept with the entry"
+    # Nothing new to store: no Triton kernel compiled again, no entry missing.
+    assert warm["hits"] == len(entries) and warm["stored"] == 0
     assert warm["frames"] == 0, "a warm process must not trace with Dynamo"
     assert np.abs(np.array(warm["image"]) - np.array(cold["image"])).max() < 1e-3

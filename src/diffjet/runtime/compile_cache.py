@@ -11,11 +11,12 @@ the traced and compiled forward itself, which a new process loads and calls dire
 `CompileCache` stores those bytes per entry, under a key that names everything the compiled code depends
 on: the module's architecture (class and config), its weights' names, shapes, dtypes and layouts, the
 input signature, the passes applied, the torch/triton/diffusers/diffjet versions and the GPU's
-architecture. An entry is a folder holding `artifacts.bin`, any further files (`function.bin`) and
-`meta.json` (its key parts, and each file's size and SHA-256). Loading checks sizes and hashes first: a
-truncated, tampered or foreign entry is deleted with a warning and rebuilt, never loaded. Entries are
-only ever read from the directory the user configured (`Config.cache_dir` or the `DIFFJET_CACHE_DIR`
-environment variable), because loading them deserialises Python objects.
+architecture. An entry is a folder holding `artifacts.bin`, any further files (`function.bin`, Triton's
+binaries under `triton/`, see `triton_cache.py`) and `meta.json` (its key parts, and each file's size and
+SHA-256). Loading checks sizes and hashes first: a truncated, tampered or foreign entry is deleted with a
+warning and rebuilt, never loaded. Entries are only ever read from the directory the user configured
+(`Config.cache_dir` or the `DIFFJET_CACHE_DIR` environment variable), because loading them deserialises
+Python objects.
 
 Writes are atomic: an entry is written into a temporary folder beside its final place and renamed; when
 two processes fill the same entry at once, one rename wins and the other process drops its copy.
@@ -31,7 +32,7 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Callable
 
 import torch
@@ -157,6 +158,7 @@ class CompileCache:
         staging = Path(tempfile.mkdtemp(prefix=f".{key[:12]}.", dir=final.parent))
         try:
             for name, data in files.items():
+                (staging / name).parent.mkdir(parents=True, exist_ok=True)
                 (staging / name).write_bytes(data)
             meta = {"key": key, "parts": parts,
                     "files": {name: {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
@@ -181,6 +183,8 @@ class CompileCache:
         try:
             meta = json.loads((folder / META).read_text())
             expected = {name: (int(f["size"]), str(f["sha256"])) for name, f in meta["files"].items()}
+            if any(not _plain_name(name) for name in expected):
+                return "entry names a file outside its folder", {}
             files = {name: (folder / name).read_bytes() for name in expected}
         except (OSError, ValueError, KeyError, AttributeError, TypeError) as exc:
             return f"unreadable entry ({exc.__class__.__name__})", {}
@@ -195,6 +199,12 @@ class CompileCache:
             if hashlib.sha256(data).hexdigest() != digest:
                 return f"entry's hash does not match its contents ({name})", {}
         return None, files
+
+
+def _plain_name(name: str) -> bool:
+    """A file name an entry may hold: a relative path without `..` (Triton's files sit in subfolders)."""
+    parts = PurePosixPath(name).parts
+    return bool(parts) and not PurePosixPath(name).is_absolute() and ".." not in parts
 
 
 def _swap(staging: Path, final: Path) -> bool:

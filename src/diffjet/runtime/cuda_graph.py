@@ -20,15 +20,18 @@ own replay, before any other graph runs.
 from __future__ import annotations
 
 import logging
+import tempfile
 import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from torch.utils import _pytree as pytree
 
+from . import triton_cache
 from .compile_cache import FUNCTION, CompileCache
 from .precompiled import Precompiler
 
@@ -80,6 +83,15 @@ class _Captured:
     static_inputs: list[torch.Tensor | None]
     static_output: Any
     bytes: int = 0  # growth of reserved device memory during its capture
+
+
+@dataclass
+class _Source:
+    """What a signature is warmed up and captured with."""
+
+    fn: Callable[..., Any]
+    missing: bool  # the cache has no entry yet: store one once the warm-up has compiled `fn`
+    files: dict[str, bytes] = field(default_factory=dict)  # the entry's files besides the artifacts
 
 
 def lru_victims(held: list[tuple[Any, int]], max_graphs: int, max_bytes: int | None) -> list[Any]:
@@ -222,22 +234,21 @@ class CudaGraphRunner:
             return value.to(self.device)
         return value
 
-    def _function_for(self, parts: dict, args: tuple, kwargs: dict, signature: str) -> tuple[Callable[..., Any], bool]:
-        """The function to warm up and capture for one signature, and whether the cache still lacks its
-        entry once the warm-up has compiled it.
+    def _function_for(self, parts: dict, args: tuple, kwargs: dict, signature: str) -> _Source:
+        """The function to warm up and capture for one signature, and what its cache entry holds.
 
         With a `precompile`, a signature's function comes from the cache's precompiled function when
         there is one, else it is compiled ahead of the warm-up and stored at once; should that fail, the
         runner says so and goes on with `fn`, whose compiled artifacts the cache keeps instead.
         """
         if self.cache is None:
-            return self.fn, False
+            return _Source(self.fn, missing=False)
         signature_key = parts["signature"]
         if signature_key in self._functions:
-            return self._functions[signature_key], False
+            return _Source(self._functions[signature_key], missing=False)
         files = self.cache.load_entry(parts)
         if self.precompile is None:
-            return self.fn, files is None
+            return _Source(self.fn, missing=files is None, files=files or {})
         start = time.perf_counter()
         try:
             if files and FUNCTION in files:
@@ -248,16 +259,17 @@ class CudaGraphRunner:
                 function, data = self.precompile.compile(args, kwargs)
                 compiled = time.perf_counter()
                 # An entry without a function (an earlier process could not precompile) gets one now.
-                self.cache.store(parts, extra={FUNCTION: data}, replace=files is not None)
+                had_entry, files = files is not None, {**(files or {}), FUNCTION: data}
+                self.cache.store(parts, extra=files, replace=had_entry)
                 logger.info("%s: precompiled [%s] in %.1f s, stored it in %.1f s", self.name, signature,
                             compiled - start, time.perf_counter() - compiled)
         except Exception as exc:  # noqa: BLE001 - a traced-and-saved function is an optimisation only
             logger.warning("%s: no precompiled function for [%s], compiling in this process instead: %s",
                            self.name, signature, exc)
             self.precompile = None
-            return self.fn, files is None
+            return _Source(self.fn, missing=files is None, files=files or {})
         self._functions[signature_key] = function
-        return function, False
+        return _Source(function, missing=False, files=files)
 
     def _capture(self, key: Any, leaves: list[Any], spec: Any) -> _Captured:
         signature = ", ".join(
@@ -267,40 +279,23 @@ class CudaGraphRunner:
         static_leaves = [s if s is not None else x for s, x in zip(static_inputs, leaves)]
         args, kwargs = pytree.tree_unflatten(static_leaves, spec)
         cache_parts = {**self.cache_parts, "signature": f"{spec} {[_leaf_key(x) for x in leaves]}"}
-        fn, store_after_capture = self._function_for(cache_parts, args, kwargs, signature)
-        stream = capture_stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        graph = torch.cuda.CUDAGraph()
-        try:
-            # Every signature compiles its own static-shape graph; Dynamo's default limit of 8 per
-            # function would send the ninth resolution/batch pair back to eager without a word.
-            with torch.no_grad(), torch.cuda.stream(stream), torch._dynamo.config.patch(recompile_limit=MAX_SIGNATURES):
-                # Warm-up outside the graph: compiles (Inductor), picks cuDNN/cuBLAS algorithms and
-                # creates library handles, none of which may happen during capture.
-                for _ in range(self.warmup_calls):
-                    fn(*args, **kwargs)
-                stream.synchronize()
-                pool = graph_pool(self.device) if self.max_memory is None else torch.cuda.graph_pool_handle()
-                # `torch.cuda.graph` empties the cache before capturing: do it first, or the warm-up's
-                # cached blocks it gives back would be subtracted from the graph's footprint.
-                torch.cuda.empty_cache()
-                reserved_before = torch.cuda.memory_reserved(self.device)
-                with torch.cuda.graph(graph, pool=pool, stream=stream):
-                    static_output = fn(*args, **kwargs)
-        except Exception as exc:  # noqa: BLE001 - any failure to capture falls back to eager, loudly
-            torch.cuda.synchronize(self.device)
-            logger.warning("%s: CUDA graph capture failed for [%s], running it eagerly: %s", self.name, signature, exc)
-            captured = _Captured(graph=None, static_inputs=[], static_output=None)
+        source = self._function_for(cache_parts, args, kwargs, signature)
+        if self.cache is None:
+            captured = self._warm_up_and_capture(source.fn, args, kwargs, static_inputs, signature)
         else:
-            torch.cuda.current_stream(self.device).wait_stream(stream)
-            captured = _Captured(graph=graph, static_inputs=static_inputs, static_output=static_output,
-                                 bytes=max(0, torch.cuda.memory_reserved(self.device) - reserved_before)
-                                 + sum(x.nbytes for x in static_inputs if x is not None))
-            self.stats.captures += 1
-            self.stats.signatures.append(signature)
-            if store_after_capture:
-                self.cache.store(cache_parts)
-            logger.info("%s: captured a CUDA graph for [%s]", self.name, signature)
+            # Triton compiles diffjet's kernels at their first call, in this process: into a folder that
+            # the entry keeps, so that the next process finds them (`triton_cache.py`).
+            with tempfile.TemporaryDirectory(prefix="diffjet-triton-") as folder:
+                restored = triton_cache.restore(source.files, Path(folder))
+                with triton_cache.scope(Path(folder)):
+                    captured = self._warm_up_and_capture(source.fn, args, kwargs, static_inputs, signature)
+                compiled = triton_cache.collect(Path(folder), restored)
+            if captured.graph is not None and (source.missing or compiled):
+                kept = {name: data for name, data in source.files.items() if name not in compiled}
+                self.cache.store(cache_parts, extra={**kept, **compiled} or None, replace=not source.missing)
+                if compiled:
+                    logger.info("%s: kept %d Triton file(s) compiled during the warm-up for [%s]", self.name,
+                                len(compiled), signature)
         self._graphs[key] = captured
         victims = lru_victims([(k, c.bytes) for k, c in self._graphs.items()], self.max_graphs, self.max_memory)
         for victim in victims:
@@ -308,3 +303,42 @@ class CudaGraphRunner:
         if victims and self.max_memory is not None:
             torch.cuda.empty_cache()  # give what the dropped graphs alone held back to the driver
         return captured
+
+    def _warm_up_and_capture(self, fn: Callable[..., Any], args: tuple, kwargs: dict,
+                             static_inputs: list[torch.Tensor | None], signature: str) -> _Captured:
+        stream = capture_stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        graph = torch.cuda.CUDAGraph()
+        try:
+            # Every signature compiles its own static-shape graph; Dynamo's default limit of 8 per
+            # function would send the ninth resolution/batch pair back to eager without a word.
+            with torch.no_grad(), torch.cuda.stream(stream), torch._dynamo.config.patch(recompile_limit=MAX_SIGNATURES):
+                # Warm-up outside the graph: compiles (Inductor, Triton), picks cuDNN/cuBLAS algorithms
+                # and creates library handles, none of which may happen during capture.
+                warmup_start = time.perf_counter()
+                for _ in range(self.warmup_calls):
+                    fn(*args, **kwargs)
+                stream.synchronize()
+                warmup_s = time.perf_counter() - warmup_start
+                pool = graph_pool(self.device) if self.max_memory is None else torch.cuda.graph_pool_handle()
+                # `torch.cuda.graph` empties the cache before capturing: do it first, or the warm-up's
+                # cached blocks it gives back would be subtracted from the graph's footprint.
+                torch.cuda.empty_cache()
+                reserved_before = torch.cuda.memory_reserved(self.device)
+                capture_start = time.perf_counter()
+                with torch.cuda.graph(graph, pool=pool, stream=stream):
+                    static_output = fn(*args, **kwargs)
+                capture_s = time.perf_counter() - capture_start
+        except Exception as exc:  # noqa: BLE001 - any failure to capture falls back to eager, loudly
+            torch.cuda.synchronize(self.device)
+            logger.warning("%s: CUDA graph capture failed for [%s], running it eagerly: %s", self.name, signature, exc)
+            return _Captured(graph=None, static_inputs=[], static_output=None)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        self.stats.captures += 1
+        self.stats.signatures.append(signature)
+        logger.info("%s: captured a CUDA graph for [%s] (warm-up %.1f s, capture %.1f s)", self.name, signature,
+                    warmup_s, capture_s)
+        return _Captured(graph=graph, static_inputs=static_inputs, static_output=static_output,
+                         bytes=max(0, torch.cuda.memory_reserved(self.device) - reserved_before)
+                         + sum(x.nbytes for x in static_inputs if x is not None))
+
