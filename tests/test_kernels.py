@@ -146,6 +146,32 @@ def test_pass_swaps_every_resnet_block_and_keeps_the_unet_output(tiny_path):
     assert relative_error(got, want) < 1e-5
 
 
+def test_pass_feeds_the_kernels_channels_last_after_linear_projection_transformers(tiny_sdxl_path, monkeypatch):
+    # SDXL's (and SD 2.x's) transformers end in `.contiguous()` NCHW; the op would fall back to its slow
+    # PyTorch reference there. The fused modules hand it channels-last input, and the output is unchanged.
+    unet = UNet2DConditionModel.from_pretrained(tiny_sdxl_path, subfolder="unet").eval()
+    reference = UNet2DConditionModel.from_pretrained(tiny_sdxl_path, subfolder="unet").eval()
+    assert unet.config.use_linear_projection
+    unet.to(memory_format=torch.channels_last)
+    kernel_pass.apply(unet, Config(kernels=("group_norm_silu",)))
+    layouts = []
+
+    def recording(x, *args):
+        layouts.append(x.is_contiguous(memory_format=torch.channels_last))
+        return gn.group_norm_silu(x, *args)
+
+    monkeypatch.setattr(kernel_pass, "group_norm_silu", recording)
+    g = torch.Generator().manual_seed(0)
+    sample = torch.randn(2, 4, 8, 8, generator=g).contiguous(memory_format=torch.channels_last)
+    states = torch.randn(2, 77, unet.config.cross_attention_dim, generator=g)
+    added = {"text_embeds": torch.randn(2, 32, generator=g), "time_ids": torch.randn(2, 6, generator=g)}
+    with torch.no_grad():
+        got = unet(sample, 500, states, added_cond_kwargs=added).sample
+        want = reference(sample, 500, states, added_cond_kwargs=added).sample
+    assert len(layouts) > 0 and all(layouts), layouts
+    assert relative_error(got, want) < 1e-5
+
+
 def test_pass_is_off_on_cpu_and_for_float32(tiny_path):
     unet = UNet2DConditionModel.from_pretrained(tiny_path, subfolder="unet")
     assert not kernel_pass.applies(unet, Config(kernels=("group_norm_silu",)))

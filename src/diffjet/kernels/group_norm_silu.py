@@ -22,6 +22,7 @@ take, it runs `reference`, plain PyTorch.
 
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
@@ -35,6 +36,8 @@ except ImportError:  # CPU-only installs: the op runs its PyTorch reference
 
 # Triton's interpreter runs the kernels on CPU tensors: how the tests check them without a GPU.
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+logger = logging.getLogger(__name__)
+_FELL_BACK: set[tuple] = set()  # (shape, strides) of CUDA inputs already warned about
 # Elements of one [pixels × channels] tile a program holds; the pixel block is this over the padded C.
 _TILE_ELEMENTS = 8192
 
@@ -196,6 +199,10 @@ def group_norm_silu(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Te
                     eps: float, silu: bool, shift: torch.Tensor | None = None) -> torch.Tensor:
     """`reference`'s result; Triton on CUDA channels-last input, PyTorch otherwise."""
     if not supported(x, groups):
+        if x.is_cuda and (tuple(x.shape), x.stride()) not in _FELL_BACK:
+            _FELL_BACK.add((tuple(x.shape), x.stride()))
+            logger.warning("group_norm_silu: the Triton kernels do not take %s with strides %s (%d groups); "
+                           "running the slower PyTorch reference", tuple(x.shape), x.stride(), groups)
         return reference(x, weight, bias, groups, eps, silu, shift)
     return launch(x, weight, bias, groups, eps, silu, shift)
 

@@ -34,6 +34,7 @@ class FusedGroupNorm(nn.Module):
         if x.dim() != 4:
             y = nn.functional.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
             return nn.functional.silu(y) if self.silu else y
+        x = x.contiguous(memory_format=torch.channels_last)  # see FusedResnetBlock2D.forward
         return group_norm_silu(x, self.weight, self.bias, self.num_groups, self.eps, self.silu)
 
     def extra_repr(self) -> str:
@@ -49,6 +50,12 @@ class FusedResnetBlock2D(ResnetBlock2D):
     def forward(self, input_tensor: torch.Tensor, temb: torch.Tensor | None, *args: Any, **kwargs: Any) -> torch.Tensor:
         """diffusers' `ResnetBlock2D.forward` for this configuration, norms fused."""
         norm1, norm2 = self.norm1, self.norm2
+        # The kernels read channels-last. Not every block input is: a transformer with linear projections
+        # (SD 2.x, SDXL) returns `.contiguous()` NCHW, and the kernels' op would fall back to its slow
+        # PyTorch reference (SD2.1 768²: 15.26 against 13.90 ms a UNet step, bench/results/
+        # h100-2026-11-26-sd21-side-by-side.json). Asked for here, Inductor writes the producer's output
+        # channels-last in the first place; in eager it is a copy only where the layout differs.
+        input_tensor = input_tensor.contiguous(memory_format=torch.channels_last)
         hidden = group_norm_silu(input_tensor, norm1.weight, norm1.bias, norm1.num_groups, norm1.eps, True)
         if self.upsample is not None:
             if hidden.shape[0] >= 64:  # diffusers' workaround for upsample_nearest_nhwc at large batch
