@@ -183,7 +183,7 @@ class CompileCache:
         try:
             meta = json.loads((folder / META).read_text())
             expected = {name: (int(f["size"]), str(f["sha256"])) for name, f in meta["files"].items()}
-            if any(not _plain_name(name) for name in expected):
+            if any(not plain_name(name) for name in expected):
                 return "entry names a file outside its folder", {}
             files = {name: (folder / name).read_bytes() for name in expected}
         except (OSError, ValueError, KeyError, AttributeError, TypeError) as exc:
@@ -201,7 +201,7 @@ class CompileCache:
         return None, files
 
 
-def _plain_name(name: str) -> bool:
+def plain_name(name: str) -> bool:
     """A file name an entry may hold: a relative path without `..` (Triton's files sit in subfolders)."""
     parts = PurePosixPath(name).parts
     return bool(parts) and not PurePosixPath(name).is_absolute() and ".." not in parts

@@ -291,8 +291,7 @@ class CudaGraphRunner:
                     captured = self._warm_up_and_capture(source.fn, args, kwargs, static_inputs, signature)
                 compiled = triton_cache.collect(Path(folder), restored)
             if captured.graph is not None and (source.missing or compiled):
-                kept = {name: data for name, data in source.files.items() if name not in compiled}
-                self.cache.store(cache_parts, extra={**kept, **compiled} or None, replace=not source.missing)
+                self.cache.store(cache_parts, extra={**source.files, **compiled} or None, replace=not source.missing)
                 if compiled:
                     logger.info("%s: kept %d Triton file(s) compiled during the warm-up for [%s]", self.name,
                                 len(compiled), signature)

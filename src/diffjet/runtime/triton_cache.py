@@ -20,6 +20,8 @@ import json
 from pathlib import Path, PurePosixPath
 from typing import Iterator
 
+from .compile_cache import plain_name
+
 try:
     import triton
 except ImportError:  # CPU-only installs have no Triton cache to keep
@@ -45,23 +47,15 @@ def scope(directory: Path) -> Iterator[None]:
         yield
 
 
-def _relative(name: str) -> PurePosixPath | None:
-    """`name` without the prefix, if it is a plain relative path (no `..`, not absolute)."""
-    path = PurePosixPath(name[len(PREFIX):])
-    if not name.startswith(PREFIX) or path.is_absolute() or ".." in path.parts or not path.parts:
-        return None
-    return path
-
-
 def restore(files: dict[str, bytes], directory: Path) -> set[str]:
     """Write the entry's Triton files into `directory`; the names written."""
     written = set()
     for name, data in files.items():
-        relative = _relative(name)
-        if relative is None:
+        relative = name[len(PREFIX):]
+        if not name.startswith(PREFIX) or not plain_name(relative):
             continue
-        path = directory.joinpath(*relative.parts)
-        if relative.name.startswith(_GROUP):
+        path = directory.joinpath(*PurePosixPath(relative).parts)
+        if path.name.startswith(_GROUP):
             data = _rebase_group(data, lambda child: _under(directory, child))
             if data is None:
                 continue
@@ -91,10 +85,7 @@ def collect(directory: Path, known: set[str] = frozenset()) -> dict[str, bytes]:
 
 
 def _under(directory: Path, child: str) -> str | None:
-    parts = PurePosixPath(child).parts
-    if not parts or PurePosixPath(child).is_absolute() or ".." in parts:
-        return None
-    return str(directory.joinpath(*parts))
+    return str(directory.joinpath(*PurePosixPath(child).parts)) if plain_name(child) else None
 
 
 def _inside(path: Path, directory: Path) -> str | None:
