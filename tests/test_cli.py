@@ -230,12 +230,12 @@ def test_warm_start_worker_feeds_a_control_image_to_controlnet_presets():
                for line in result["warm_start_log"]), result["warm_start_log"]
 
 
-def test_bench_diffjet_kernels_variant_records_its_passes(tmp_path, capsys):
+def test_bench_diffjet_no_kernels_variant_records_its_passes(tmp_path, capsys):
     path = tmp_path / "bench.json"
-    code, _, _ = run(["bench", *FAST, "--compiler", "diffjet-kernels", "--repeats", "1", "--unet-repeats", "1",
+    code, _, _ = run(["bench", *FAST, "--compiler", "diffjet-no-kernels", "--repeats", "1", "--unet-repeats", "1",
                       "--warmup", "1", "--json", str(path)], capsys)
     run_ = json.loads(path.read_text())["runs"][0]
-    assert code == 0 and run_["compiler"] == "diffjet-kernels"
+    assert code == 0 and run_["compiler"] == "diffjet-no-kernels"
     # On a CPU the kernels do not apply: the passes say so instead of claiming them.
     assert not any(p.startswith("kernels") for passes in run_["passes"].values() for p in passes)
     assert "fused_qkv_sdpa" in run_["passes"]["unet"]

@@ -76,6 +76,21 @@ def test_group_norm_silu_kernel_against_reference(shape, dtype, silu, use_shift,
     assert error <= BOUND[DEVICE, dtype] * baseline + 1e-6, (error, baseline)
 
 
+@pytest.mark.parametrize("programs", [0, 1, 3, 7], ids=lambda p: f"{p}-programs" if p else "one-per-tile")
+@pytest.mark.parametrize("shape", [(1, 32, 96, 100, 32), (2, 320, 24, 24, 32), (3, 96, 3, 5, 8)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_statistics_merged_across_tiles_match_the_reference(shape, programs):
+    # Few statistics programs: each merges many tiles (the last one fewer, or none past the end).
+    x, weight, bias, shift = inputs(shape, torch.float16, seed=3)
+    groups, eps = shape[-1], 1e-5
+    out = torch.full_like(x, float("nan"))
+    y = gn.launch(x, weight, bias, groups, eps, True, shift, out=out, stats_programs=programs)
+    assert torch.isfinite(y).all()
+    ref = gn.reference(x.float(), weight.float(), bias.float(), groups, eps, True, shift.float())
+    baseline = relative_error(eager_half(x, weight, bias, groups, eps, True, shift).float().cpu(), ref.cpu())
+    assert relative_error(y.float().cpu(), ref.cpu()) <= 1.5 * baseline + 1e-6
+
+
 def test_fresh_inputs_give_fresh_results():
     shape = SHAPES[0]
     a, b = inputs(shape, torch.float16, seed=1), inputs(shape, torch.float16, seed=2)
@@ -129,7 +144,8 @@ def test_pass_swaps_every_resnet_block_and_keeps_the_unet_output(tiny_path):
     reference = UNet2DConditionModel.from_pretrained(tiny_path, subfolder="unet").eval()
     unet.to(memory_format=torch.channels_last)
     resnets = sum(type(m).__name__ == "ResnetBlock2D" for m in unet.modules())
-    assert kernel_pass.apply(unet, Config()) is unet and kernel_pass.placements(unet)["resnet_blocks"] == 0
+    assert kernel_pass.apply(unet, Config(kernels=())) is unet and kernel_pass.placements(unet)["resnet_blocks"] == 0
+    assert Config().kernels == ("group_norm_silu",), "the kernel is on by default"
     assert kernel_pass.apply(unet, Config(kernels=("group_norm_silu",))) is unet
     counts = kernel_pass.placements(unet)
     assert counts["resnet_blocks"] == resnets > 0 and counts["left_alone"] == 0

@@ -33,8 +33,9 @@ class Config:
         components: the pipeline components diffjet touches; others are left alone and reported.
         inductor: the components compiled with Inductor (`torch.compile`). Text encoders run once per
             image, so by default they get CUDA graphs but no compile time.
-        kernels: diffjet's Triton kernels to put in (`passes/kernels.py`): "group_norm_silu". Applied on
-            CUDA to half-precision channels-last UNet, ControlNet and VAE only.
+        kernels: diffjet's Triton kernels to put in (`passes/kernels.py`); default all of them
+            ("group_norm_silu"), `()` for none. Applied on CUDA to half-precision channels-last UNet,
+            ControlNet and VAE only.
         compile_mode: "default" or "max-autotune-no-cudagraphs" (much longer compilation).
         backend: the `torch.compile` backend; "inductor" except in tests ("eager", "aot_eager").
         cuda_graphs: capture each component call per input signature into a CUDA graph.
@@ -55,7 +56,7 @@ class Config:
     attention: str = "sdpa-fused-qkv"
     components: tuple[str, ...] = KNOWN_COMPONENTS
     inductor: tuple[str, ...] = ("unet", "controlnet", "vae")
-    kernels: tuple[str, ...] = ()
+    kernels: tuple[str, ...] = KNOWN_KERNELS
     compile_mode: str = "default"
     backend: str = "inductor"
     cuda_graphs: bool = True

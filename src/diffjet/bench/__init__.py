@@ -93,7 +93,7 @@ def run_bench(
 ) -> list[dict]:
     runs = []
     for spec in specs:
-        if spec["compiler"] in ("diffjet", "diffjet-kernels") and spec["device"] == "cuda":
+        if spec["compiler"] in ("diffjet", "diffjet-no-kernels") and spec["device"] == "cuda":
             result = _run_with_warm_start(spec, timeout)
         else:
             result = run_variant(spec, timeout)
@@ -163,7 +163,7 @@ def plot(runs: list[dict[str, Any]], path: str | os.PathLike) -> None:
     draw.text((10, 10), "denoising-loop it/s (higher is better)", fill="black")
     top = max((r["its"] for r in ok), default=1.0)
     colours = {"eager": (150, 150, 150), "torch-compile": (70, 110, 200), "diffjet": (230, 120, 30),
-               "diffjet-kernels": (200, 60, 60)}
+               "diffjet-no-kernels": (200, 60, 60)}
     for i, run in enumerate(ok):
         y = 40 + i * (bar_h + gap)
         length = int((width - left - 90) * run["its"] / top)

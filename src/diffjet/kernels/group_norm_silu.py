@@ -5,10 +5,13 @@ on `conv1(x) + time_embedding[:, :, None, None]`. A group's values are strided i
 channels of every pixel), and Inductor's lowering reads them with that stride or through a layout copy.
 Here every load is a contiguous run of whole pixel rows:
 
-1. `_group_norm_stats`: per (image, block of pixels), each channel's mean and sum of squared deviations
-   over the tile (exact two-pass over registers, float32); `_group_norm_combine`: per (image, group),
-   Chan's parallel-variance merge of those partials into the group's mean and 1/std (no E[x²] − E[x]²
-   cancellation).
+1. `_group_norm_stats`: per (image, run of pixel tiles), each channel's mean and sum of squared
+   deviations over each tile (exact two-pass over registers, float32), merged across the run's tiles;
+   `_group_norm_combine`: per (image, group), the merge of those partials into the group's mean and
+   1/std. Both merges are Chan's parallel-variance formula (no E[x²] − E[x]² cancellation). A program
+   takes several tiles so that the combine, one small program per group, merges a few hundred partials
+   at most: with one per tile it was the largest piece of the op at 96×96 latents (0.56 ms of 1.72 ms
+   over the SD2.1 UNet's 61 GroupNorms, bench/results/unet-step-sd21-gn-silu-h100-2026-11-26.json).
 2. `_group_norm_apply`: per (image, block of pixels), normalise, scale and shift per channel, SiLU, store.
 
 Bytes moved: the input twice and the output once, plus C floats of partials per pixel block.
@@ -40,6 +43,11 @@ logger = logging.getLogger(__name__)
 _FELL_BACK: set[tuple] = set()  # (shape, strides) of CUDA inputs already warned about
 # Elements of one [pixels × channels] tile a program holds; the pixel block is this over the padded C.
 _TILE_ELEMENTS = 8192
+# About this many statistics programs for the whole batch (about two per SM of an H100): fewer partials
+# for the combine to merge than one per tile, while enough programs stay in flight to keep memory busy.
+# All 61 calls of a UNet step on the H100 (bench/group_norm_op.py): SD2.1 1.55 ms with one program per
+# tile, 1.31/1.27/1.29/1.43 ms with 128/256/512/1024; SD1.5 0.86 against 0.82 ms at 256.
+STATS_PROGRAMS = 256
 
 
 def reference(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, groups: int, eps: float,
@@ -76,31 +84,45 @@ def supported(x: torch.Tensor, groups: int) -> bool:
 if triton is not None:
 
     @triton.jit
-    def _group_norm_stats(x_ptr, shift_ptr, mean_ptr, m2_ptr, HW, C, num_blocks,
+    def _group_norm_stats(x_ptr, shift_ptr, mean_ptr, m2_ptr, HW, C, num_blocks, tiles,
                           HAS_SHIFT: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
         n = tl.program_id(0)
         block = tl.program_id(1)
-        rows = block * BLOCK_HW + tl.arange(0, BLOCK_HW)
         cols = tl.arange(0, BLOCK_C)
-        row_ok = rows < HW
-        mask = row_ok[:, None] & (cols[None, :] < C)
-        offsets = n.to(tl.int64) * HW * C + rows[:, None].to(tl.int64) * C + cols[None, :]
-        x = tl.load(x_ptr + offsets, mask=mask, other=0.0)
-        if HAS_SHIFT:  # the sum rounded to x's dtype, as the unfused `hidden + temb` is
-            shift = tl.load(shift_ptr + n * C + cols, mask=cols < C, other=0.0)
-            x = (x.to(tl.float32) + shift.to(tl.float32)[None, :]).to(x.dtype)
-        x = tl.where(mask, x.to(tl.float32), 0.0)
-        count = tl.sum(row_ok.to(tl.float32), axis=0)
-        mean = tl.sum(x, axis=0) / count
-        centred = tl.where(mask, x - mean[None, :], 0.0)
-        m2 = tl.sum(centred * centred, axis=0)
+        col_ok = cols < C
+        if HAS_SHIFT:
+            shift = tl.load(shift_ptr + n * C + cols, mask=col_ok, other=0.0).to(tl.float32)
+        # Each channel's running (count, mean, M2) over this program's `tiles` pixel tiles, merged tile by
+        # tile with Chan's formula: M2 = M2a + M2b + delta^2 * na * nb / (na + nb).
+        acc_count = tl.zeros([BLOCK_C], tl.float32)
+        acc_mean = tl.zeros([BLOCK_C], tl.float32)
+        acc_m2 = tl.zeros([BLOCK_C], tl.float32)
+        for tile in range(0, tiles):
+            rows = (block * tiles + tile) * BLOCK_HW + tl.arange(0, BLOCK_HW)
+            row_ok = rows < HW
+            mask = row_ok[:, None] & col_ok[None, :]
+            offsets = n.to(tl.int64) * HW * C + rows[:, None].to(tl.int64) * C + cols[None, :]
+            x = tl.load(x_ptr + offsets, mask=mask, other=0.0)
+            if HAS_SHIFT:  # the sum rounded to x's dtype, as the unfused `hidden + temb` is
+                x = (x.to(tl.float32) + shift[None, :]).to(x.dtype)
+            x = tl.where(mask, x.to(tl.float32), 0.0)
+            count = tl.sum(row_ok.to(tl.float32), axis=0)
+            mean = tl.sum(x, axis=0) / tl.maximum(count, 1.0)
+            centred = tl.where(mask, x - mean[None, :], 0.0)
+            m2 = tl.sum(centred * centred, axis=0)
+            total = acc_count + count
+            delta = mean - acc_mean
+            share = count / tl.maximum(total, 1.0)
+            acc_mean += delta * share
+            acc_m2 += m2 + delta * delta * acc_count * share
+            acc_count = total
         out = (n * num_blocks + block) * C + cols
-        tl.store(mean_ptr + out, mean, mask=cols < C)
-        tl.store(m2_ptr + out, m2, mask=cols < C)
+        tl.store(mean_ptr + out, acc_mean, mask=col_ok)
+        tl.store(m2_ptr + out, acc_m2, mask=col_ok)
 
     @triton.jit
-    def _group_norm_combine(mean_ptr, m2_ptr, stats_ptr, HW, C, groups, num_blocks, eps,
-                            BLOCK_HW: tl.constexpr, BLOCKS: tl.constexpr, CPG: tl.constexpr, CPG_PAD: tl.constexpr):
+    def _group_norm_combine(mean_ptr, m2_ptr, stats_ptr, HW, C, groups, num_blocks, span, eps,
+                            BLOCKS: tl.constexpr, CPG: tl.constexpr, CPG_PAD: tl.constexpr):
         n = tl.program_id(0)
         g = tl.program_id(1)
         chans = tl.arange(0, CPG_PAD)
@@ -112,7 +134,7 @@ if triton is not None:
             blocks = start + tl.arange(0, BLOCKS)
             mask = (blocks[:, None] < num_blocks) & (chans[None, :] < CPG)
             means = tl.load(mean_ptr + base + blocks[:, None] * C + chans[None, :], mask=mask, other=0.0)
-            counts = tl.minimum(HW - blocks * BLOCK_HW, BLOCK_HW).to(tl.float32)
+            counts = tl.minimum(HW - blocks * span, span).to(tl.float32)
             weights = tl.where(mask, counts[:, None], 0.0)
             total += tl.sum(tl.sum(weights, axis=1), axis=0)
             weighted += tl.sum(tl.sum(weights * means, axis=1), axis=0)
@@ -125,7 +147,7 @@ if triton is not None:
             offsets = base + blocks[:, None] * C + chans[None, :]
             means = tl.load(mean_ptr + offsets, mask=mask, other=0.0)
             m2s = tl.load(m2_ptr + offsets, mask=mask, other=0.0)
-            counts = tl.minimum(HW - blocks * BLOCK_HW, BLOCK_HW).to(tl.float32)
+            counts = tl.minimum(HW - blocks * span, span).to(tl.float32)
             spread = tl.where(mask, means - mean, 0.0)
             m2 += tl.sum(tl.sum(m2s + counts[:, None] * spread * spread, axis=1), axis=0)
         rstd = 1.0 / tl.sqrt(m2 / total + eps)
@@ -164,9 +186,19 @@ if triton is not None:
         tl.store(y_ptr + offsets, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
+def _programs(requested: int | None, one_per_tile: int) -> int:
+    if requested is None:
+        return STATS_PROGRAMS
+    return requested if requested > 0 else one_per_tile
+
+
 def launch(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, groups: int, eps: float,
-           silu: bool, shift: torch.Tensor | None = None, *, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Run the kernels on a channels-last (N, C, H, W) tensor into `out` (new when None), which is returned."""
+           silu: bool, shift: torch.Tensor | None = None, *, out: torch.Tensor | None = None,
+           stats_programs: int | None = None) -> torch.Tensor:
+    """Run the kernels on a channels-last (N, C, H, W) tensor into `out` (new when None), which is returned.
+
+    `stats_programs`: about how many statistics programs to spread the pixels over (default
+    `STATS_PROGRAMS`; 0: one per pixel tile)."""
     n, c, h, w = x.shape
     hw = h * w
     y = torch.empty_like(x, memory_format=torch.channels_last) if out is None else out
@@ -174,7 +206,11 @@ def launch(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | No
         return y
     block_c = triton.next_power_of_2(c)
     block_hw = max(1, min(_TILE_ELEMENTS // block_c, triton.next_power_of_2(hw)))
-    num_blocks = triton.cdiv(hw, block_hw)
+    # Statistics: about `stats_programs` programs in all, each over `tiles` consecutive pixel tiles, so
+    # the combine merges that many partials per channel rather than one per tile.
+    num_tiles = triton.cdiv(hw, block_hw)
+    tiles = triton.cdiv(num_tiles, max(1, triton.cdiv(_programs(stats_programs, num_tiles * n), n)))
+    num_blocks = triton.cdiv(num_tiles, tiles)
     cpg = c // groups
     means = torch.empty((n, num_blocks, c), device=x.device, dtype=torch.float32)
     m2s = torch.empty_like(means)
@@ -185,12 +221,12 @@ def launch(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | No
     blocks_per_pass = max(1, min(triton.next_power_of_2(num_blocks), 4096 // cpg_pad))  # ≤ 4096 partials at once
     has_affine = weight is not None
     w, b = (weight, bias) if has_affine else (x, x)  # unused pointers when there is no affine transform
-    _group_norm_stats[(n, num_blocks)](x, shift, means, m2s, hw, c, num_blocks,
+    _group_norm_stats[(n, num_blocks)](x, shift, means, m2s, hw, c, num_blocks, tiles,
                                        HAS_SHIFT=has_shift, BLOCK_HW=block_hw, BLOCK_C=block_c)
-    _group_norm_combine[(n, groups)](means, m2s, stats, hw, c, groups, num_blocks, eps,
-                                     BLOCK_HW=block_hw, BLOCKS=blocks_per_pass, CPG=cpg, CPG_PAD=cpg_pad)
-    _group_norm_apply[(n, num_blocks)](x, shift, w, b, stats, y, hw, c, groups, CPG=cpg, HAS_SHIFT=has_shift,
-                                       HAS_AFFINE=has_affine, SILU=silu, BLOCK_HW=block_hw, BLOCK_C=block_c)
+    _group_norm_combine[(n, groups)](means, m2s, stats, hw, c, groups, num_blocks, tiles * block_hw, eps,
+                                     BLOCKS=blocks_per_pass, CPG=cpg, CPG_PAD=cpg_pad)
+    _group_norm_apply[(n, num_tiles)](x, shift, w, b, stats, y, hw, c, groups, CPG=cpg, HAS_SHIFT=has_shift,
+                                      HAS_AFFINE=has_affine, SILU=silu, BLOCK_HW=block_hw, BLOCK_C=block_c)
     return y
 
 
