@@ -44,6 +44,25 @@ def _aot_enabled():
     return contextlib.nullcontext()
 
 
+@contextlib.contextmanager
+def _without_instance_forward(module: nn.Module):
+    """The module without the `forward` set on the instance, for the block.
+
+    Dynamo saves the module's own attributes with a function's guards. diffjet's CUDA-graph runner sits
+    in `module.forward` and, once it has captured a graph, holds `torch.cuda.CUDAGraph` objects, which
+    cannot be saved: every signature after a component's first failed to precompile ("cannot pickle
+    'CUDAGraph' object", SDXL on the H100) and was compiled in-process instead, so a new process traced
+    it again. What is compiled is the class's forward, which does not use the instance's.
+    """
+    missing = object()
+    saved = module.__dict__.pop("forward", missing)
+    try:
+        yield
+    finally:
+        if saved is not missing:
+            module.__dict__["forward"] = saved
+
+
 class Precompiler:
     """Compiles (with Inductor's `options`), saves and loads `module`'s forward for one input signature
     at a time."""
@@ -56,7 +75,7 @@ class Precompiler:
         """Compile for the signature of `args`/`kwargs`: the callable (taking the forward's arguments)
         and its serialised form."""
         options = {**self.options, "guard_filter_fn": torch.compiler.keep_portable_guards_unsafe}
-        with _aot_enabled(), torch.no_grad():
+        with _aot_enabled(), torch.no_grad(), _without_instance_forward(self.module):
             compiled = torch.compile(forward, fullgraph=True, dynamic=False, options=options)
             function = compiled.aot_compile(((self.module, *args), kwargs))
         data = type(function).serialize(function).serialized_data

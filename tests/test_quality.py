@@ -1,0 +1,40 @@
+"""The fidelity check's own plumbing (`diffjet.quality`), on CPU."""
+
+import types
+
+import torch
+
+from diffjet import quality
+
+
+class _RecordingUNet(torch.nn.Module):
+    """Stands in for a half-precision UNet: records the dtypes it is called with."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(1, dtype=torch.float16))
+        self.seen = []
+
+    @property
+    def dtype(self):
+        return self.weight.dtype
+
+    @property
+    def device(self):
+        return self.weight.device
+
+    def forward(self, sample, timestep, encoder_hidden_states, return_dict=True):
+        self.seen.append((sample.dtype, timestep.dtype, encoder_hidden_states.dtype))
+        return (sample * self.weight,)
+
+
+def test_unet_output_keeps_the_timestep_dtype_the_pipeline_calls_with():
+    # The inputs recorded from the float32 reference, replayed on a float16 UNet: the latents and text
+    # states become float16, the 0-d timestep stays float32 as the scheduler gives it, so a compiled UNet
+    # sees the signature it was compiled for instead of compiling another.
+    unet = _RecordingUNet()
+    pipe = types.SimpleNamespace(unet=unet)
+    inputs = ((torch.randn(2, 4, 8, 8), torch.tensor(999.0)), {"encoder_hidden_states": torch.randn(2, 77, 32)})
+    out = quality.unet_output(pipe, inputs)
+    assert unet.seen == [(torch.float16, torch.float32, torch.float16)]
+    assert out.dtype == torch.float32 and out.shape == (2, 4, 8, 8)
