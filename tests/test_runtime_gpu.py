@@ -221,15 +221,19 @@ import json, sys
 import torch
 from torch._dynamo.utils import counters
 import diffjet
+from diffjet.bench.worker import runtime_autotune
 from diffjet.models import load_pipeline
 
 pipe = load_pipeline("tiny", device="cuda", dtype=torch.float16)
 pipe.set_progress_bar_config(disable=True)
 diffjet.compile(pipe, diffjet.Config(cache_dir=sys.argv[1], kernels=tuple(json.loads(sys.argv[2]))))
-image = pipe("a cat", num_inference_steps=2, output_type="np", generator=torch.Generator().manual_seed(0)).images
+# Two resolutions: every signature after a component's first must be saved and loaded as well.
+images = [pipe("a cat", num_inference_steps=2, output_type="np", height=h, width=w,
+               generator=torch.Generator().manual_seed(0)).images for h, w in ((64, 64), (64, 96))]
+image = images[0]
 stats = pipe.diffjet.cache.stats
 print(json.dumps({"frames": sum(counters["frames"].values()), "hits": stats.hits, "stored": stats.stored,
-                  "image": image.tolist()}))
+                  "autotuned": runtime_autotune()["kernels"], "image": image.tolist()}))
 """
 
 
@@ -237,6 +241,7 @@ print(json.dumps({"frames": sum(counters["frames"].values()), "hits": stats.hits
 def test_a_warm_process_loads_precompiled_functions_without_tracing(tmp_path, kernels):
     import json
     import os
+    import shutil
     import subprocess
     import sys
 
@@ -253,13 +258,20 @@ def test_a_warm_process_loads_precompiled_functions_without_tracing(tmp_path, ke
                               text=True, env=env, timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
         runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        # As on a new machine: the loaded functions must not find the cold process's files by their paths.
+        shutil.rmtree(tmp_path / process)
     cold, warm = runs
     entries = [json.loads(meta.read_text()) for meta in cache.rglob("meta.json")]
-    assert cold["hits"] == 0 and len(entries) >= 2  # the UNet's and the VAE decoder's functions
-    assert all("function.bin" in entry["files"] for entry in entries)
+    assert cold["hits"] == 0 and len(entries) >= 4  # the UNet's and the VAE decoder's, at two resolutions
+    assert all("function.bin" in entry["files"] for entry in entries), "every signature is precompiled"
     triton_files = [name for entry in entries for name in entry["files"] if name.startswith("triton/")]
     if kernels:
         assert triton_files, "diffjet's kernels, compiled at the warm-up, are kept with the entry"
+    # Inductor times the launch configurations of its kernels at their first call in the cold process;
+    # the entries keep its choices, so a warm one, on a machine without the cold one's caches, times none.
+    choices = [name for entry in entries for name in entry["files"] if name.startswith("inductor/")]
+    assert bool(choices) == bool(cold["autotuned"]), (len(choices), cold["autotuned"])
+    assert warm["autotuned"] == 0, "a warm process must not time Inductor's kernels again"
     # Nothing new to store: no Triton kernel compiled again, no entry missing.
     assert warm["hits"] == len(entries) and warm["stored"] == 0
     assert warm["frames"] == 0, "a warm process must not trace with Dynamo"

@@ -117,8 +117,18 @@ def _warm_start(pipe, spec: dict, apply_compiler, loaded_at: float) -> dict:
                                 "compile": compiled_at - loaded_at, "first_image": done - compiled_at},
         "warm_cache": dataclasses.asdict(cache.stats) if cache is not None else None,
         "warm_dynamo_frames": _dynamo_counts()["dynamo_frames"],
+        "warm_runtime_autotune": runtime_autotune(),
         "warm_start_log": log.lines,
     }
+
+
+def runtime_autotune() -> dict:
+    """Inductor kernels whose launch configurations were timed at their first call in this process, and
+    the seconds that took (none in a warm process whose entries carry their choices)."""
+    from torch._dynamo.utils import compilation_time_metrics
+
+    timings = compilation_time_metrics.get("CachingAutotuner.benchmark_all_configs", [])
+    return {"kernels": len(timings), "s": round(sum(timings), 3)}
 
 
 class _TimedLog(logging.Handler):

@@ -31,7 +31,7 @@ from typing import Any, Callable
 import torch
 from torch.utils import _pytree as pytree
 
-from . import triton_cache
+from . import autotune_choices, triton_cache
 from .compile_cache import FUNCTION, CompileCache
 from .precompiled import Precompiler
 
@@ -247,6 +247,8 @@ class CudaGraphRunner:
         if signature_key in self._functions:
             return _Source(self._functions[signature_key], missing=False)
         files = self.cache.load_entry(parts)
+        # Before any kernel of the function is loaded: Inductor reads a kernel's choice when it loads it.
+        autotune_choices.restore(files or {}, autotune_choices.directory())
         if self.precompile is None:
             return _Source(self.fn, missing=files is None, files=files or {})
         start = time.perf_counter()
@@ -279,22 +281,29 @@ class CudaGraphRunner:
         static_leaves = [s if s is not None else x for s, x in zip(static_inputs, leaves)]
         args, kwargs = pytree.tree_unflatten(static_leaves, spec)
         cache_parts = {**self.cache_parts, "signature": f"{spec} {[_leaf_key(x) for x in leaves]}"}
-        source = self._function_for(cache_parts, args, kwargs, signature)
         if self.cache is None:
+            source = self._function_for(cache_parts, args, kwargs, signature)
             captured = self._warm_up_and_capture(source.fn, args, kwargs, static_inputs, signature)
         else:
+            inductor_folder = autotune_choices.directory()
+            choices_before = autotune_choices.snapshot(inductor_folder)
+            source = self._function_for(cache_parts, args, kwargs, signature)
             # Triton compiles diffjet's kernels at their first call, in this process: into a folder that
-            # the entry keeps, so that the next process finds them (`triton_cache.py`).
+            # the entry keeps, so that the next process finds them (`triton_cache.py`). Inductor times
+            # its kernels' launch configurations at theirs (`autotune_choices.py`).
             with tempfile.TemporaryDirectory(prefix="diffjet-triton-") as folder:
                 restored = triton_cache.restore(source.files, Path(folder))
                 with triton_cache.scope(Path(folder)):
                     captured = self._warm_up_and_capture(source.fn, args, kwargs, static_inputs, signature)
                 compiled = triton_cache.collect(Path(folder), restored)
-            if captured.graph is not None and (source.missing or compiled):
-                self.cache.store(cache_parts, extra={**source.files, **compiled} or None, replace=not source.missing)
-                if compiled:
-                    logger.info("%s: kept %d Triton file(s) compiled during the warm-up for [%s]", self.name,
-                                len(compiled), signature)
+            choices = {name: data for name, data in autotune_choices.collect(inductor_folder, choices_before).items()
+                       if name not in source.files}
+            if captured.graph is not None and (source.missing or compiled or choices):
+                extra = {**source.files, **compiled, **choices}
+                self.cache.store(cache_parts, extra=extra or None, replace=not source.missing)
+                if compiled or choices:
+                    logger.info("%s: kept %d Triton file(s) and %d autotuning choice(s) from the warm-up for [%s]",
+                                self.name, len(compiled), len(choices), signature)
         self._graphs[key] = captured
         victims = lru_victims([(k, c.bytes) for k, c in self._graphs.items()], self.max_graphs, self.max_memory)
         for victim in victims:

@@ -1,0 +1,114 @@
+"""Inductor's autotuning choices for a compiled function's kernels, kept with its compile-cache entry.
+
+Inductor gives many of its kernels (reductions such as GroupNorm and LayerNorm, some pointwise ones)
+several launch configurations and picks one by timing them all at the kernel's first call. It writes the
+winner next to the kernel's source in its own cache directory (`<inductor cache>/<xx>/<key>.best_config`),
+and a process that finds that file launches the winner at once. A precompiled function
+(`precompiled.py`) carries Inductor's code and binaries but not these files, so a new process whose
+Inductor cache lacks them (a new machine or container, or a cleaned /tmp) timed every such kernel again
+during its first call: 139 kernels and 8.9 s of the SDXL warm start on the H100
+(bench/results/h100-2026-11-27-sdxl-kernels.json).
+
+So the runner notes which choices exist before it loads and warms up a function (`snapshot`), adds the
+ones the warm-up wrote to the entry (`collect`, under `inductor/` with the entry's size and SHA-256
+checks), and writes the entry's choices back before the next process loads the function (`restore`).
+A choice's file name is Inductor's key for it (kernel source hash and torch build), so a choice only ever
+applies to the kernel it was measured for; one Inductor cannot use makes it time the kernel again.
+
+Where a loaded function's kernels look for their choices: in the folder of the kernel's source *in the
+process that compiled it*, by absolute path (on the H100: a warm process whose Inductor cache was
+elsewhere read every choice under the compiling process's cache folder, and found none once that folder
+was gone). So the entry also records that folder (`inductor/ROOT`), and `restore` writes the choices
+both there and into this process's own Inductor cache (where kernels compiled in this process look).
+Only plain choice files are written, and none that exists is replaced.
+
+Choices that were already in Inductor's cache before the warm-up (written by an earlier process on the
+same machine) are not new and stay out of the entry; elsewhere those kernels are timed again, as they
+would be without diffjet.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path, PurePosixPath
+
+from .compile_cache import plain_name
+
+PREFIX = "inductor/"
+SUFFIX = ".best_config"
+ROOT = PREFIX + "ROOT"  # the compiling process's Inductor cache folder, as an absolute path
+
+
+def directory() -> Path | None:
+    """Inductor's cache directory in this process (where it reads and writes choices); None without one."""
+    try:
+        from torch._inductor.runtime.cache_dir_utils import cache_dir
+    except ImportError:
+        return None
+    return Path(cache_dir())
+
+
+def snapshot(root: Path | None) -> set[str]:
+    """Entry names of the choices under `root` now."""
+    if root is None or not root.is_dir():
+        return set()
+    return {PREFIX + path.relative_to(root).as_posix() for path in root.glob(f"*/*{SUFFIX}") if path.is_file()}
+
+
+def restore(files: dict[str, bytes], root: Path | None) -> set[str]:
+    """Write the entry's choices where this process's kernels look for them (`root`, this process's
+    Inductor cache, and the compiling process's, which the entry records) unless a choice is there; the
+    entry names written."""
+    written: set[str] = set()
+    for folder in _folders(files, root):
+        for name, data in files.items():
+            path = _path(name, folder)
+            if path is None or path.exists():
+                continue
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                # Atomic: a process starting beside this one reads a whole file or none.
+                with tempfile.NamedTemporaryFile(dir=path.parent, prefix=".diffjet-", delete=False) as handle:
+                    handle.write(data)
+                os.replace(handle.name, path)
+            except OSError:  # a folder this process may not write: Inductor times those kernels again
+                continue
+            written.add(name)
+    return written
+
+
+def collect(root: Path | None, before: set[str]) -> dict[str, bytes]:
+    """Choices under `root` whose entry names are not in `before`, by entry name, and `root` itself (as
+    `ROOT`) when there are any."""
+    found = {}
+    for name in sorted(snapshot(root) - before):
+        try:
+            found[name] = _path(name, root).read_bytes()
+        except OSError:  # removed by another process meanwhile: it is only a choice
+            continue
+    if found:
+        found[ROOT] = os.path.abspath(root).encode()  # as Inductor spells the kernels' paths
+    return found
+
+
+def _folders(files: dict[str, bytes], root: Path | None) -> list[Path]:
+    folders = [root] if root is not None else []
+    try:
+        recorded = Path(files[ROOT].decode())
+    except (KeyError, UnicodeDecodeError, ValueError):
+        return folders
+    if recorded.is_absolute() and ".." not in recorded.parts and recorded not in folders:
+        folders.append(recorded)
+    return folders
+
+
+def _path(name: str, root: Path) -> Path | None:
+    """Where the entry's file `name` belongs under `root`; None unless it is a choice file one folder down."""
+    if not name.startswith(PREFIX) or not name.endswith(SUFFIX):
+        return None
+    relative = name[len(PREFIX):]
+    parts = PurePosixPath(relative).parts
+    if len(parts) != 2 or not plain_name(relative):
+        return None
+    return root.joinpath(*parts)
