@@ -6,15 +6,12 @@ channels of every pixel), and Inductor's lowering reads them with that stride or
 Here every load is a contiguous run of whole pixel rows:
 
 1. `_group_norm_stats`: per (image, run of pixel tiles), each channel's mean and sum of squared
-   deviations over each tile (exact two-pass over registers, float32), merged across the run's tiles;
-   `_group_norm_combine`: per (image, group), the merge of those partials into the group's mean and
-   1/std. Both merges are Chan's parallel-variance formula (no E[x²] − E[x]² cancellation). A program
-   takes several tiles so that the combine, one small program per group, merges a few hundred partials
-   at most: with one per tile it was the largest piece of the op at 96×96 latents (0.56 ms of 1.72 ms
-   over the SD2.1 UNet's 61 GroupNorms, bench/results/unet-step-sd21-gn-silu-h100-2026-11-26.json).
+   deviations over each tile (two-pass over registers, float32), merged across the run's tiles;
+   `_group_norm_combine`: per (image, group), the merge of those partials into mean and 1/std. Both
+   merges are Chan's parallel-variance formula (no E[x²] − E[x]² cancellation).
 2. `_group_norm_apply`: per (image, block of pixels), normalise, scale and shift per channel, SiLU, store.
 
-Bytes moved: the input twice and the output once, plus C floats of partials per pixel block.
+Bytes moved: the input twice and the output once, plus C floats of partials per statistics program.
 
 `group_norm_silu` is an opaque `torch.library.custom_op` with a fake implementation: Inductor places one
 call in its graph and CUDA graphs capture its kernels. (As a `triton_op`, which Inductor traces into, the
@@ -43,10 +40,10 @@ logger = logging.getLogger(__name__)
 _FELL_BACK: set[tuple] = set()  # (shape, strides) of CUDA inputs already warned about
 # Elements of one [pixels × channels] tile a program holds; the pixel block is this over the padded C.
 _TILE_ELEMENTS = 8192
-# About this many statistics programs for the whole batch (about two per SM of an H100): fewer partials
-# for the combine to merge than one per tile, while enough programs stay in flight to keep memory busy.
-# All 61 calls of a UNet step on the H100 (bench/group_norm_op.py): SD2.1 1.55 ms with one program per
-# tile, 1.31/1.27/1.29/1.43 ms with 128/256/512/1024; SD1.5 0.86 against 0.82 ms at 256.
+# About this many statistics programs for the whole batch (two per SM of an H100): a few hundred partials
+# per channel for the combine instead of one per tile, with enough programs in flight to keep memory busy.
+# A UNet step's GroupNorms on the H100, one program per tile against 256: SD2.1 1.54 → 1.27 ms, SDXL
+# 1.92 → 1.34 ms (128 and 512 were slower; bench/results/group-norm-op-*-h100-2026-11-27.json).
 STATS_PROGRAMS = 256
 
 
@@ -186,12 +183,6 @@ if triton is not None:
         tl.store(y_ptr + offsets, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-def _programs(requested: int | None, one_per_tile: int) -> int:
-    if requested is None:
-        return STATS_PROGRAMS
-    return requested if requested > 0 else one_per_tile
-
-
 def launch(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, groups: int, eps: float,
            silu: bool, shift: torch.Tensor | None = None, *, out: torch.Tensor | None = None,
            stats_programs: int | None = None) -> torch.Tensor:
@@ -209,7 +200,8 @@ def launch(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | No
     # Statistics: about `stats_programs` programs in all, each over `tiles` consecutive pixel tiles, so
     # the combine merges that many partials per channel rather than one per tile.
     num_tiles = triton.cdiv(hw, block_hw)
-    tiles = triton.cdiv(num_tiles, max(1, triton.cdiv(_programs(stats_programs, num_tiles * n), n)))
+    programs = STATS_PROGRAMS if stats_programs is None else stats_programs or num_tiles * n
+    tiles = triton.cdiv(num_tiles, max(1, triton.cdiv(programs, n)))
     num_blocks = triton.cdiv(num_tiles, tiles)
     cpg = c // groups
     means = torch.empty((n, num_blocks, c), device=x.device, dtype=torch.float32)
