@@ -303,7 +303,7 @@ class CudaGraphRunner:
                 self.cache.store(cache_parts, extra=extra or None, replace=not source.missing)
                 if compiled or choices:
                     logger.info("%s: kept %d Triton file(s) and %d autotuning choice(s) from the warm-up for [%s]",
-                                self.name, len(compiled), len(choices), signature)
+                                self.name, len(compiled), len(choices.keys() - {autotune_choices.ROOT}), signature)
         self._graphs[key] = captured
         victims = lru_victims([(k, c.bytes) for k, c in self._graphs.items()], self.max_graphs, self.max_memory)
         for victim in victims:
