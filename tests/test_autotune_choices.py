@@ -102,7 +102,7 @@ def test_restore_keeps_choices_inductor_already_has_and_refuses_other_paths(tmp_
     assert (tmp_path / name.removeprefix("inductor/")).read_bytes() == mine
     assert (tmp_path / "ab" / "new.best_config").read_bytes() == b'{"XBLOCK": 8}'
     assert not (tmp_path.parent / "escape.best_config").exists()
-    assert not list(tmp_path.rglob(".diffjet-*")), "no temporary file is left behind"
+    assert not [p for p in tmp_path.rglob(".*")], "no temporary file is left behind"
 
 
 def test_choices_travel_inside_a_checked_entry(tmp_path):

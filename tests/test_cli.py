@@ -11,6 +11,7 @@ from PIL import Image
 
 import diffjet
 from diffjet import cli
+from diffjet.runtime.compile_cache import write_atomically
 
 FAST = ["--model", "tiny", "--steps", "2", "--device", "cpu"]
 
@@ -94,7 +95,7 @@ def test_failed_write_leaves_nothing_behind(tmp_path):
         raise OSError("disk full")
 
     with pytest.raises(OSError):
-        cli._write_atomically(target, explode)
+        write_atomically(target, explode)
     assert os.listdir(tmp_path) == []
 
 

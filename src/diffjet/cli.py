@@ -12,12 +12,12 @@ import logging
 import os
 import shlex
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
 from .bench.recipes import COMPILERS, SCHEDULERS
 from .errors import ConfigError, DeviceError, DiffjetError, OutputError
+from .runtime.compile_cache import write_atomically as _write_atomically
 
 
 
@@ -54,18 +54,6 @@ def _writable_file(path: str, suffixes: tuple[str, ...]) -> Path:
     if not os.access(parent, os.W_OK) or (target.exists() and not os.access(target, os.W_OK)):
         raise OutputError(f"{path}: not writable")
     return target
-
-
-def _write_atomically(target: Path, write) -> None:
-    """Write through a temporary file in the same folder and rename it over `target`."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent or ".")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _compilers(text: str) -> list[str]:

@@ -30,10 +30,9 @@ would be without diffjet.
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path, PurePosixPath
 
-from .compile_cache import plain_name
+from .compile_cache import plain_name, write_atomically
 
 PREFIX = "inductor/"
 SUFFIX = ".best_config"
@@ -69,9 +68,7 @@ def restore(files: dict[str, bytes], root: Path | None) -> set[str]:
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 # Atomic: a process starting beside this one reads a whole file or none.
-                with tempfile.NamedTemporaryFile(dir=path.parent, prefix=".diffjet-", delete=False) as handle:
-                    handle.write(data)
-                os.replace(handle.name, path)
+                write_atomically(path, lambda handle, data=data: handle.write(data))
             except OSError:  # a folder this process may not write: Inductor times those kernels again
                 continue
             written.add(name)

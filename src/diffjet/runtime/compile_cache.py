@@ -201,6 +201,19 @@ class CompileCache:
         return None, files
 
 
+def write_atomically(target: Path, write: Callable[[Any], Any]) -> None:
+    """Write through a temporary file in the same folder and rename it over `target`: a reader sees the
+    whole file or none, and a failed write leaves nothing behind."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent or ".")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def plain_name(name: str) -> bool:
     """A file name an entry may hold: a relative path without `..` (Triton's files sit in subfolders)."""
     parts = PurePosixPath(name).parts
