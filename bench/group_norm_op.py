@@ -20,6 +20,7 @@ import sys
 
 import torch
 import torch.nn.functional as F
+from unet_step import unet_inputs  # bench/, the script's own folder
 
 
 def record_calls(model: str, batch: int) -> list[dict]:
@@ -41,16 +42,7 @@ def record_calls(model: str, batch: int) -> list[dict]:
                       "affine": weight is not None})
         return launch(x, weight, bias, groups, eps, silu, shift, **kw)
 
-    height = PRESETS[model].height // 8
-    g = torch.Generator("cuda").manual_seed(0)
-    sample = torch.randn(batch, unet.config.in_channels, height, height, device="cuda", dtype=torch.float16, generator=g)
-    states = torch.randn(batch, 77, unet.config.cross_attention_dim, device="cuda", dtype=torch.float16, generator=g)
-    kwargs = {}
-    if unet.config.addition_embed_type == "text_time":
-        size = PRESETS[model].height
-        kwargs["added_cond_kwargs"] = {
-            "text_embeds": torch.randn(batch, 1280, device="cuda", dtype=torch.float16, generator=g),
-            "time_ids": torch.tensor([[size, size, 0, 0, size, size]] * batch, device="cuda", dtype=torch.float16)}
+    sample, states, kwargs = unet_inputs(unet, PRESETS[model].height, batch)
     gn.launch = recording
     try:
         with torch.no_grad():

@@ -122,6 +122,24 @@ def kernel_profile(step, reps: int = 5) -> dict:
     }
 
 
+def unet_inputs(unet, height: int, batch: int, device: str = "cuda"):
+    """Seeded half-precision UNet inputs at `height`² pixels: (latents, text states, further kwargs)."""
+    import torch
+
+    lat = height // 8
+    g = torch.Generator(device).manual_seed(0)
+    sample = torch.randn(batch, unet.config.in_channels, lat, lat, device=device, dtype=torch.float16, generator=g)
+    states = torch.randn(batch, 77, unet.config.cross_attention_dim, device=device, dtype=torch.float16, generator=g)
+    kwargs = {}
+    if unet.config.addition_embed_type == "text_time":
+        kwargs["added_cond_kwargs"] = {
+            "text_embeds": torch.randn(batch, 1280, device=device, dtype=torch.float16, generator=g),
+            "time_ids": torch.tensor([[height, height, 0, 0, height, height]] * batch, device=device,
+                                     dtype=torch.float16),
+        }
+    return sample, states, kwargs
+
+
 def run_one(model: str, variant: str, batch: int, size: int | None, profile: bool = False) -> dict:
     import torch
 
@@ -153,16 +171,7 @@ def run_one(model: str, variant: str, batch: int, size: int | None, profile: boo
     runner = CudaGraphRunner(forward, torch.device("cuda"), name="unet", weights=list(unet.parameters()),
                              tensor_args=(1, "timestep"))
     height = size or preset.height
-    lat = height // 8
-    g = torch.Generator("cuda").manual_seed(0)
-    sample = torch.randn(batch, unet.config.in_channels, lat, lat, device="cuda", dtype=torch.float16, generator=g)
-    states = torch.randn(batch, 77, unet.config.cross_attention_dim, device="cuda", dtype=torch.float16, generator=g)
-    kwargs = {}
-    if unet.config.addition_embed_type == "text_time":
-        kwargs["added_cond_kwargs"] = {
-            "text_embeds": torch.randn(batch, 1280, device="cuda", dtype=torch.float16, generator=g),
-            "time_ids": torch.tensor([[height, height, 0, 0, height, height]] * batch, device="cuda", dtype=torch.float16),
-        }
+    sample, states, kwargs = unet_inputs(unet, height, batch)
     t = torch.tensor(999.0, device="cuda")
     torch.backends.cudnn.benchmark = cudnn_benchmark
     start = time.perf_counter()
