@@ -35,6 +35,13 @@ VARIANTS = {
     # diffjet's Triton GroupNorm(+shift)+SiLU kernels in every ResNet block (passes/kernels.py).
     "inductor-gn-silu": {"conv_1x1_as_mm": True, "__kernels": ("group_norm_silu",)},
     "eager-gn-silu-graph": {"__eager": True, "__kernels": ("group_norm_silu",)},
+    # diffjet's default (kernels on) with cuDNN timing its convolution algorithms, or Inductor's coordinate descent.
+    "inductor-gn-silu-benchmark": {"conv_1x1_as_mm": True, "__kernels": ("group_norm_silu",), "__cudnn_benchmark": True},
+    "inductor-gn-silu-cdt": {"conv_1x1_as_mm": True, "__kernels": ("group_norm_silu",),
+                             "coordinate_descent_tuning": True},
+    "inductor-gn-silu-autotune-mm": {"conv_1x1_as_mm": True, "__kernels": ("group_norm_silu",),
+                                     "max_autotune_gemm": True, "max_autotune_gemm_backends": "TRITON,ATEN",
+                                     "max_autotune_conv_backends": "ATEN"},
     # GEMMs (and 1x1 convolutions lowered to GEMMs) autotuned against Triton templates; 3x3 convs stay cuDNN.
     "inductor-autotune-mm": {"conv_1x1_as_mm": True, "max_autotune_gemm": True,
                              "max_autotune_gemm_backends": "TRITON,ATEN", "max_autotune_conv_backends": "ATEN"},
