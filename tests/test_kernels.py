@@ -214,13 +214,14 @@ def test_fake_implementation_matches_the_real_op(layout):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("kernels", [("group_norm_silu",), ("group_norm_silu", "geglu")], ids=["default", "with-geglu"])
 @pytest.mark.parametrize("model", ["tiny", "tiny-sdxl"])
-def test_pipeline_with_the_kernels_keeps_the_lossless_rule(model):
+def test_pipeline_with_the_kernels_keeps_the_lossless_rule(model, kernels):
     import diffjet
     from diffjet.models import load_pipeline
     from diffjet.quality import verify
 
-    config = Config(kernels=("group_norm_silu",), cache=False)
+    config = Config(kernels=kernels, cache=False)
     placed = {}
 
     def compile_with_kernels(pipe):
@@ -231,4 +232,5 @@ def test_pipeline_with_the_kernels_keeps_the_lossless_rule(model):
     verdict = verify(lambda dtype: load_pipeline(model, device="cuda", dtype=dtype), device=torch.device("cuda"),
                      prompt="a cat", steps=4, height=64, width=64, seed=0, compile_pipe=compile_with_kernels)
     assert placed["resnet_blocks"] > 0
+    assert (placed["geglu"] > 0) == ("geglu" in kernels)
     assert verdict.passed, verdict.table()

@@ -16,7 +16,10 @@ _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "keep": None}
 _ATTENTION = ("sdpa-fused-qkv", "keep")
 _COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
 #: diffjet's Triton kernels (`diffjet/kernels/`) that `Config.kernels` may name.
-KNOWN_KERNELS = ("group_norm_silu",)
+KNOWN_KERNELS = ("group_norm_silu", "geglu")
+#: The kernels on by default: those measured faster than Inductor's own code on the H100 (README, "Triton
+#: kernels"). "geglu" is opt-in until it has been.
+DEFAULT_KERNELS = ("group_norm_silu",)
 
 
 @dataclass(frozen=True)
@@ -33,9 +36,9 @@ class Config:
         components: the pipeline components diffjet touches; others are left alone and reported.
         inductor: the components compiled with Inductor (`torch.compile`). Text encoders run once per
             image, so by default they get CUDA graphs but no compile time.
-        kernels: diffjet's Triton kernels to put in (`passes/kernels.py`); default all of them
-            ("group_norm_silu"), `()` for none. Applied on CUDA to half-precision channels-last UNet,
-            ControlNet and VAE only.
+        kernels: diffjet's Triton kernels to put in (`passes/kernels.py`): "group_norm_silu" (the
+            default) and "geglu" (opt-in, not yet measured on a GPU); `()` for none. Applied on CUDA to
+            half-precision channels-last UNet, ControlNet and VAE only.
         compile_mode: "default" or "max-autotune-no-cudagraphs" (much longer compilation).
         backend: the `torch.compile` backend; "inductor" except in tests ("eager", "aot_eager").
         cuda_graphs: capture each component call per input signature into a CUDA graph.
@@ -56,7 +59,7 @@ class Config:
     attention: str = "sdpa-fused-qkv"
     components: tuple[str, ...] = KNOWN_COMPONENTS
     inductor: tuple[str, ...] = ("unet", "controlnet", "vae")
-    kernels: tuple[str, ...] = KNOWN_KERNELS
+    kernels: tuple[str, ...] = DEFAULT_KERNELS
     compile_mode: str = "default"
     backend: str = "inductor"
     cuda_graphs: bool = True

@@ -114,8 +114,10 @@ def compile_pipeline(pipe, config: Config) -> CompileReport:
             applied.append("fused_qkv_sdpa")
         if name in ("unet", "controlnet", "vae") and kernels.applies(module, config):
             kernels.apply(module, config)
-            placed = kernels.placements(module)["resnet_blocks"]
-            applied.append("kernels(" + ",".join(config.kernels) + f": {placed} resnet blocks)")
+            placed = kernels.placements(module)
+            counts = [f"{placed['resnet_blocks']} resnet blocks"] + (
+                [f"{placed['geglu']} geglu"] if "geglu" in config.kernels else [])
+            applied.append("kernels(" + ",".join(config.kernels) + ": " + ", ".join(counts) + ")")
         target = _graph_target(name, module)
         if on_cuda and name in config.inductor:
             inductor.apply(target, config)

@@ -23,21 +23,13 @@ take, it runs `reference`, plain PyTorch.
 from __future__ import annotations
 
 import logging
-import os
 
 import torch
 import torch.nn.functional as F
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # CPU-only installs: the op runs its PyTorch reference
-    triton = None
+from . import can_launch, tl, triton, warn_fallback
 
-# Triton's interpreter runs the kernels on CPU tensors: how the tests check them without a GPU.
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 logger = logging.getLogger(__name__)
-_FELL_BACK: set[tuple] = set()  # (shape, strides) of CUDA inputs already warned about
 # Elements of one [pixels × channels] tile a program holds; the pixel block is this over the padded C.
 _TILE_ELEMENTS = 8192
 # About this many statistics programs for the whole batch (two per SM of an H100): a few hundred partials
@@ -69,8 +61,7 @@ def _output_format(x: torch.Tensor) -> torch.memory_format:
 def supported(x: torch.Tensor, groups: int) -> bool:
     """Whether the Triton kernels take this input: a CUDA float tensor, 4-D channels-last, C divisible by groups."""
     return (
-        triton is not None
-        and (x.is_cuda or _INTERPRET)
+        can_launch(x)
         and x.dim() == 4
         and x.dtype in (torch.float16, torch.bfloat16, torch.float32)
         and x.shape[1] % groups == 0
@@ -227,10 +218,9 @@ def group_norm_silu(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Te
                     eps: float, silu: bool, shift: torch.Tensor | None = None) -> torch.Tensor:
     """`reference`'s result; Triton on CUDA channels-last input, PyTorch otherwise."""
     if not supported(x, groups):
-        if x.is_cuda and (tuple(x.shape), x.stride()) not in _FELL_BACK:
-            _FELL_BACK.add((tuple(x.shape), x.stride()))
-            logger.warning("group_norm_silu: the Triton kernels do not take %s with strides %s (%d groups); "
-                           "running the slower PyTorch reference", tuple(x.shape), x.stride(), groups)
+        warn_fallback(logger, x, ("group_norm_silu", tuple(x.shape), x.stride(), groups),
+                      "group_norm_silu: the Triton kernels do not take %s with strides %s (%d groups); "
+                      "running the slower PyTorch reference", tuple(x.shape), x.stride(), groups)
         return reference(x, weight, bias, groups, eps, silu, shift)
     return launch(x, weight, bias, groups, eps, silu, shift)
 

@@ -6,7 +6,10 @@
   mirrors diffusers' own for that configuration;
 - `conv_norm_out → conv_act` at the end of a UNet or VAE decoder, and a transformer's input `norm`
   (no SiLU) where its input is 4-D.
-Blocks in another configuration are left alone and counted. The kernels take CUDA half-precision
+Blocks in another configuration are left alone and counted.
+
+`geglu` changes the class of every diffusers `GEGLU` (the first half of a transformer block's feed-forward)
+to `FusedGEGLU`, whose projection writes `h * gelu(g)` directly. The kernels take CUDA half-precision
 (float16/bfloat16) channels-last activations; the pass is not applied elsewhere.
 """
 
@@ -15,10 +18,12 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from diffusers.models.activations import GEGLU
 from diffusers.models.resnet import ResnetBlock2D
 from torch import nn
 
 from ..config import Config
+from ..kernels.geglu import geglu
 from ..kernels.group_norm_silu import group_norm_silu
 
 
@@ -78,6 +83,17 @@ class FusedResnetBlock2D(ResnetBlock2D):
         return (input_tensor + hidden) / self.output_scale_factor
 
 
+class FusedGEGLU(GEGLU):
+    """diffusers' `GEGLU` through `diffjet::geglu`: the projection and `h * gelu(g)` in one kernel, reading
+    the projection's own parameters at every call (so in-place LoRA merges reach it). A projection that is
+    not a plain `nn.Linear` (a PEFT LoRA layer, say) runs diffusers' forward."""
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if type(self.proj) is not nn.Linear:
+            return super().forward(hidden_states, *args, **kwargs)
+        return geglu(hidden_states, self.proj.weight, self.proj.bias)
+
+
 def _resnet_fits(block: ResnetBlock2D) -> bool:
     return (
         block.time_embedding_norm == "default"
@@ -99,6 +115,10 @@ def applies(module: nn.Module, config: Config) -> bool:
 
 def apply(module: nn.Module, config: Config) -> nn.Module:
     """Swap the kernels named in `config.kernels` into `module`'s blocks, in place; idempotent."""
+    if "geglu" in config.kernels:
+        for block in module.modules():
+            if type(block) is GEGLU:
+                block.__class__ = FusedGEGLU
     if "group_norm_silu" not in config.kernels:
         return module
     for block in list(module.modules()):
@@ -114,7 +134,8 @@ def apply(module: nn.Module, config: Config) -> nn.Module:
 
 
 def placements(module: nn.Module) -> dict[str, int]:
-    """Where the kernels are in `module`: fused ResNet blocks, fused norms, and ResNet blocks left alone."""
+    """Where the kernels are in `module`: fused ResNet blocks, fused norms, ResNet blocks left alone, and
+    fused GEGLU projections."""
     resnets = [m for m in module.modules() if isinstance(m, ResnetBlock2D)]
     fused = [m for m in module.modules() if isinstance(m, FusedGroupNorm)]
     return {
@@ -122,4 +143,5 @@ def placements(module: nn.Module) -> dict[str, int]:
         "norm_out": sum(m.silu for m in fused),
         "transformer_norms": sum(not m.silu for m in fused),
         "left_alone": sum(not isinstance(m, FusedResnetBlock2D) for m in resnets),
+        "geglu": sum(isinstance(m, FusedGEGLU) for m in module.modules()),
     }

@@ -1,0 +1,101 @@
+"""diffjet's GEGLU projection kernel alone, over every GEGLU call of one UNet step, against Inductor.
+
+    python bench/geglu_op.py --model sdxl --json geglu-op-sdxl.json
+    python bench/geglu_op.py --model sd15 --blocks 128,64,64,8,8,3/128,128,64,8,8,3
+
+Records the input of every diffusers `GEGLU` in one forward of the preset's UNet (fp16, channels-last,
+fused-QKV SDPA), then times all of those calls replayed from one CUDA graph: Inductor's code for diffusers'
+`GEGLU.forward` (the projection on cuBLAS, `h * gelu(g)` in a Triton kernel; compiled per shape) against
+`diffjet::geglu` with each tile setting given. A setting is (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps,
+num_stages). Each result's error against float32 is printed beside the eager half-precision module's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+import torch.nn.functional as F
+from group_norm_op import time_graph  # bench/, the script's own folder
+from unet_step import unet_inputs
+
+DEFAULT_SETTINGS = "128,64,64,8,8,3/128,128,64,8,8,3/64,128,64,8,4,4/128,64,32,8,4,4"
+
+
+def record_calls(model: str):
+    """Every GEGLU call of one UNet step at the preset's size: (input, weight, bias)."""
+    from diffusers import UNet2DConditionModel
+    from diffusers.models.activations import GEGLU
+
+    from diffjet.config import Config
+    from diffjet.models import PRESETS, resolve
+    from diffjet.passes import attention, memory_format, precision
+
+    unet = UNet2DConditionModel.from_pretrained(resolve(model), subfolder="unet", torch_dtype=torch.float16).cuda()
+    config = Config()
+    precision.apply(unet, config)
+    memory_format.apply(unet, config)
+    attention.apply(unet, config)
+    calls = []
+    hooks = [m.register_forward_pre_hook(lambda mod, args: calls.append((args[0].clone(), mod.proj.weight,
+                                                                         mod.proj.bias)))
+             for m in unet.modules() if type(m) is GEGLU]
+    sample, states, kwargs = unet_inputs(unet, PRESETS[model].height, 2)
+    with torch.no_grad():
+        unet(sample, torch.tensor(999.0, device="cuda"), states, return_dict=False, **kwargs)
+    for hook in hooks:
+        hook.remove()
+    return calls
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="sdxl")
+    parser.add_argument("--blocks", default=DEFAULT_SETTINGS, help="tile settings, '/'-separated")
+    parser.add_argument("--json")
+    args = parser.parse_args()
+
+    from diffjet.bench import environment
+    from diffjet.kernels import geglu as gg
+
+    calls = record_calls(args.model)
+    shapes = sorted({(tuple(x.shape), tuple(w.shape)) for x, w, _ in calls})
+    print(f"{len(calls)} GEGLU calls, shapes {shapes}", file=sys.stderr)
+
+    def geglu_forward(x, w, b):  # diffusers' GEGLU.forward
+        hidden, gate = F.linear(x, w, b).chunk(2, dim=-1)
+        return hidden * F.gelu(gate)
+
+    compiled = torch.compile(geglu_forward, dynamic=False)
+    with torch.no_grad():
+        references = [gg.reference(x.float(), w.float(), b.float()) for x, w, b in calls]
+        baseline = max(float((geglu_forward(x, w, b).float() - r).norm() / r.norm())
+                       for (x, w, b), r in zip(calls, references))
+        rows = []
+        ms, outputs = time_graph(lambda: [compiled(x, w, b) for x, w, b in calls])
+        rows.append({"variant": "inductor", "ms": ms})
+        for setting in args.blocks.split("/"):
+            blocks = tuple(int(v) for v in setting.split(","))
+            try:
+                ms, outputs = time_graph(lambda: [gg.launch(x, w, b, blocks=blocks) for x, w, b in calls])
+            except Exception as exc:  # noqa: BLE001 - a setting that does not compile is reported, not fatal
+                rows.append({"variant": f"diffjet {setting}", "error": f"{type(exc).__name__}: {exc}"[:300]})
+                continue
+            error = max(float((y.float() - r).norm() / r.norm()) for y, r in zip(outputs, references))
+            rows.append({"variant": f"diffjet {setting}", "ms": ms, "max_error": error})
+    print(f"{'variant':34} {'ms':>7}  max error (eager fp16: {baseline:.2e})")
+    for r in rows:
+        print(f"{r['variant']:34} " + (f"{r['ms']:7.3f}  {r.get('max_error', float('nan')):.2e}" if "ms" in r
+                                       else r["error"]))
+    if args.json:
+        report = {**environment("cuda"), "command": "python " + " ".join(sys.argv), "model": args.model,
+                  "calls": len(calls), "shapes": [list(map(list, s)) for s in shapes],
+                  "eager_fp16_max_error": baseline, "results": rows}
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
