@@ -55,7 +55,8 @@ if triton is not None:
     @triton.jit
     def _geglu_projection(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
                           HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                          BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, EXACT_DOT: tl.constexpr):
+                          BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
+                          EXACT_DOT: tl.constexpr):
         # x: (M, K); W: (2N, K), rows [0, N) give h and rows [N, 2N) give g; y: (M, N).
         # Programs walk GROUP_M row tiles down one column before the next, so x tiles are reused from L2.
         pid = tl.program_id(0)
@@ -78,11 +79,16 @@ if triton is not None:
         acc_g = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
         for k in range(0, K, BLOCK_K):
             kk = k + ks
-            k_ok = kk < K
-            a = tl.load(x_rows + kk[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            b_mask = k_ok[:, None] & col_ok[None, :]
-            b_h = tl.load(w_h + kk[:, None], mask=b_mask, other=0.0)
-            b_g = tl.load(w_g + kk[:, None], mask=b_mask, other=0.0)
+            if EVEN_K:  # SD's widths (320, 640, 1280) are whole BLOCK_Ks: no mask along K
+                a = tl.load(x_rows + kk[None, :], mask=row_ok[:, None], other=0.0)
+                b_h = tl.load(w_h + kk[:, None], mask=col_ok[None, :], other=0.0)
+                b_g = tl.load(w_g + kk[:, None], mask=col_ok[None, :], other=0.0)
+            else:
+                k_ok = kk < K
+                a = tl.load(x_rows + kk[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+                b_mask = k_ok[:, None] & col_ok[None, :]
+                b_h = tl.load(w_h + kk[:, None], mask=b_mask, other=0.0)
+                b_g = tl.load(w_g + kk[:, None], mask=b_mask, other=0.0)
             if EXACT_DOT:  # Triton's interpreter: no bfloat16 dot; half products are exact in float32
                 a, b_h, b_g = a.to(tl.float32), b_h.to(tl.float32), b_g.to(tl.float32)
                 acc_h = tl.dot(a, b_h, acc_h, input_precision="ieee")
@@ -120,7 +126,7 @@ def launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *, 
     has_bias = bias is not None
     _geglu_projection[grid](x2, weight, bias if has_bias else weight, y2, m, features, k, x2.stride(0),
                             weight.stride(0), y2.stride(0), HAS_BIAS=has_bias, BLOCK_M=block_m, BLOCK_N=block_n,
-                            BLOCK_K=block_k, GROUP_M=group_m, EXACT_DOT=INTERPRET, num_warps=num_warps,
+                            BLOCK_K=block_k, GROUP_M=group_m, EVEN_K=k % block_k == 0, EXACT_DOT=INTERPRET, num_warps=num_warps,
                             num_stages=num_stages)
     return y
 
