@@ -242,6 +242,25 @@ def test_bench_diffjet_no_kernels_variant_records_its_passes(tmp_path, capsys):
     assert "fused_qkv_sdpa" in run_["passes"]["unet"]
 
 
+def test_bench_diffjet_variants_put_in_their_kernels(monkeypatch):
+    import types
+
+    import diffjet
+    from diffjet.bench import recipes
+
+    used = []
+
+    def compile_(pipe, config):
+        used.append(config.kernels)
+        pipe.diffjet = types.SimpleNamespace(passes={}, left_alone={}, off=[])
+        return pipe
+
+    monkeypatch.setattr(diffjet, "compile", compile_)
+    for name in ("diffjet", "diffjet-no-kernels", "diffjet-geglu"):
+        recipes.apply(types.SimpleNamespace(), name)
+    assert used == [("group_norm_silu",), (), ("group_norm_silu", "geglu")]
+
+
 def test_verify_covers_a_controlnet_pipeline(capsys, tmp_path):
     code, out, _ = run(["verify", "--model", "tiny-controlnet", "--steps", "2", "--device", "cpu",
                         "--json", str(tmp_path / "v.json")], capsys)

@@ -350,7 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ben = sub.add_parser("bench", help="time eager, torch-compile and diffjet side by side")
     common(ben, 30)
-    ben.add_argument("--compiler", default="eager,torch-compile,diffjet", help="comma-separated")
+    ben.add_argument("--compiler", default="eager,torch-compile,diffjet", help="comma-separated, from: " + ", ".join(COMPILERS))
     ben.add_argument("--batch", type=int, default=1, help="images per prompt")
     ben.add_argument("--scheduler", choices=tuple(SCHEDULERS), default="euler",
                      help="euler (default, as the measurement protocol says) or another; 'default' is the model's own")

@@ -3,13 +3,17 @@
 - `eager`: the pipeline as loaded (fp16 and diffusers' SDPA attention on a GPU).
 - `torch-compile`: the recipe of Diffusers' speed guide: channels-last UNet and VAE, fused QKV
   projections, `conv_1x1_as_mm` and no epilogue fusion, `torch.compile` of the UNet and of `vae.decode`.
-  The guide asks for `max-autotune`; compiling the SD1.5 UNet that way took more than 8 minutes on the
-  H100 (2026-11-24), past what one benchmark run may take, so the recipe uses `reduce-overhead` (Inductor plus
-  CUDA-graph trees) and records the mode in every run. The guide's coordinate-descent tuning is left out
-  for the same reason: with it, the SD1.5 UNet and VAE had not compiled after 9 minutes on the H200.
+  The guide asks for `max-autotune`; with only its GEMMs autotuned, the SD1.5 UNet was still compiling
+  after about 430 s on the H100 (bench/results/unet-step-sd15-autotune-mm-h100-2026-11-27.json), past what
+  one benchmark run may take, so the recipe uses `reduce-overhead` (Inductor plus CUDA-graph trees) and
+  records the mode in every run. The guide's coordinate-descent tuning is left out too: it nearly doubled
+  the SD1.5 UNet's first call (95.7 against 50.5 s) for no measurable speed
+  (bench/results/unet-step-sd15-cudnn-benchmark-cdt-h100-2026-11-27.json).
 - `diffjet`: `diffjet.compile(pipe)` with the default (lossless) config, diffjet's Triton kernels included.
 - `diffjet-no-kernels`: the same without the Triton kernels of `diffjet/kernels/` (`Config(kernels=())`):
   Inductor's own code in their place, so that the kernels' effect is measured side by side.
+- `diffjet-geglu`: the default plus the opt-in GEGLU projection kernel (`Config(kernels=("group_norm_silu",
+  "geglu"))`), to measure that kernel end to end.
 """
 
 from __future__ import annotations
@@ -18,7 +22,9 @@ from typing import Any
 
 import torch
 
-COMPILERS = ("eager", "torch-compile", "diffjet", "diffjet-no-kernels")
+COMPILERS = ("eager", "torch-compile", "diffjet", "diffjet-no-kernels", "diffjet-geglu")
+#: The kernels each diffjet variant puts in (`Config.kernels`); None: the default.
+KERNELS = {"diffjet": None, "diffjet-no-kernels": (), "diffjet-geglu": ("group_norm_silu", "geglu")}
 TORCH_COMPILE_MODE = "reduce-overhead"
 SCHEDULERS = {
     "default": None,
@@ -52,12 +58,12 @@ def apply(pipe, compiler: str, cache_dir: str | None = None) -> dict[str, Any]:
         return {}
     if compiler == "torch-compile":
         return _torch_compile(pipe)
-    if compiler in ("diffjet", "diffjet-no-kernels"):
+    if compiler in KERNELS:
         import diffjet
 
         config = diffjet.Config(cache_dir=cache_dir)
-        if compiler == "diffjet-no-kernels":
-            config = config.replace(kernels=())
+        if KERNELS[compiler] is not None:
+            config = config.replace(kernels=KERNELS[compiler])
         diffjet.compile(pipe, config)
         report = pipe.diffjet
         return {"passes": report.passes, "left_alone": report.left_alone, "off": report.off}
