@@ -86,7 +86,7 @@ def unet_output(pipe, inputs: tuple[tuple, dict]) -> torch.Tensor:
 
     The timestep (a 0-d tensor) keeps its dtype, as in the pipeline's own calls (the scheduler's float32
     timesteps): a float16 one would be a new input signature for a compiled UNet, compiled only for this
-    check (SDXL: about 100 s more on the H100)."""
+    check."""
     dtype, device = pipe.unet.dtype, pipe.unet.device
 
     def cast(x: torch.Tensor) -> torch.Tensor:

@@ -35,8 +35,9 @@ def environment(device: str) -> dict[str, Any]:
         "triton": package_version("triton"),
         "cuda": torch.version.cuda,
         "python": sys.version.split()[0],
-        # Without bytecode caching every new process compiles torch's and diffusers' Python anew (about
-        # 8 s more per start on the H100 machine), which a warm start would then count.
+        # Without bytecode caching every new process compiles torch's and diffusers' Python anew
+        # (8-18 s more per start on the H100 machine, python-imports-h100-2026-11-26.json), which a warm start
+        # would then count.
         "python_bytecode_cache": not sys.flags.dont_write_bytecode,
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "weights": WEIGHTS_NOTE,
