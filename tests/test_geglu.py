@@ -156,6 +156,20 @@ def test_a_projection_that_is_not_a_plain_linear_runs_diffusers_forward():
     torch.testing.assert_close(block(x), want, rtol=0, atol=0)
 
 
+def test_fused_geglu_reads_its_projection_at_every_call():
+    # LoRA merges change the projection's weight in place; the fused module must see that, as diffusers' does.
+    block = GEGLU(32, 16).to(DEVICE, torch.float16)
+    kernel_pass.apply(block, Config(kernels=("geglu",)))
+    x = torch.randn(4, 32).to(DEVICE, torch.float16)
+    before = block(x)
+    with torch.no_grad():
+        block.proj.weight.mul_(-1)
+    after = block(x)
+    want = gg.reference(x, block.proj.weight, block.proj.bias)
+    assert not torch.equal(before, after)
+    torch.testing.assert_close(after.float(), want.float(), atol=2e-3, rtol=2e-3)
+
+
 @pytest.mark.gpu
 def test_inductor_compiles_the_op_into_its_graph():
     x, weight, b = inputs((2, 77), 320, 1280, torch.float16)
