@@ -73,9 +73,13 @@ def main() -> None:
         references = [gg.reference(x.float(), w.float(), b.float()) for x, w, b in calls]
         baseline = max(float((geglu_forward(x, w, b).float() - r).norm() / r.norm())
                        for (x, w, b), r in zip(calls, references))
+
+        def max_error(outputs):
+            return max(float((y.float() - r).norm() / r.norm()) for y, r in zip(outputs, references))
+
         rows = []
         ms, outputs = time_graph(lambda: [compiled(x, w, b) for x, w, b in calls])
-        rows.append({"variant": "inductor", "ms": ms})
+        rows.append({"variant": "inductor", "ms": ms, "max_error": max_error(outputs)})
         for setting in args.blocks.split("/"):
             blocks = tuple(int(v) for v in setting.split(","))
             try:
@@ -83,8 +87,7 @@ def main() -> None:
             except Exception as exc:  # noqa: BLE001 - a setting that does not compile is reported, not fatal
                 rows.append({"variant": f"diffjet {setting}", "error": f"{type(exc).__name__}: {exc}"[:300]})
                 continue
-            error = max(float((y.float() - r).norm() / r.norm()) for y, r in zip(outputs, references))
-            rows.append({"variant": f"diffjet {setting}", "ms": ms, "max_error": error})
+            rows.append({"variant": f"diffjet {setting}", "ms": ms, "max_error": max_error(outputs)})
     print(f"{'variant':34} {'ms':>7}  max error (eager fp16: {baseline:.2e})")
     for r in rows:
         print(f"{r['variant']:34} " + (f"{r['ms']:7.3f}  {r.get('max_error', float('nan')):.2e}" if "ms" in r
