@@ -188,15 +188,15 @@ def test_runner_compiles_once_stores_the_function_and_a_new_process_loads_it(tmp
     fake = _FakePrecompiler()
     cache = CompileCache(tmp_path, save_artifacts=lambda: None, load_artifacts=lambda b: None)
     runner = _runner_policy(cache, fake)
-    source = runner._function_for(parts, (), {}, "s1")
+    source = runner._function_for(parts, (), {}, "s1", tmp_path / "inductor")
     assert source.fn() == "precompiled" and not source.missing and fake.compiled == 1
     assert source.files == {FUNCTION: b"function-bytes"}
-    assert runner._function_for(parts, (), {}, "s1").fn() == "precompiled" and fake.compiled == 1
+    assert runner._function_for(parts, (), {}, "s1", tmp_path / "inductor").fn() == "precompiled" and fake.compiled == 1
     assert cache.stats.stored == 1
 
     later = _FakePrecompiler()  # another process, same cache
     runner = _runner_policy(CompileCache(tmp_path, save_artifacts=lambda: None, load_artifacts=lambda b: None), later)
-    source = runner._function_for(parts, (), {}, "s1")
+    source = runner._function_for(parts, (), {}, "s1", tmp_path / "inductor")
     assert source.fn() == "loaded" and later.loaded == [b"function-bytes"] and later.compiled == 0
 
 
@@ -204,7 +204,7 @@ def test_runner_falls_back_to_compiling_in_process_when_precompiling_fails(tmp_p
     parts = {"component": "unet", "signature": "s1"}
     cache = CompileCache(tmp_path, save_artifacts=lambda: None, load_artifacts=lambda b: None)
     runner = _runner_policy(cache, _FakePrecompiler(fail=True))
-    source = runner._function_for(parts, (), {}, "s1")
+    source = runner._function_for(parts, (), {}, "s1", tmp_path / "inductor")
     assert source.fn() == "jit" and source.missing, "the in-process compile's artifacts still go to the cache"
     assert runner.precompile is None and "cannot trace this whole" in caplog.text
 
@@ -216,15 +216,17 @@ def test_an_entry_stored_without_a_function_gets_one_when_precompiling_works_aga
         return CompileCache(tmp_path, save_artifacts=lambda: (b"kernels", None), load_artifacts=lambda b: None)
 
     first = _runner_policy(cache(), _FakePrecompiler(fail=True))
-    assert first._function_for(parts, (), {}, "s1").missing  # fell back: the capture will store the kernels
+    inductor = tmp_path / "inductor"
+    assert first._function_for(parts, (), {}, "s1", inductor).missing  # fell back: the capture will store the kernels
     first.cache.store(parts)
     assert cache().load_entry(parts) == {}
 
     fake = _FakePrecompiler()
-    assert _runner_policy(cache(), fake)._function_for(parts, (), {}, "s1").fn() == "precompiled"
+    assert _runner_policy(cache(), fake)._function_for(parts, (), {}, "s1", inductor).fn() == "precompiled"
     assert cache().load_entry(parts) == {FUNCTION: b"function-bytes"}
     leftovers = [p for p in tmp_path.rglob("*") if p.name.startswith(".")]
     assert leftovers == []
 
     later = _FakePrecompiler()
-    assert _runner_policy(cache(), later)._function_for(parts, (), {}, "s1").fn() == "loaded" and later.compiled == 0
+    source = _runner_policy(cache(), later)._function_for(parts, (), {}, "s1", inductor)
+    assert source.fn() == "loaded" and later.compiled == 0

@@ -234,21 +234,21 @@ class CudaGraphRunner:
             return value.to(self.device)
         return value
 
-    def _function_for(self, parts: dict, args: tuple, kwargs: dict, signature: str) -> _Source:
+    def _function_for(self, parts: dict, args: tuple, kwargs: dict, signature: str,
+                      inductor_folder: Path | None) -> _Source:
         """The function to warm up and capture for one signature, and what its cache entry holds.
 
         With a `precompile`, a signature's function comes from the cache's precompiled function when
         there is one, else it is compiled ahead of the warm-up and stored at once; should that fail, the
-        runner says so and goes on with `fn`, whose compiled artifacts the cache keeps instead.
+        runner says so and goes on with `fn`, whose compiled artifacts the cache keeps instead. The entry's
+        autotuning choices go into `inductor_folder` (this process's Inductor cache) first.
         """
-        if self.cache is None:
-            return _Source(self.fn, missing=False)
         signature_key = parts["signature"]
         if signature_key in self._functions:
             return _Source(self._functions[signature_key], missing=False)
         files = self.cache.load_entry(parts)
         # Before any kernel of the function is loaded: Inductor reads a kernel's choice when it loads it.
-        autotune_choices.restore(files or {}, autotune_choices.directory())
+        autotune_choices.restore(files or {}, inductor_folder)
         if self.precompile is None:
             return _Source(self.fn, missing=files is None, files=files or {})
         start = time.perf_counter()
@@ -282,12 +282,11 @@ class CudaGraphRunner:
         args, kwargs = pytree.tree_unflatten(static_leaves, spec)
         cache_parts = {**self.cache_parts, "signature": f"{spec} {[_leaf_key(x) for x in leaves]}"}
         if self.cache is None:
-            source = self._function_for(cache_parts, args, kwargs, signature)
-            captured = self._warm_up_and_capture(source.fn, args, kwargs, static_inputs, signature)
+            captured = self._warm_up_and_capture(self.fn, args, kwargs, static_inputs, signature)
         else:
             inductor_folder = autotune_choices.directory()
             choices_before = autotune_choices.snapshot(inductor_folder)
-            source = self._function_for(cache_parts, args, kwargs, signature)
+            source = self._function_for(cache_parts, args, kwargs, signature, inductor_folder)
             # Triton compiles diffjet's kernels at their first call, in this process: into a folder that
             # the entry keeps, so that the next process finds them (`triton_cache.py`). Inductor times
             # its kernels' launch configurations at theirs (`autotune_choices.py`).
