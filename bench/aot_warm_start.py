@@ -28,19 +28,12 @@ from pathlib import Path
 
 def _unet_and_inputs(model: str, device: str):
     import torch
-    from diffusers import UNet2DConditionModel
+    from unet_step import prepared_unet  # bench/, the script's own folder
 
-    from diffjet.config import Config
-    from diffjet.models import PRESETS, resolve
-    from diffjet.passes import attention, memory_format, precision
+    from diffjet.models import PRESETS
 
-    dtype = torch.float16 if device == "cuda" else torch.float32
-    unet = UNet2DConditionModel.from_pretrained(resolve(model), subfolder="unet", torch_dtype=dtype).to(device).eval()
-    config = Config()
-    if device == "cuda":
-        precision.apply(unet, config)
-    memory_format.apply(unet, config)
-    attention.apply(unet, config)
+    unet = prepared_unet(model, device=device)
+    dtype = unet.dtype
     latent = PRESETS[model].height // 8
     g = torch.Generator().manual_seed(0)
     sample = torch.randn(2, unet.config.in_channels, latent, latent, generator=g).to(device, dtype)

@@ -19,25 +19,18 @@ import sys
 import torch
 import torch.nn.functional as F
 from group_norm_op import time_graph  # bench/, the script's own folder
-from unet_step import unet_inputs
+from unet_step import prepared_unet, unet_inputs
 
 DEFAULT_SETTINGS = "128,64,64,8,8,3/128,128,64,8,8,3/64,128,64,8,4,4/128,64,32,8,4,4"
 
 
 def record_calls(model: str):
     """Every GEGLU call of one UNet step at the preset's size: (input, weight, bias)."""
-    from diffusers import UNet2DConditionModel
     from diffusers.models.activations import GEGLU
 
-    from diffjet.config import Config
-    from diffjet.models import PRESETS, resolve
-    from diffjet.passes import attention, memory_format, precision
+    from diffjet.models import PRESETS
 
-    unet = UNet2DConditionModel.from_pretrained(resolve(model), subfolder="unet", torch_dtype=torch.float16).cuda()
-    config = Config()
-    precision.apply(unet, config)
-    memory_format.apply(unet, config)
-    attention.apply(unet, config)
+    unet = prepared_unet(model)
     calls = []
     hooks = [m.register_forward_pre_hook(lambda mod, args: calls.append((args[0].clone(), mod.proj.weight,
                                                                          mod.proj.bias)))

@@ -104,24 +104,15 @@ def main() -> None:
     args = parser.parse_args()
 
     import torch
-    from diffusers import UNet2DConditionModel
 
-    from diffjet.config import Config
-    from diffjet.models import PRESETS, resolve
-    from diffjet.passes import attention, memory_format, precision
+    from diffjet.models import PRESETS
 
-    from unet_step import unet_inputs  # bench/, the script's own folder
+    from unet_step import prepared_unet, unet_inputs  # bench/, the script's own folder
 
-    dtype = torch.float16 if args.device == "cuda" else torch.float32
-    unet = UNet2DConditionModel.from_pretrained(resolve(args.model), subfolder="unet", torch_dtype=dtype).to(args.device)
-    config = Config()
-    if args.device == "cuda":
-        precision.apply(unet, config)
-    memory_format.apply(unet, config)
-    attention.apply(unet, config)
+    unet = prepared_unet(args.model, device=args.device)
     sample, states, kwargs = unet_inputs(unet, PRESETS[args.model].height, args.batch, device=args.device)
-    if dtype != torch.float16:
-        sample, states = sample.to(dtype), states.to(dtype)
+    if unet.dtype != torch.float16:
+        sample, states = sample.to(unet.dtype), states.to(unet.dtype)
     t = torch.tensor(999.0, device=args.device)
     shapes = record_gemms(unet, (sample, t, states), dict(return_dict=False, **kwargs))
     del unet

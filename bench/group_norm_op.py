@@ -20,21 +20,14 @@ import sys
 
 import torch
 import torch.nn.functional as F
-from unet_step import unet_inputs  # bench/, the script's own folder
+from unet_step import prepared_unet, unet_inputs  # bench/, the script's own folder
 
 
 def record_calls(model: str, batch: int) -> list[dict]:
-    from diffusers import UNet2DConditionModel
-
-    from diffjet.config import Config
     from diffjet.kernels import group_norm_silu as gn
-    from diffjet.models import PRESETS, resolve
-    from diffjet.passes import attention, kernels, memory_format, precision
+    from diffjet.models import PRESETS
 
-    unet = UNet2DConditionModel.from_pretrained(resolve(model), subfolder="unet", torch_dtype=torch.float16).cuda()
-    config = Config(kernels=("group_norm_silu",))
-    for p in (precision, memory_format, attention, kernels):
-        p.apply(unet, config)
+    unet = prepared_unet(model, kernels=("group_norm_silu",))
     calls, launch = [], gn.launch
 
     def recording(x, weight, bias, groups, eps, silu, shift=None, **kw):

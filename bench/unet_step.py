@@ -131,6 +131,29 @@ def kernel_profile(step, reps: int = 5) -> dict:
     }
 
 
+def prepared_unet(model: str, device: str = "cuda", kernels: tuple[str, ...] = ()):
+    """The preset's UNet with diffjet's passes: fp16 (on CUDA; float32 elsewhere), channels-last, fused-QKV
+    SDPA, and `kernels` (diffjet's Triton kernels, `Config.kernels`)."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from diffjet.config import Config
+    from diffjet.models import resolve
+    from diffjet.passes import attention, memory_format, precision
+    from diffjet.passes import kernels as kernel_pass
+
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    unet = UNet2DConditionModel.from_pretrained(resolve(model), subfolder="unet", torch_dtype=dtype).to(device).eval()
+    config = Config(kernels=kernels)
+    if device == "cuda":
+        precision.apply(unet, config)
+    memory_format.apply(unet, config)
+    attention.apply(unet, config)
+    if kernels:
+        kernel_pass.apply(unet, config)
+    return unet
+
+
 def unet_inputs(unet, height: int, batch: int, device: str = "cuda"):
     """Seeded half-precision UNet inputs at `height`² pixels: (latents, text states, further kwargs)."""
     import torch
@@ -152,26 +175,17 @@ def unet_inputs(unet, height: int, batch: int, device: str = "cuda"):
 def run_one(model: str, variant: str, batch: int, size: int | None, profile: bool = False) -> dict:
     import torch
 
-    from diffjet.config import Config
-    from diffusers import UNet2DConditionModel
-
-    from diffjet.models import PRESETS, resolve
-    from diffjet.passes import attention, memory_format, precision
+    from diffjet.models import PRESETS
+    from diffjet.passes import kernels as kernel_pass
     from diffjet.runtime.cuda_graph import CudaGraphRunner
 
     preset = PRESETS[model]
-    unet = UNet2DConditionModel.from_pretrained(resolve(model), subfolder="unet", torch_dtype=torch.float16).cuda()
-    config = Config()
-    precision.apply(unet, config)
-    memory_format.apply(unet, config)
-    attention.apply(unet, config)
     options = dict(VARIANTS[variant]) if VARIANTS[variant] is not None else None
     cudnn_benchmark = bool(options and options.pop("__cudnn_benchmark", False))
-    if options and "__kernels" in options:
-        from diffjet.passes import kernels
-
-        kernels.apply(unet, Config(kernels=options.pop("__kernels")))
-        print("kernels placed:", kernels.placements(unet), file=sys.stderr)
+    kernels = options.pop("__kernels", ()) if options else ()
+    unet = prepared_unet(model, kernels=kernels)
+    if kernels:
+        print("kernels placed:", kernel_pass.placements(unet), file=sys.stderr)
     if options and options.pop("__eager", False):
         options = None
     forward = type(unet).forward.__get__(unet)
