@@ -20,6 +20,7 @@ from typing import Any, Callable
 import torch
 
 from ..runtime.compile_cache import package_version
+from . import recipes
 
 WEIGHTS_NOTE = "random (architecture-exact) for presets"
 
@@ -94,7 +95,7 @@ def run_bench(
 ) -> list[dict]:
     runs = []
     for spec in specs:
-        if spec["compiler"] in ("diffjet", "diffjet-no-kernels") and spec["device"] == "cuda":
+        if spec["compiler"] in recipes.KERNELS and spec["device"] == "cuda":  # every diffjet variant
             result = _run_with_warm_start(spec, timeout)
         else:
             result = run_variant(spec, timeout)
