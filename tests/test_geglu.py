@@ -109,7 +109,7 @@ def _unet_inputs(unet, dtype):
     return sample, states
 
 
-def test_pass_fuses_every_geglu_and_keeps_the_lossless_rule(tiny_path):
+def test_pass_fuses_every_geglu_and_keeps_the_lossless_rule(tiny_path, monkeypatch):
     # float16 on CPU: the kernel runs in Triton's interpreter inside every transformer block's feed-forward.
     reference = UNet2DConditionModel.from_pretrained(tiny_path, subfolder="unet").eval()
     plain = UNet2DConditionModel.from_pretrained(tiny_path, subfolder="unet", torch_dtype=torch.float16).eval()
@@ -128,15 +128,12 @@ def test_pass_fuses_every_geglu_and_keeps_the_lossless_rule(tiny_path):
         calls.append(args[0].shape)
         return real(*args)
 
-    kernel_pass.geglu = counting
-    try:
-        with torch.no_grad():
-            sample, states = _unet_inputs(reference, torch.float32)
-            want = reference(sample, 500, states).sample
-            got = fused(sample.half(), 500, states.half()).sample.float()
-            base = plain(sample.half(), 500, states.half()).sample.float()
-    finally:
-        kernel_pass.geglu = real
+    monkeypatch.setattr(kernel_pass, "geglu", counting)
+    with torch.no_grad():
+        sample, states = _unet_inputs(reference, torch.float32)
+        want = reference(sample, 500, states).sample
+        got = fused(sample.half(), 500, states.half()).sample.float()
+        base = plain(sample.half(), 500, states.half()).sample.float()
     assert len(calls) == gegl
     assert relative_error(got, want) <= 1.5 * relative_error(base, want) + 1e-6
 
