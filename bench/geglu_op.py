@@ -6,8 +6,9 @@
 Records the input of every diffusers `GEGLU` in one forward of the preset's UNet (fp16, channels-last,
 fused-QKV SDPA), then times all of those calls replayed from one CUDA graph: Inductor's code for diffusers'
 `GEGLU.forward` (the projection on cuBLAS, `h * gelu(g)` in a Triton kernel; compiled per shape) against
-`diffjet::geglu` with each tile setting given. A setting is (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps,
-num_stages). Each result's error against float32 is printed beside the eager half-precision module's.
+`diffjet::geglu` with each tile setting given, over all calls and over each shape's calls alone. A setting is
+(BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages). Each result's error against float32 is printed
+beside the eager half-precision module's.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 from group_norm_op import time_graph  # bench/, the script's own folder
 from unet_step import prepared_unet, unet_inputs
 
-DEFAULT_SETTINGS = "128,64,64,8,8,3/128,128,64,8,8,3/64,128,64,8,4,4/128,64,32,8,4,4"
+DEFAULT_SETTINGS = "128,128,64,8,8,3/128,128,64,16,8,3/128,128,64,8,8,4/128,64,64,8,4,3"
 
 
 def record_calls(model: str):
@@ -70,20 +71,27 @@ def main() -> None:
         def max_error(outputs):
             return max(float((y.float() - r).norm() / r.norm()) for y, r in zip(outputs, references))
 
-        rows = []
-        ms, outputs = time_graph(lambda: [compiled(x, w, b) for x, w, b in calls])
-        rows.append({"variant": "inductor", "ms": ms, "max_error": max_error(outputs)})
+        by_shape = {shape: [c for c in calls if (tuple(c[0].shape), tuple(c[1].shape)) == shape] for shape in shapes}
+
+        def timed(variant, op):
+            """Time `op` over all calls (and its error), then over each shape's calls alone."""
+            try:
+                ms, outputs = time_graph(lambda: [op(x, w, b) for x, w, b in calls])
+                per_shape = [time_graph(lambda: [op(x, w, b) for x, w, b in group])[0] for group in by_shape.values()]
+            except Exception as exc:  # noqa: BLE001 - a setting that does not compile is reported, not fatal
+                return {"variant": variant, "error": f"{type(exc).__name__}: {exc}"[:300]}
+            return {"variant": variant, "ms": ms, "ms_by_shape": per_shape, "max_error": max_error(outputs)}
+
+        rows = [timed("inductor", compiled)]
         for setting in args.blocks.split("/"):
             blocks = tuple(int(v) for v in setting.split(","))
-            try:
-                ms, outputs = time_graph(lambda: [gg.launch(x, w, b, blocks=blocks) for x, w, b in calls])
-            except Exception as exc:  # noqa: BLE001 - a setting that does not compile is reported, not fatal
-                rows.append({"variant": f"diffjet {setting}", "error": f"{type(exc).__name__}: {exc}"[:300]})
-                continue
-            rows.append({"variant": f"diffjet {setting}", "ms": ms, "max_error": max_error(outputs)})
-    print(f"{'variant':34} {'ms':>7}  max error (eager fp16: {baseline:.2e})")
+            rows.append(timed(f"diffjet {setting}", lambda x, w, b, blocks=blocks: gg.launch(x, w, b, blocks=blocks)))
+    print(f"max error of eager fp16: {baseline:.2e}; shapes (calls): "
+          + ", ".join(f"{s[0]}x{s[1][0]} ({len(g)})" for s, g in by_shape.items()))
+    print(f"{'variant':30} {'ms':>7} {'error':>8}  ms by shape")
     for r in rows:
-        print(f"{r['variant']:34} " + (f"{r['ms']:7.3f}  {r.get('max_error', float('nan')):.2e}" if "ms" in r
+        print(f"{r['variant']:30} " + (f"{r['ms']:7.3f} {r['max_error']:8.2e}  "
+                                       + " ".join(f"{v:7.3f}" for v in r["ms_by_shape"]) if "ms" in r
                                        else r["error"]))
     if args.json:
         report = {**environment("cuda"), "command": "python " + " ".join(sys.argv), "model": args.model,

@@ -116,7 +116,6 @@ def test_pass_fuses_every_geglu_and_keeps_the_lossless_rule(tiny_path, monkeypat
     fused = UNet2DConditionModel.from_pretrained(tiny_path, subfolder="unet", torch_dtype=torch.float16).eval()
     gegl = sum(type(m) is GEGLU for m in fused.modules())
     assert gegl > 0
-    assert "geglu" not in Config().kernels, "opt-in until measured on the GPU"
     kernel_pass.apply(fused, Config(kernels=("geglu",)))
     assert kernel_pass.placements(fused)["geglu"] == gegl and kernel_pass.placements(fused)["resnet_blocks"] == 0
     kernel_pass.apply(fused, Config(kernels=("geglu",)))
@@ -151,6 +150,51 @@ def test_a_projection_that_is_not_a_plain_linear_runs_diffusers_forward():
     wrapped.load_state_dict(block.proj.state_dict())
     block.proj = wrapped
     torch.testing.assert_close(block(x), want, rtol=0, atol=0)
+
+
+def test_the_kernel_pays_only_for_outputs_of_four_waves_of_tiles():
+    # The H100 (132 SMs) measurements behind the rule: SDXL's two shapes and SD1.5's 8192 × 1280 won, SD1.5's
+    # smaller ones lost to cuBLAS plus Inductor's kernel.
+    wins = [(2048, 5120), (8192, 2560), (8192, 1280)]
+    losses = [(128, 5120), (512, 5120), (2048, 2560)]
+    assert all(gg.pays(rows, features, 132) for rows, features in wins)
+    assert not any(gg.pays(rows, features, 132) for rows, features in losses)
+    assert gg.pays(1, 8, None)  # no GPU to weigh (the interpreter): always
+
+
+def test_sizes_where_the_kernel_does_not_pay_run_diffusers_forward(monkeypatch):
+    block = GEGLU(32, 16).to(DEVICE, torch.float16)
+    kernel_pass.apply(block, Config(kernels=("geglu",)))
+    assert type(block) is kernel_pass.FusedGEGLU
+    calls = []
+    monkeypatch.setattr(kernel_pass, "geglu", lambda *args: calls.append(args) or gg.reference(*args))
+    x = torch.randn(4, 32).to(DEVICE, torch.float16)
+    block.sms = 132  # a GPU's worth of SMs: 4 rows make one tile, far from four waves
+    torch.testing.assert_close(block(x), gg.reference(x, block.proj.weight, block.proj.bias), rtol=0, atol=0)
+    assert calls == []
+    block.sms = None
+    block(x)
+    assert len(calls) == 1
+
+
+def test_gpus_before_hopper_keep_diffusers_geglu(monkeypatch, caplog):
+    block = torch.nn.Sequential(GEGLU(32, 16))
+    monkeypatch.setattr(gg, "runs_on", lambda device: False)  # no tensor descriptors there
+    with caplog.at_level("INFO", logger="diffjet.passes.kernels"):
+        kernel_pass.apply(block, Config(kernels=("geglu",)))
+    assert type(block[0]) is GEGLU and kernel_pass.placements(block)["geglu"] == 0
+    assert "needs a Hopper or later GPU" in caplog.text
+
+
+def test_rows_that_do_not_start_on_16_bytes_go_to_the_reference():
+    x, weight, b = inputs((5,), 36, 16, torch.float16)  # 72-byte rows: no tensor descriptor takes them
+    assert not gg.supported(x, weight, b)
+    torch.testing.assert_close(torch.ops.diffjet.geglu(x, weight, b), gg.reference(x, weight, b), rtol=0, atol=0)
+    x, weight, b = inputs((5,), 48, 16, torch.float16)
+    assert gg.supported(x, weight, b) and not gg.supported(x[:, 8:], weight[:, 1:41], b)  # W's rows off 16 bytes
+    # x's rows off 16 bytes (a view 2 bytes in) are copied to aligned ones: same result as contiguous x.
+    torch.testing.assert_close(gg.launch(x[:, 1:33], weight[:, :32], b), gg.launch(x[:, 1:33].contiguous(),
+                               weight[:, :32], b), rtol=0, atol=0)
 
 
 def test_fused_geglu_reads_its_projection_at_every_call():

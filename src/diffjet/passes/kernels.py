@@ -9,12 +9,14 @@
 Blocks in another configuration are left alone and counted.
 
 `geglu` changes the class of every diffusers `GEGLU` (the first half of a transformer block's feed-forward)
-to `FusedGEGLU`, whose projection writes `h * gelu(g)` directly. The kernels take CUDA half-precision
+to `FusedGEGLU`, whose projection writes `h * gelu(g)` directly where that pays (large outputs), on GPUs
+the kernel runs on (Hopper on). The kernels take CUDA half-precision
 (float16/bfloat16) channels-last activations; the pass is not applied elsewhere.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -23,8 +25,11 @@ from diffusers.models.resnet import ResnetBlock2D
 from torch import nn
 
 from ..config import Config
+from ..kernels import geglu as gg
 from ..kernels.geglu import geglu
 from ..kernels.group_norm_silu import group_norm_silu
+
+logger = logging.getLogger(__name__)
 
 
 class FusedGroupNorm(nn.Module):
@@ -85,11 +90,15 @@ class FusedResnetBlock2D(ResnetBlock2D):
 
 class FusedGEGLU(GEGLU):
     """diffusers' `GEGLU` through `diffjet::geglu`: the projection and `h * gelu(g)` in one kernel, reading
-    the projection's own parameters at every call (so in-place LoRA merges reach it). A projection that is
-    not a plain `nn.Linear` (a PEFT LoRA layer, say) runs diffusers' forward."""
+    the projection's own parameters at every call (so in-place LoRA merges reach it). Sizes where the kernel
+    does not pay on this GPU (`sms`, its SM count: see `kernels.geglu.pays`), and a projection that is not a
+    plain `nn.Linear` (a PEFT LoRA layer, say), run diffusers' forward, which Inductor compiles as before."""
+
+    sms: int | None = None
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if type(self.proj) is not nn.Linear:
+        rows = hidden_states.numel() // hidden_states.shape[-1]
+        if type(self.proj) is not nn.Linear or not gg.pays(rows, self.proj.out_features // 2, self.sms):
             return super().forward(hidden_states, *args, **kwargs)
         return geglu(hidden_states, self.proj.weight, self.proj.bias)
 
@@ -115,10 +124,15 @@ def applies(module: nn.Module, config: Config) -> bool:
 
 def apply(module: nn.Module, config: Config) -> nn.Module:
     """Swap the kernels named in `config.kernels` into `module`'s blocks, in place; idempotent."""
-    if "geglu" in config.kernels:
-        for block in module.modules():
-            if type(block) is GEGLU:
-                block.__class__ = FusedGEGLU
+    device = next(module.parameters()).device
+    gegl = [block for block in module.modules() if type(block) is GEGLU] if "geglu" in config.kernels else []
+    if gegl and not gg.runs_on(device):
+        logger.info("geglu: the kernel needs a Hopper or later GPU; %s's GEGLU blocks stay with Inductor",
+                    type(module).__name__)
+        gegl = []
+    for block in gegl:
+        block.__class__ = FusedGEGLU
+        block.sms = gg.multiprocessors(device)
     if "group_norm_silu" not in config.kernels:
         return module
     for block in list(module.modules()):
