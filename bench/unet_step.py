@@ -39,7 +39,7 @@ VARIANTS = {
     "inductor-gn-silu-benchmark": {"conv_1x1_as_mm": True, "__kernels": ("group_norm_silu",), "__cudnn_benchmark": True},
     "inductor-gn-silu-cdt": {"conv_1x1_as_mm": True, "__kernels": ("group_norm_silu",),
                              "coordinate_descent_tuning": True},
-    # diffjet's GEGLU projection kernel (opt-in) on top of the default.
+    # diffjet's GEGLU projection kernel on top of the GroupNorm kernel (diffjet's default).
     "inductor-gn-silu-geglu": {"conv_1x1_as_mm": True, "__kernels": ("group_norm_silu", "geglu")},
     "inductor-gn-silu-autotune-mm": {"conv_1x1_as_mm": True, "__kernels": ("group_norm_silu",),
                                      "max_autotune_gemm": True, "max_autotune_gemm_backends": "TRITON,ATEN",

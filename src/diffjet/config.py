@@ -18,8 +18,8 @@ _COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
 #: diffjet's Triton kernels (`diffjet/kernels/`) that `Config.kernels` may name.
 KNOWN_KERNELS = ("group_norm_silu", "geglu")
 #: The kernels on by default: those measured faster than Inductor's own code on the H100 (README, "Triton
-#: kernels"). "geglu" is opt-in until it has been.
-DEFAULT_KERNELS = ("group_norm_silu",)
+#: kernels").
+DEFAULT_KERNELS = ("group_norm_silu", "geglu")
 
 
 @dataclass(frozen=True)
@@ -36,8 +36,8 @@ class Config:
         components: the pipeline components diffjet touches; others are left alone and reported.
         inductor: the components compiled with Inductor (`torch.compile`). Text encoders run once per
             image, so by default they get CUDA graphs but no compile time.
-        kernels: diffjet's Triton kernels to put in (`passes/kernels.py`): "group_norm_silu" (the
-            default) and "geglu" (opt-in, not yet measured on a GPU); `()` for none. Applied on CUDA to
+        kernels: diffjet's Triton kernels to put in (`passes/kernels.py`): "group_norm_silu" and
+            "geglu" (both by default); `()` for none. Applied on CUDA to
             half-precision channels-last UNet, ControlNet and VAE only.
         compile_mode: "default" or "max-autotune-no-cudagraphs" (much longer compilation).
         backend: the `torch.compile` backend; "inductor" except in tests ("eager", "aot_eager").

@@ -12,8 +12,8 @@
 - `diffjet`: `diffjet.compile(pipe)` with the default (lossless) config, diffjet's Triton kernels included.
 - `diffjet-no-kernels`: the same without the Triton kernels of `diffjet/kernels/` (`Config(kernels=())`):
   Inductor's own code in their place, so that the kernels' effect is measured side by side.
-- `diffjet-geglu`: the default plus the opt-in GEGLU projection kernel (`Config(kernels=("group_norm_silu",
-  "geglu"))`), to measure that kernel end to end.
+- `diffjet-no-geglu`: the default without the GEGLU projection kernel (`Config(kernels=("group_norm_silu",))`),
+  to measure that kernel end to end.
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ from typing import Any
 
 import torch
 
-COMPILERS = ("eager", "torch-compile", "diffjet", "diffjet-no-kernels", "diffjet-geglu")
+COMPILERS = ("eager", "torch-compile", "diffjet", "diffjet-no-kernels", "diffjet-no-geglu")
 #: The kernels each diffjet variant puts in (`Config.kernels`); None: the default.
-KERNELS = {"diffjet": None, "diffjet-no-kernels": (), "diffjet-geglu": ("group_norm_silu", "geglu")}
+KERNELS = {"diffjet": None, "diffjet-no-kernels": (), "diffjet-no-geglu": ("group_norm_silu",)}
 TORCH_COMPILE_MODE = "reduce-overhead"
 SCHEDULERS = {
     "default": None,
