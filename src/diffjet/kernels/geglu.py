@@ -119,7 +119,8 @@ def launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *, 
     y2 = y.view(-1, features)
     m, k = x2.shape
     block_m, block_n, block_k, group_m, num_warps, num_stages = blocks or DEFAULT_BLOCKS
-    programs = min(multiprocessors(x.device) or 4, triton.cdiv(m, block_m) * triton.cdiv(features, block_n))
+    # One program per SM; the interpreter runs programs one after another, so a few do there.
+    programs = min(multiprocessors(x.device) or 4, _tiles(m, features, block_m, block_n))
     _geglu_projection[(programs,)](
         TensorDescriptor.from_tensor(x2, [block_m, block_k]), TensorDescriptor.from_tensor(weight, [block_n, block_k]),
         weight if bias is None else bias, TensorDescriptor.from_tensor(y2, [block_m, block_n]), m, features, k,
@@ -148,8 +149,12 @@ def pays(rows: int, features: int, sms: int | None) -> bool:
     outputs, as measured on the H100: when its output makes at least four waves of default tiles over the
     GPU's `sms`. Below that cuBLAS's own tile choice wins (`bench/geglu_op.py`, by shape: 128 to 2048 rows at
     2560 to 5120 features lose, 2048 rows at 5120 and 8192 rows at 1280 or more win). Always with `sms` None."""
-    tiles = -(-rows // DEFAULT_BLOCKS[0]) * -(-features // DEFAULT_BLOCKS[1])
-    return sms is None or tiles >= 4 * sms
+    return sms is None or _tiles(rows, features, DEFAULT_BLOCKS[0], DEFAULT_BLOCKS[1]) >= 4 * sms
+
+
+def _tiles(rows: int, features: int, block_m: int, block_n: int) -> int:
+    """Output tiles of the kernel: what its programs walk, and what `pays` counts."""
+    return -(-rows // block_m) * -(-features // block_n)
 
 
 @torch.library.custom_op("diffjet::geglu", mutates_args=())
