@@ -24,6 +24,7 @@ from ..passes import attention, inductor, kernels, memory_format, precision
 from ..runtime.compile_cache import CompileCache, default_cache_dir, environment_key, module_key
 from ..runtime import precompiled
 from ..runtime.cuda_graph import CudaGraphRunner
+from . import calls, step_cache
 
 logger = logging.getLogger(__name__)
 _warned_cpu = False
@@ -45,9 +46,16 @@ class CompileReport:
     off: list[str] = field(default_factory=list)  # what the device or config turned off
     runners: dict[str, CudaGraphRunner] = field(default_factory=dict)
     cache: CompileCache | None = None
+    step_cache: step_cache.StepCachedUNet | None = None
+
+    @property
+    def lossy(self) -> list[str]:
+        """The lossy options on (empty: the output matches eager within the lossless rule)."""
+        return self.config.lossy
 
     def summary(self) -> str:
         lines = [f"diffjet on {self.device}:"]
+        lines += [f"  LOSSY: {what}" for what in self.lossy]
         lines += [f"  {name}: {', '.join(p) or 'nothing'}" for name, p in self.passes.items()]
         lines += [f"  left alone: {name} ({why})" for name, why in self.left_alone.items()]
         lines += [f"  off: {what}" for what in self.off]
@@ -119,6 +127,10 @@ def compile_pipeline(pipe, config: Config) -> CompileReport:
                 [f"{placed['geglu']} geglu"] if "geglu" in config.kernels else [])
             applied.append("kernels(" + ",".join(config.kernels) + ": " + ", ".join(counts) + ")")
         target = _graph_target(name, module)
+        if name == "unet" and config.step_cache is not None:
+            report.step_cache = _step_cache(pipe, module, config, cache, applied, report)
+            applied.append(config.step_cache.describe())
+            continue
         if on_cuda and name in config.inductor:
             inductor.apply(target, config)
             applied.append(f"inductor({config.compile_mode})")
@@ -127,11 +139,52 @@ def compile_pipeline(pipe, config: Config) -> CompileReport:
             parts = _cache_parts(name, target, config, applied) if compiled and cache else None
             report.runners[name] = _wrap_in_graphs(name, target, config, cache if parts else None, parts)
             applied.append("cuda_graphs")
+    calls.serialize(pipe)
+    if report.step_cache is not None:
+        calls.add_hook(pipe, report.step_cache)
     unknown = [f"{n} ({type(modules[n]).__name__})" for n in report.left_alone if n not in KNOWN_COMPONENTS]
     if unknown:
         logger.warning("diffjet left these components as they are (eager): %s", ", ".join(unknown))
     logger.info("%s", report.summary())
     return report
+
+
+def _step_cache(pipe, unet: nn.Module, config: Config, cache: CompileCache | None, applied: list[str],
+                report: CompileReport) -> step_cache.StepCachedUNet:
+    """The UNet's forward replaced by a step-cached one whose parts are compiled and graphed like the UNet."""
+    if isinstance(unet.forward, step_cache.StepCachedUNet):
+        return unet.forward
+    device = _device_of(unet)
+    on_cuda = device.type == "cuda"
+
+    inductor_on = on_cuda and "unet" in config.inductor
+    applied_here = [*applied, f"inductor({config.compile_mode})"] if inductor_on else list(applied)
+
+    def compile_part(fn):
+        return torch.compile(fn, backend=config.backend, dynamic=False, options=inductor.inductor_options(config))
+
+    def graph(part: str, fn):
+        parts = None
+        if cache is not None and inductor_on:
+            parts = {**_cache_parts("unet", unet, config, applied_here),
+                     "step_cache": [part, config.step_cache.branch, config.step_cache.adaptive]}
+        runner = CudaGraphRunner(
+            fn, device, name=f"unet.{part}", weights=[*unet.parameters(), *unet.buffers()],
+            tensor_args=_STEP_ARGS["unet"], max_graphs=config.max_graphs,
+            max_memory=None if config.graph_memory_gib is None else int(config.graph_memory_gib * 2**30),
+            cache=cache if parts else None, cache_parts=parts,
+        )
+        report.runners[f"unet.{part}"] = runner
+        return runner
+
+    cached = step_cache.StepCachedUNet(unet, config.step_cache, compile=compile_part if inductor_on else None,
+                                       graph=graph if on_cuda and config.cuda_graphs else None)
+    unet.forward = cached
+    if inductor_on:
+        applied.append(f"inductor({config.compile_mode})")
+    if on_cuda and config.cuda_graphs:
+        applied.append("cuda_graphs")
+    return cached
 
 
 def _cache_parts(name: str, target: nn.Module, config: Config, applied: list[str]) -> dict:
