@@ -171,6 +171,12 @@ class Config:
         return cls(inductor=())
 
     @classmethod
+    def fast(cls) -> "Config":
+        """Every lossy option where the device supports it (LOSSY: `diffjet verify` prints the cost):
+        the step cache at DeepCache's published SD setting (full every 3 steps, branch 0)."""
+        return cls(step_cache=StepCache(interval=3, branch=0))
+
+    @classmethod
     def max_autotune(cls) -> "Config":
         """Inductor's autotuned GEMM/conv templates: slower to compile, sometimes faster to run."""
         return cls(compile_mode="max-autotune-no-cudagraphs")
