@@ -163,7 +163,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 dict(model=model, compiler=compiler, device=device, prompt=args.prompt, steps=steps,
                      scheduler=args.scheduler, resolutions=[[h, w] for w, h in sizes] if sizes else None,
                      height=height, width=width, batch=batch, seed=args.seed, warmup=args.warmup,
-                     repeats=repeats, unet_repeats=args.unet_repeats)
+                     repeats=repeats, unet_repeats=args.unet_repeats, time_warm_start=not args.skip_warm_start)
             )
     with tqdm(total=len(specs), desc="bench", unit="variant", file=sys.stderr) as bar:
         def progress(result: dict[str, Any]) -> None:
@@ -381,6 +381,8 @@ def build_parser() -> argparse.ArgumentParser:
     ben.add_argument("--unet-repeats", type=int, default=50, help="timed UNet-only calls")
     ben.add_argument("--resolutions", help="WIDTHxHEIGHT list timed one after another in the same process "
                                           "(then once more, all warm, counting recompiles)")
+    ben.add_argument("--skip-warm-start", action="store_true",
+                     help="do not time diffjet's warm start (a second process with the compile cache)")
     ben.add_argument("--timeout", type=float, help="seconds a variant may take (default: no limit)")
     ben.add_argument("--json", help="write the results here")
     ben.add_argument("--plot", help="write a bar chart (PNG) here")

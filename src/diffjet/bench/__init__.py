@@ -95,7 +95,7 @@ def run_bench(
 ) -> list[dict]:
     runs = []
     for spec in specs:
-        if spec["compiler"] in recipes.DIFFJET and spec["device"] == "cuda":  # every diffjet variant
+        if spec["compiler"] in recipes.DIFFJET and spec["device"] == "cuda" and spec.get("time_warm_start", True):
             result = _run_with_warm_start(spec, timeout)
         else:
             result = run_variant(spec, timeout)
