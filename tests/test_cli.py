@@ -11,7 +11,7 @@ from PIL import Image
 
 import diffjet
 from diffjet import cli
-from diffjet.runtime.compile_cache import write_atomically
+from diffjet.runtime.files import write_atomically
 
 FAST = ["--model", "tiny", "--steps", "2", "--device", "cpu"]
 

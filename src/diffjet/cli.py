@@ -17,7 +17,7 @@ from typing import Any, Sequence
 
 from .bench.recipes import COMPILERS, SCHEDULERS
 from .errors import ConfigError, DeviceError, DiffjetError, OutputError
-from .runtime.compile_cache import write_atomically as _write_atomically
+from .runtime.files import write_atomically as _write_atomically
 
 
 

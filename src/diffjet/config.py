@@ -48,9 +48,13 @@ class Config:
             and a capture that takes a component over the cap drops its least recently used graphs, whose
             memory goes back to the driver, until it fits (the newest graph always stays). None (default):
             all graphs of a device share one pool, which needs less memory in all but returns none.
-        cache: keep what Inductor compiled on disk and reuse it in later processes.
+        cache: keep what Inductor compiled on disk and reuse it in later processes (True, default); False;
+            or "read-only": load entries, store none (shapes not in the cache compile in the process, with
+            one warning). A cache folder this process cannot write is used read-only as well.
         cache_dir: the compile cache's folder (default: `$DIFFJET_CACHE_DIR/compile`, else
-            `~/.cache/diffjet/compile`). Only this folder is ever read: entries are deserialised.
+            `~/.cache/diffjet/compile`). Entries are code: a folder that another user owns or can write is
+            refused (the cache is off, with a warning); `$DIFFJET_CACHE_KEY` names a key file that signs
+            entries (docs/compile-cache.md).
     """
 
     dtype: str = "float16"
@@ -65,7 +69,7 @@ class Config:
     cuda_graphs: bool = True
     max_graphs: int = 16
     graph_memory_gib: float | None = None
-    cache: bool = True
+    cache: bool | str = True
     cache_dir: str | None = None
 
     def __post_init__(self) -> None:
@@ -91,6 +95,8 @@ class Config:
         object.__setattr__(self, "kernels", tuple(self.kernels))
         if not isinstance(self.max_graphs, int) or self.max_graphs < 1:
             raise ConfigError(f"max_graphs must be a positive integer, got {self.max_graphs!r}")
+        if not isinstance(self.cache, bool) and self.cache != "read-only":
+            raise ConfigError(f'cache must be True, False or "read-only", got {self.cache!r}')
         cap = self.graph_memory_gib
         if cap is not None and (isinstance(cap, bool) or not isinstance(cap, (int, float)) or not cap > 0):
             raise ConfigError(f"graph_memory_gib must be a positive number of GiB or None, got {cap!r}")

@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..runtime.compile_cache import package_version
+from ..runtime.environment import package_version
 from . import recipes
 
 WEIGHTS_NOTE = "random (architecture-exact) for presets"
