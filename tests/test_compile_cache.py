@@ -442,12 +442,16 @@ def test_entries_are_listed_least_recently_used_first_with_size_and_model(tmp_pa
     assert all(1000 < info.bytes < 3000 for info in infos)
 
 
-def test_prune_drops_least_recently_used_entries_until_the_rest_fit(tmp_path):
+def test_prune_drops_broken_entries_then_least_recently_used_ones_until_the_rest_fit(tmp_path):
     cache, folders = _three_entries(tmp_path)
-    (folders[2] / META).write_text("{broken")
     size = cache.entries()[0].bytes
+    (folders[2] / META).write_text("{broken")
+    assert [info.path for info in cache.prune()] == [folders[2]], "an unreadable one goes"
+    assert [info.path for info in cache.entries()] == [folders[0], folders[1]]
+    folders.append(cache.store({"signature": "s3"}))
+    (folders[3] / ARTIFACTS).write_bytes(os.urandom(1000))  # same size, other bytes
     removed = cache.prune(max_bytes=int(1.5 * size))
-    assert {info.path for info in removed} == {folders[0], folders[2]}, "the broken one, then the oldest"
+    assert [info.path for info in removed] == [folders[3], folders[0]], "the damaged one, then the oldest"
     assert [info.path for info in cache.entries()] == [folders[1]]
 
 

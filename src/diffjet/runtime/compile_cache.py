@@ -458,23 +458,29 @@ class CompileCache:
         return self._read(info.path, info.path.name)[0]
 
     def prune(self, max_bytes: int | None = None) -> list[EntryInfo]:
-        """Delete stale staging folders, entries whose `meta.json` is unreadable and, with `max_bytes`,
-        the least recently used entries until the rest fit; the entries deleted."""
+        """Delete stale staging folders, broken entries (those `verify` rejects: every file is read) and,
+        with `max_bytes`, the least recently used entries until the rest fit; the entries deleted."""
         if not self.writable:
             raise CacheError(f"compile cache {self.directory} is {self.read_only_reason}; nothing can be pruned")
         self.sweep()
         infos = self.entries()
-        total = sum(info.bytes for info in infos)
-        removed = []
-        for info in infos:
-            if info.readable and (max_bytes is None or total <= max_bytes):
-                continue
-            taken = self._take_out(info.path, info.meta)
-            if taken is not None:
-                shutil.rmtree(taken.parent, ignore_errors=True)
+        broken = [info for info in infos if not info.readable or self.verify(info) is not None]
+        removed = [info for info in broken if self._delete(info)]
+        kept = [info for info in infos if info not in broken]
+        total = sum(info.bytes for info in kept)
+        for info in kept:  # least recently used first
+            if max_bytes is None or total <= max_bytes:
+                break
+            if self._delete(info):
                 total -= info.bytes
                 removed.append(info)
         return removed
+
+    def _delete(self, info: EntryInfo) -> bool:
+        taken = self._take_out(info.path, info.meta)
+        if taken is not None:
+            shutil.rmtree(taken.parent, ignore_errors=True)
+        return taken is not None
 
     def _shards(self) -> list[Path]:
         try:
