@@ -269,12 +269,12 @@ def _untrusted(tmp_path, how):
         cache_dir.chmod(0o770)
     elif how == "in-a-world-writable-folder":
         cache_dir.parent.chmod(0o777)
-    elif how == "through-a-link-in-a-world-writable-folder":
-        link_folder = tmp_path / "public"
-        link_folder.mkdir()
-        link_folder.chmod(0o777)
-        (link_folder / "compile").symlink_to(cache_dir)
-        cache_dir = link_folder / "compile"
+    elif how == "through-a-link-into-a-world-writable-folder":
+        public = tmp_path / "public"
+        public.mkdir()
+        shutil.move(cache_dir, public / "compile")
+        public.chmod(0o777)
+        (tmp_path / "shared" / "compile").symlink_to(public / "compile")
     elif how == "another-user's":
         if os.getuid() != 0:
             pytest.skip("only root can give a folder to another user")
@@ -283,7 +283,7 @@ def _untrusted(tmp_path, how):
 
 
 @pytest.mark.parametrize("how", ["world-writable", "group-writable", "in-a-world-writable-folder",
-                                 "through-a-link-in-a-world-writable-folder", "another-user's"])
+                                 "through-a-link-into-a-world-writable-folder", "another-user's"])
 def test_a_folder_someone_else_could_have_written_is_refused(tmp_path, how):
     cache_dir = _untrusted(tmp_path, how)
     loaded = []
