@@ -101,7 +101,7 @@ def run_bench(
 ) -> list[dict]:
     runs = []
     for spec in specs:
-        if spec["compiler"] in recipes.KERNELS and spec["device"] == "cuda":  # every diffjet variant
+        if spec["compiler"] in recipes.DIFFJET and spec["device"] == "cuda" and spec.get("time_warm_start", True):
             result = _run_with_warm_start(spec, timeout)
         else:
             result = run_variant(spec, timeout)
@@ -141,6 +141,7 @@ _COLUMNS = (
     ("first call s", "first_call_s", "{:.1f}"),
     ("warm start s", "warm_start_s", "{:.1f}"),
     ("peak GiB", "peak_mem_gib", "{:.2f}"),
+    ("PSNR vs lossless", "psnr_db", "{:.1f} dB"),
 )
 
 
@@ -154,7 +155,7 @@ def format_table(runs: list[dict[str, Any]]) -> str:
             elif "error" in run and key not in ("model", "compiler"):
                 row.append("failed")
             else:
-                value = run.get(key)
+                value = run.get(key, run.get("fidelity", {}).get(key))
                 row.append("-" if value is None else fmt.format(value))
         rows.append(row)
     widths = [max(len(r[i]) for r in rows) for i in range(len(_COLUMNS))]

@@ -29,6 +29,7 @@ from ..runtime.compile_cache import CompileCache, module_key, open_cache
 from ..runtime.cuda_graph import CudaGraphRunner
 from ..runtime.environment import environment_key
 from ..runtime.warm_start import WarmStartStore
+from . import calls, step_cache
 
 logger = logging.getLogger(__name__)
 _warned_cpu = False
@@ -51,9 +52,16 @@ class CompileReport:
     off: list[str] = field(default_factory=list)  # what the device or config turned off
     runners: dict[str, CudaGraphRunner] = field(default_factory=dict)
     cache: CompileCache | None = None
+    step_cache: step_cache.StepCachedUNet | None = None
+
+    @property
+    def lossy(self) -> list[str]:
+        """The lossy options on (empty: the output matches eager within the lossless rule)."""
+        return self.config.lossy
 
     def summary(self) -> str:
         lines = [f"diffjet on {self.device}:"]
+        lines += [f"  LOSSY: {what}" for what in self.lossy]
         lines += [f"  {name}: {', '.join(p) or 'nothing'}" for name, p in self.passes.items()]
         lines += [f"  left alone: {name} ({why})" for name, why in self.left_alone.items()]
         lines += [f"  off: {what}" for what in self.off]
@@ -125,6 +133,10 @@ def compile_pipeline(pipe, config: Config) -> CompileReport:
                 [f"{placed['geglu']} geglu"] if "geglu" in config.kernels else [])
             applied.append("kernels(" + ",".join(config.kernels) + ": " + ", ".join(counts) + ")")
         target = _graph_target(name, module)
+        if name == "unet" and config.step_cache is not None:
+            report.step_cache = _step_cache(pipe, module, config, cache, applied, report)
+            applied.append(config.step_cache.describe())
+            continue
         if on_cuda and name in config.inductor:
             inductor.apply(target, config)
             applied.append(f"inductor({config.compile_mode})")
@@ -134,6 +146,9 @@ def compile_pipeline(pipe, config: Config) -> CompileReport:
                                               about={"model": getattr(pipe, "name_or_path", None)})
             report.runners[name] = target.forward
             applied.append("cuda_graphs")
+    calls.serialize(pipe)
+    if report.step_cache is not None:
+        calls.add_hook(pipe, report.step_cache)
     unknown = [f"{n} ({type(modules[n]).__name__})" for n in report.left_alone if n not in KNOWN_COMPONENTS]
     if unknown:
         logger.warning("diffjet left these components as they are (eager): %s", ", ".join(unknown))
@@ -151,6 +166,66 @@ def _open_cache(config: Config, report: CompileReport) -> CompileCache | None:
             _warned_cache.add(str(exc))
             logger.warning("diffjet: %s; compiling without the cache in this process", exc)
         return None
+
+
+def _step_cache(pipe, unet: nn.Module, config: Config, cache: CompileCache | None, applied: list[str],
+                report: CompileReport) -> step_cache.StepCachedUNet:
+    """The UNet's forward replaced by a step-cached one whose parts are compiled and graphed like the UNet."""
+    if isinstance(unet.forward, step_cache.StepCachedUNet):
+        return unet.forward
+    device = _device_of(unet)
+    on_cuda = device.type == "cuda"
+
+    inductor_on = on_cuda and "unet" in config.inductor
+    applied_here = [*applied, f"inductor({config.compile_mode})"] if inductor_on else list(applied)
+
+    def graph(part: str, fn):
+        store = None
+        if cache is not None and inductor_on:
+            parts = {**_cache_parts("unet", unet, config, applied_here, step_cache.__name__ + "." + part),
+                     "step_cache": [part, config.step_cache.branch, config.step_cache.adaptive]}
+            # Inductor's artifacts only: a part takes the plan besides the UNet, so it is not precompiled.
+            store = WarmStartStore(cache, parts, name=f"unet.{part}",
+                                   about={"model": getattr(pipe, "name_or_path", None)})
+        runner = _runner(f"unet.{part}", unet, fn, config, store, _STEP_ARGS["unet"])
+        report.runners[f"unet.{part}"] = runner
+        return runner
+
+    compile_part = functools.partial(inductor.compiled, config=config)
+    cached = step_cache.StepCachedUNet(unet, config.step_cache, compile=compile_part if inductor_on else None,
+                                       graph=graph if on_cuda and config.cuda_graphs else None)
+    unet.forward = cached
+    if inductor_on:
+        applied.append(f"inductor({config.compile_mode})")
+    if on_cuda and config.cuda_graphs:
+        applied.append("cuda_graphs")
+    return cached
+
+
+def _cache_parts(name: str, target: nn.Module, config: Config, passes: Sequence[str], function: str) -> dict:
+    """Everything a component's compiled code depends on, except the input signature (the runner adds it)."""
+    return {
+        "component": name,
+        "module": module_key(target),
+        "environment": environment_key(_device_of(target)),
+        "passes": list(passes),
+        "compile": {"mode": config.compile_mode, "backend": config.backend},
+        "function": function,
+    }
+
+
+def _runner(name: str, target: nn.Module, fn: Callable[..., Any], config: Config, store: WarmStartStore | None,
+            tensor_args: tuple[int | str, ...]) -> CudaGraphRunner:
+    return CudaGraphRunner(
+        fn,
+        _device_of(target),
+        name=name,
+        weights=[*target.parameters(), *target.buffers()],
+        tensor_args=tensor_args,
+        max_graphs=config.max_graphs,
+        max_memory=None if config.graph_memory_gib is None else int(config.graph_memory_gib * 2**30),
+        store=store,
+    )
 
 
 def graph_runner(
@@ -173,7 +248,6 @@ def graph_runner(
     are part of the cache key; `about` describes the entries for `diffjet cache ls`; `tensor_args` are
     the runner's (default: the component's step arguments, such as the UNet's timestep).
     """
-    device = _device_of(target)
     if function is None:
         fn, function, compiled = target.forward, precompiled.forward, inductor.is_compiled(target)
     else:
@@ -182,25 +256,9 @@ def graph_runner(
         fn = inductor.compiled(fn, config) if compiled else fn
     store = None
     if cache is not None and compiled:
-        parts = {
-            "component": name,
-            "module": module_key(target),
-            "environment": environment_key(device),
-            "passes": list(passes),
-            "compile": {"mode": config.compile_mode, "backend": config.backend},
-            "function": f"{function.__module__}.{function.__qualname__}",
-        }
+        parts = _cache_parts(name, target, config, passes, f"{function.__module__}.{function.__qualname__}")
         precompile = None
         if precompiled.supported(config.backend):
             precompile = precompiled.Precompiler(target, inductor.inductor_options(config), function)
         store = WarmStartStore(cache, parts, name=name, precompile=precompile, about=about)
-    return CudaGraphRunner(
-        fn,
-        device,
-        name=name,
-        weights=[*target.parameters(), *target.buffers()],
-        tensor_args=_STEP_ARGS.get(name, ()) if tensor_args is None else tensor_args,
-        max_graphs=config.max_graphs,
-        max_memory=None if config.graph_memory_gib is None else int(config.graph_memory_gib * 2**30),
-        store=store,
-    )
+    return _runner(name, target, fn, config, store, _STEP_ARGS.get(name, ()) if tensor_args is None else tensor_args)
