@@ -140,11 +140,15 @@ def open_cache(directory: str | os.PathLike | None = None, *, read_only: bool = 
 
 
 def _fresh_artifacts() -> ContextManager:
-    """PyTorch's artifact recorder emptied for the block and put back afterwards (where it can be)."""
-    from torch.compiler import _cache
+    """PyTorch's artifact recorder emptied for the block and put back afterwards; where this torch cannot
+    put it back, emptied (what the process recorded before is then gone from its own recorder)."""
+    from torch.compiler._cache import CacheArtifactManager
 
-    fresh = getattr(_cache.CacheArtifactManager, "with_fresh_cache", None)
-    return fresh() if fresh is not None else contextlib.nullcontext()
+    fresh = getattr(CacheArtifactManager, "with_fresh_cache", None)
+    if fresh is not None:
+        return fresh()
+    CacheArtifactManager.clear()
+    return contextlib.nullcontext()
 
 
 def _meta_of(folder: Path) -> bytes | None:

@@ -7,7 +7,7 @@ traced bytecode, the compiled graph and its guards as one serialisable function 
 takes about 2.5 s and its first call under a second (bench/results/aot-warm-start-sd15-h100-2026-11-26.json).
 
 What is compiled is `forward(module, *args, **kwargs)`, the module's class forward with the module as an
-argument: parameters stay graph inputs read at each call, so in-place weight updates (LoRA merges) reach
+argument (or any other function that takes the module first): parameters stay graph inputs read at each call, so in-place weight updates (LoRA merges) reach
 the loaded function, and nothing of the weights is saved with it. Only guards that survive a new process
 are kept (`keep_portable_guards_unsafe`); the CUDA-graph runner calls each function only with the input
 signature it was compiled for, which is what the dropped guards would have checked.
