@@ -111,11 +111,12 @@ def test_a_partial_config_gives_one_key_whatever_the_hash_seed_and_folder(tiny_p
     shutil.copytree(first, second)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     keys = []
-    for seed, folder in (("0", first), ("1", first), ("2", second), ("3", second)):
+    for seed, folder in (("1", first), ("2", second)):
         proc = subprocess.run([sys.executable, "-c", KEY_OF_A_FOLDER, str(folder)], capture_output=True, text=True,
                               env={**env, "PYTHONHASHSEED": seed}, timeout=300)
         assert proc.returncode == 0, proc.stderr[-2000:]
         keys.append(proc.stdout.split()[-1])
+    keys.append(entry_key(module_key(UNet2DConditionModel.from_pretrained(first))))  # this process's own seed
     assert len(set(keys)) == 1, keys
     full = UNet2DConditionModel.from_pretrained(tiny_path, subfolder="unet")
     assert keys[0] == entry_key(module_key(full)), "left-out arguments take their defaults: the same UNet"
