@@ -1,4 +1,4 @@
-"""The `diffjet` command: `generate`, `bench`, `verify`, `compile`.
+"""The `diffjet` command: `generate`, `bench`, `verify`, `compile`, `cache`.
 
 Bad input never ends in a traceback: every `DiffjetError` becomes one line on stderr and exit code 2;
 `verify` exits 1 when the compiled pipeline breaks the lossless rule.
@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .bench.recipes import COMPILERS, DIFFJET, SCHEDULERS
-from .errors import ConfigError, DeviceError, DiffjetError, OutputError
-from .runtime.compile_cache import write_atomically as _write_atomically
+from .errors import CacheError, ConfigError, DeviceError, DiffjetError, OutputError
+from .runtime.files import write_atomically as _write_atomically
 
 
 
@@ -317,6 +317,12 @@ def cmd_compile(args: argparse.Namespace) -> int:
         raise DeviceError("diffjet compile builds GPU kernels, and no CUDA GPU is visible here")
     sizes = _resolutions(args.resolutions)
     batches = [_positive("--batch", int(b)) for b in args.batch.split(",") if b.strip()]
+    from .runtime.compile_cache import open_cache
+
+    target = open_cache(args.cache)  # refuses an unsafe folder before any work
+    if not target.writable:
+        raise CacheError(f"compile cache {target.directory} is {target.read_only_reason}; give --cache a folder "
+                         "this user can write")
     model = args.model or "sd15"
     pipe = load_pipeline(model, device="cuda", dtype=torch.float16)
     pipe.set_progress_bar_config(disable=True)
@@ -341,6 +347,46 @@ def cmd_compile(args: argparse.Namespace) -> int:
     for name, runner in pipe.diffjet.runners.items():
         print(f"  {name}: {runner.graphs_held} CUDA graph(s)")
     return 0
+
+
+# -- cache -------------------------------------------------------------------------------------
+def _gib(size: int) -> str:
+    return f"{size / 2**30:.2f} GiB" if size >= 2**30 else f"{size / 2**20:.1f} MiB"
+
+
+def cmd_cache(args: argparse.Namespace) -> int:
+    import datetime as dt
+
+    from .runtime.compile_cache import open_cache
+
+    if args.max_gib is not None and (args.action != "prune" or args.max_gib < 0):
+        raise ConfigError("--max-gib goes with prune, as a number of GiB (0 or more)")
+    # ls and verify read meta.json and hash files; nothing is unpickled, and nothing is written.
+    cache = open_cache(args.cache, read_only=args.action != "prune")
+    signed = "signed entries only" if cache.key is not None else "unsigned ($DIFFJET_CACHE_KEY not set)"
+    if args.action == "prune":
+        removed = cache.prune(None if args.max_gib is None else int(args.max_gib * 2**30))
+        left = cache.entries()
+        print(f"pruned {len(removed)} entr{'y' if len(removed) == 1 else 'ies'} ({_gib(sum(i.bytes for i in removed))}) "
+              f"from {cache.directory}; {len(left)} left ({_gib(sum(i.bytes for i in left))})")
+        return 0
+    infos = cache.entries()
+    print(f"compile cache {cache.directory}: {len(infos)} entries, {_gib(sum(i.bytes for i in infos))}; {signed}")
+    broken = 0
+    for info in reversed(infos):  # most recently used first
+        used = dt.datetime.fromtimestamp(info.last_used).strftime("%Y-%m-%d %H:%M") if info.last_used else "-"
+        about = info.about
+        line = (f"  {info.path.name[:12]}  {used:16}  {_gib(info.bytes):>10}  {about.get('component') or '?':14}  "
+                f"{about.get('model') or '?'}  [{(about.get('signature') or '?')[:48]}]")
+        if args.action == "verify":
+            problem = cache.verify(info) if info.readable else "unreadable meta.json"
+            broken += problem is not None
+            line += f"  {'ok' if problem is None else 'BROKEN: ' + problem}"
+        print(line)
+    if broken:
+        print(f"diffjet: {broken} broken entr{'y' if broken == 1 else 'ies'}: never loaded; `diffjet cache prune` "
+              "deletes them (a process that needs one rebuilds it)", file=sys.stderr)
+    return 1 if broken else 0
 
 
 # -- entry point -------------------------------------------------------------------------------
@@ -397,6 +443,15 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--skip-vae", action="store_true", help="compile only the UNet and text encoders")
     comp.add_argument("--device", choices=("auto", "cuda"), default="auto")
     comp.set_defaults(func=cmd_compile)
+
+    cac = sub.add_parser("cache", help="list, check or prune the compile cache")
+    cac.add_argument("action", choices=("ls", "verify", "prune"),
+                     help="ls: entries with size, last use and model; verify: also check sizes, hashes and "
+                          "signatures; prune: delete broken entries and stale staging folders (and, with --max-gib, "
+                          "the least recently used entries until the cache fits)")
+    cac.add_argument("--cache", help="compile cache folder (default: $DIFFJET_CACHE_DIR/compile or ~/.cache/diffjet/compile)")
+    cac.add_argument("--max-gib", type=float, help="prune: the size to keep the cache within")
+    cac.set_defaults(func=cmd_cache)
 
     ver = sub.add_parser("verify", help="check that diffjet's output equals eager within the lossless rule")
     common(ver, None)

@@ -95,11 +95,15 @@ class Config:
             and a capture that takes a component over the cap drops its least recently used graphs, whose
             memory goes back to the driver, until it fits (the newest graph always stays). None (default):
             all graphs of a device share one pool, which needs less memory in all but returns none.
-        cache: keep what Inductor compiled on disk and reuse it in later processes.
+        cache: keep what Inductor compiled on disk and reuse it in later processes (True, default); False;
+            or "read-only": load entries, store none (shapes not in the cache compile in the process, with
+            one warning). A cache folder this process cannot write is used read-only as well.
         step_cache: a `StepCache` (lossy, off by default): DeepCache-style reuse of the UNet's deep
             layers between full steps, every part compiled and captured (`compiler/step_cache.py`).
         cache_dir: the compile cache's folder (default: `$DIFFJET_CACHE_DIR/compile`, else
-            `~/.cache/diffjet/compile`). Only this folder is ever read: entries are deserialised.
+            `~/.cache/diffjet/compile`). Entries are code: a folder that another user owns or can write is
+            refused (the cache is off, with a warning); `$DIFFJET_CACHE_KEY` names a key file that signs
+            entries (docs/compile-cache.md).
     """
 
     dtype: str = "float16"
@@ -114,7 +118,7 @@ class Config:
     cuda_graphs: bool = True
     max_graphs: int = 16
     graph_memory_gib: float | None = None
-    cache: bool = True
+    cache: bool | str = True
     cache_dir: str | None = None
     step_cache: StepCache | None = None
 
@@ -141,6 +145,8 @@ class Config:
         object.__setattr__(self, "kernels", tuple(self.kernels))
         if not isinstance(self.max_graphs, int) or self.max_graphs < 1:
             raise ConfigError(f"max_graphs must be a positive integer, got {self.max_graphs!r}")
+        if not isinstance(self.cache, bool) and self.cache != "read-only":
+            raise ConfigError(f'cache must be True, False or "read-only", got {self.cache!r}')
         if self.step_cache is not None and not isinstance(self.step_cache, StepCache):
             raise ConfigError(f"step_cache must be a diffjet.StepCache or None, got {self.step_cache!r}")
         cap = self.graph_memory_gib

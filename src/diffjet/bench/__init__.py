@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -19,7 +20,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..runtime.compile_cache import package_version
+from ..runtime.environment import package_version
 from . import recipes
 
 WEIGHTS_NOTE = "random (architecture-exact) for presets"
@@ -45,19 +46,24 @@ def environment(device: str) -> dict[str, Any]:
     }
 
 
-def run_variant(spec: dict[str, Any], timeout: float | None = None) -> list[dict[str, Any]] | dict[str, Any]:
+def run_variant(spec: dict[str, Any], timeout: float | None = None,
+                local_caches: Path | None = None) -> list[dict[str, Any]] | dict[str, Any]:
     """Run one variant in a fresh Python process; its runs (one per resolution), or one error record.
 
-    Each process gets empty Inductor and Triton caches of its own, so `first_call_s` is a cold start
-    and only diffjet's own compile cache (`spec["cache_dir"]`) carries over between processes.
+    Each process gets empty Inductor and Triton caches of its own (in `local_caches`, emptied first, when
+    given), so `first_call_s` is a cold start and only diffjet's own compile cache (`spec["cache_dir"]`)
+    carries over between processes.
     """
     with tempfile.TemporaryDirectory(prefix="diffjet-bench-") as tmp:
         out = Path(tmp) / "result.json"
+        local = Path(tmp) if local_caches is None else local_caches
+        shutil.rmtree(local / "inductor", ignore_errors=True)
+        shutil.rmtree(local / "triton", ignore_errors=True)
         env = {
             **os.environ,
             "PYTHONUNBUFFERED": "1",
-            "TORCHINDUCTOR_CACHE_DIR": str(Path(tmp) / "inductor"),
-            "TRITON_CACHE_DIR": str(Path(tmp) / "triton"),
+            "TORCHINDUCTOR_CACHE_DIR": str(local / "inductor"),
+            "TRITON_CACHE_DIR": str(local / "triton"),
         }
         spec = {**spec, "spawned_at": time.time()}
         try:
@@ -108,14 +114,19 @@ def run_bench(
 
 def _run_with_warm_start(spec: dict[str, Any], timeout: float | None) -> list[dict[str, Any]] | dict[str, Any]:
     """diffjet from an empty compile cache, then `warm_start_s`: a new process with that cache, at the
-    first resolution (recorded with that resolution's run)."""
-    with tempfile.TemporaryDirectory(prefix="diffjet-compile-cache-") as cache_dir:
-        result = run_variant({**spec, "cache_dir": cache_dir}, timeout)
+    first resolution (recorded with that resolution's run).
+
+    Both processes start with empty Inductor and Triton caches at the same paths, as a server set up like
+    the machine that compiled: a loaded function's kernels look for their autotuning choices under the
+    compiling process's Inductor folder (`runtime/autotune_choices.py`)."""
+    with tempfile.TemporaryDirectory(prefix="diffjet-compile-cache-") as work:
+        cache_dir, local = str(Path(work) / "compile"), Path(work) / "local"
+        result = run_variant({**spec, "cache_dir": cache_dir}, timeout, local)
         if isinstance(result, list):
             first = {**spec, "cache_dir": cache_dir, "warm_start": True}
             if spec.get("resolutions"):
                 first["height"], first["width"] = spec["resolutions"][0]
-            warm = run_variant(first, timeout)
+            warm = run_variant(first, timeout, local)
             result[0].update(warm if "error" not in warm else {"warm_start_error": warm["error"]})
     return result
 

@@ -16,11 +16,15 @@ A choice's file name is Inductor's key for it (kernel source hash and torch buil
 applies to the kernel it was measured for; one Inductor cannot use makes it time the kernel again.
 
 Where a loaded function's kernels look for their choices: in the folder of the kernel's source *in the
-process that compiled it*, by absolute path (on the H100: a warm process whose Inductor cache was
-elsewhere read every choice under the compiling process's cache folder, and found none once that folder
-was gone). So the entry also records that folder (`inductor/ROOT`), and `restore` writes the choices
-both there and into this process's own Inductor cache (where kernels compiled in this process look).
-Only plain choice files are written, and none that exists is replaced.
+process that compiled it*, by absolute path (bench/results/autotune-choices-diagnosis-h100-2026-11-27.txt,
+torch 2.11). `restore` writes only into this process's own Inductor cache folder, never to a path an
+entry names: the cache must not let an entry write files elsewhere. So a process whose Inductor folder is
+the compiling process's (same path: same user and `TORCHINDUCTOR_CACHE_DIR`, as on the machine that
+compiled, or servers set up alike) finds every choice; one whose folder is elsewhere times those kernels
+again (4-9 s of an sd15 or SDXL warm start on the H100, bench/results/h100-2026-11-27-sdxl-kernels.json).
+The entry records the compiling process's folder
+(`ROOT`) so that `restore` can say which case it is. Only plain choice files are written, and none that
+exists is replaced.
 
 Choices that were already in Inductor's cache before the warm-up (written by an earlier process on the
 same machine) are not new and stay out of the entry; elsewhere those kernels are timed again, as they
@@ -29,14 +33,18 @@ would be without diffjet.
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path, PurePosixPath
 
-from .compile_cache import plain_name, write_atomically
+from .files import plain_name, write_atomically
+
+logger = logging.getLogger(__name__)
+_told: set[tuple[str, str]] = set()  # (recorded, own) folder pairs already logged
 
 PREFIX = "inductor/"
 SUFFIX = ".best_config"
-ROOT = PREFIX + "ROOT"  # the compiling process's Inductor cache folder, as an absolute path
+ROOT = PREFIX + "ROOT"  # the compiling process's Inductor cache folder, as an absolute path (never written to)
 
 
 def directory() -> Path | None:
@@ -56,22 +64,23 @@ def snapshot(root: Path | None) -> set[str]:
 
 
 def restore(files: dict[str, bytes], root: Path | None) -> set[str]:
-    """Write the entry's choices where this process's kernels look for them (`root`, this process's
-    Inductor cache, and the compiling process's, which the entry records) unless a choice is there; the
-    entry names written."""
+    """Write the entry's choices into `root` (this process's Inductor cache) unless a choice is there;
+    the entry names written."""
+    if root is None:
+        return set()
+    _tell_if_elsewhere(files, root)
     written: set[str] = set()
-    for folder in _folders(files, root):
-        for name, data in files.items():
-            path = _path(name, folder)
-            if path is None or path.exists():
-                continue
-            try:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                # Atomic: a process starting beside this one reads a whole file or none.
-                write_atomically(path, lambda handle, data=data: handle.write(data))
-            except OSError:  # a folder this process may not write: Inductor times those kernels again
-                continue
-            written.add(name)
+    for name, data in files.items():
+        path = _path(name, root)
+        if path is None or path.exists():
+            continue
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            # Atomic: a process starting beside this one reads a whole file or none.
+            write_atomically(path, lambda handle, data=data: handle.write(data))
+        except OSError:  # a folder this process may not write: Inductor times those kernels again
+            continue
+        written.add(name)
     return written
 
 
@@ -89,15 +98,17 @@ def collect(root: Path | None, before: set[str]) -> dict[str, bytes]:
     return found
 
 
-def _folders(files: dict[str, bytes], root: Path | None) -> list[Path]:
-    folders = [root] if root is not None else []
+def _tell_if_elsewhere(files: dict[str, bytes], root: Path) -> None:
     try:
-        recorded = Path(files[ROOT].decode())
-    except (KeyError, UnicodeDecodeError, ValueError):
-        return folders
-    if recorded.is_absolute() and ".." not in recorded.parts and recorded not in folders:
-        folders.append(recorded)
-    return folders
+        recorded = files[ROOT].decode()
+    except (KeyError, UnicodeDecodeError):
+        return
+    own = os.path.abspath(root)
+    if recorded != own and (recorded, own) not in _told:
+        _told.add((recorded, own))
+        logger.info("compile-cache entries were compiled with Inductor's cache in %s, this process's is %s: "
+                    "Inductor may time the launch configurations of their kernels again (the same "
+                    "TORCHINDUCTOR_CACHE_DIR on both avoids it)", recorded, own)
 
 
 def _path(name: str, root: Path) -> Path | None:
