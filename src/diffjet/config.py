@@ -51,6 +51,10 @@ class Config:
         cache: keep what Inductor compiled on disk and reuse it in later processes.
         cache_dir: the compile cache's folder (default: `$DIFFJET_CACHE_DIR/compile`, else
             `~/.cache/diffjet/compile`). Only this folder is ever read: entries are deserialised.
+        fp8: lossy, off by default. True: the UNet's and ControlNet's linear layers and 1×1 convolutions
+            compute in fp8 e4m3 where that pays (`passes/fp8.py`); `diffjet.compile` raises `DeviceError`
+            on anything but a CUDA GPU of compute capability 8.9 or newer (Ada, Hopper). "auto": on where
+            supported, otherwise off and said so in `CompileReport.off`.
     """
 
     dtype: str = "float16"
@@ -67,6 +71,7 @@ class Config:
     graph_memory_gib: float | None = None
     cache: bool = True
     cache_dir: str | None = None
+    fp8: bool | str = False
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
@@ -94,10 +99,18 @@ class Config:
         cap = self.graph_memory_gib
         if cap is not None and (isinstance(cap, bool) or not isinstance(cap, (int, float)) or not cap > 0):
             raise ConfigError(f"graph_memory_gib must be a positive number of GiB or None, got {cap!r}")
+        if not (self.fp8 is True or self.fp8 is False or self.fp8 == "auto"):
+            raise ConfigError(f"fp8 must be False, True or 'auto', got {self.fp8!r}")
 
     @property
     def torch_dtype(self) -> torch.dtype | None:
         return _DTYPES[self.dtype]
+
+    @property
+    def lossy(self) -> tuple[str, ...]:
+        """The lossy options this config asks for (empty for a lossless config). What a device turned
+        off is in `CompileReport.lossy` instead."""
+        return ("fp8",) if self.fp8 else ()
 
     def replace(self, **changes) -> "Config":
         return dataclasses.replace(self, **changes)
