@@ -10,10 +10,11 @@ epilogue. Tensor cores run e4m3 at twice their fp16 rate on Ada and Hopper.
 
 Where: per call, by the GEMM's shape (`pays`): thin GEMMs (few rows, as in the time embedding and the text
 projections) stay in fp16, as measured (`bench/fp8_shapes.py`). Left alone: `to_q/to_k/to_v`, which the
-fused attention processor (`passes/attention.py`, run before this pass) no longer calls, and layers whose
-input or output width is not a multiple of 16, which `_scaled_mm` needs. A GEGLU projection runs diffjet's
-fp16 GEGLU kernel (`passes/kernels.py`) only at the calls that stay fp16; where fp8 pays it runs the fp8
-GEMM, then `h * gelu(g)`, which Inductor fuses with the next quantization.
+fused attention processor (`passes/attention.py`, run before this pass) no longer calls; layers whose input
+or output width is not a multiple of 16, which `_scaled_mm` needs; and layers too narrow for fp8 to pay at
+any number of rows (`can_pay`). A GEGLU projection runs diffjet's fp16 GEGLU kernel (`passes/kernels.py`)
+only at the calls that stay fp16; where fp8 pays it runs the fp8 GEMM, then `h * gelu(g)`, which Inductor
+fuses with the next quantization.
 
 Why the fp16 weight stays the parameter: LoRA merges write into it (`diffjet.lora`), the fused projections'
 `to_q/k/v` are views of it, and CUDA graphs hold its pointer. `requantize` derives the fp8 buffers from it
@@ -52,8 +53,9 @@ _AMAX_FLOOR = 1e-12
 #: fp8 pays for a GEMM whose (rows × n) output makes at least this many waves of 128×128 tiles over the
 #: GPU's SMs and whose inner width k is at least MIN_K: quantizing the input costs a pass over rows × k, the
 #: GEMM saves in proportion to rows × k × n. Provisional, fitted (`bench/fp8_shapes.py --fit`) to SD1.5's
-#: and SDXL's GEMMs on an H200 (bench/results/fp8-shapes-sd15-h200-2026-12-01.json, -sdxl-): only SDXL's
-#: GEGLU projections (2048 × 1280 → 10240: 1.32×, 8192 × 640 → 5120: 1.08×) won there; to be set on the H100.
+#: and SDXL's GEMMs on an H200 (bench/results/fp8-shapes-{sd15,sdxl}-h200-2026-12-01.json): SDXL's GEGLU
+#: projections won (2048 × 1280 → 10240: 1.49×, 8192 × 640 → 5120: 1.32×, quantization included), all of
+#: SD1.5's GEMMs but two small ones lost; to be set again on the H100.
 MIN_WAVES = 8
 MIN_K = 640
 
@@ -67,6 +69,12 @@ def pays(rows: int, k: int, n: int, sms: int | None) -> bool:
     return tiles >= MIN_WAVES * sms and k >= MIN_K
 
 
+def can_pay(k: int, sms: int | None) -> bool:
+    """Whether fp8 pays for a layer of inner width `k` at any number of rows (`pays`'s bound on k): the pass
+    leaves the others fp16, without fp8 copies."""
+    return sms is None or k >= MIN_K
+
+
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """`x` (rows × k) as e4m3 values and one float32 scale per row (rows × 1): x ≈ q · scale."""
     amax = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=_AMAX_FLOOR)
@@ -78,8 +86,11 @@ def fp8_linear(x: torch.Tensor, weight_fp8: torch.Tensor, weight_scale: torch.Te
                out_dtype: torch.dtype) -> torch.Tensor:
     """`x @ W.T + bias` in x's dtype, with x quantized per row and W given as e4m3 (n × k) with scales (1 × n)."""
     q, scale = quantize_rows(x.reshape(-1, x.shape[-1]))
+    # Fast accumulation (no periodic promotion to float32 inside the tensor cores' sums) made the rowwise fp8
+    # GEMM 1.2-1.26× faster at SDXL's largest shapes with no change in the error at 3 digits (`fp8_gemm_us`,
+    # `error` in bench/results/fp8-shapes-sdxl-h200-2026-12-01.json against ...-no-fast-accum.json).
     y = torch._scaled_mm(q, weight_fp8.t(), scale_a=scale, scale_b=weight_scale,
-                         bias=None if bias is None else bias.to(out_dtype), out_dtype=out_dtype)
+                         bias=None if bias is None else bias.to(out_dtype), out_dtype=out_dtype, use_fast_accum=True)
     return y.to(x.dtype).view(*x.shape[:-1], weight_fp8.shape[0])
 
 
@@ -181,7 +192,7 @@ def apply(module: nn.Module, config: Config) -> nn.Module:
         return module
     sms = multiprocessors(next(module.parameters()).device)
     for layer in _candidates(module):
-        if isinstance(layer, _Fp8Weight) or not _fits(layer):
+        if isinstance(layer, _Fp8Weight) or not _fits(layer) or not can_pay(layer.weight[0].numel(), sms):
             continue
         if type(layer) is nn.Linear:
             layer.__class__ = Fp8Linear
@@ -197,7 +208,8 @@ def apply(module: nn.Module, config: Config) -> nn.Module:
 
 
 def placements(module: nn.Module) -> dict[str, int]:
-    """fp8 linear layers, fp8 1×1 convolutions, and the Linear/1×1 Conv2d layers left fp16 in `module`."""
+    """fp8 linear layers, fp8 1×1 convolutions, and the Linear/1×1 Conv2d layers left fp16 in `module` (too
+    narrow, or not plain `nn.Linear`/`nn.Conv2d`)."""
     layers = _candidates(module)
     return {
         "linear": sum(isinstance(m, Fp8Linear) for m in layers),
