@@ -1,6 +1,7 @@
 """LoRA switching on a compiled pipeline: how long A → B takes, and that nothing recompiles or re-captures.
 
     python bench/lora_switch.py --model sd15,sdxl --json lora-switch.json
+    python bench/lora_switch.py --model sdxl --fp8 --json lora-switch-fp8.json    # with Config(fp8=True)
 
 Per model: load the preset in float16 on CUDA, `diffjet.compile` it (Inductor on the UNet, CUDA graphs on
 every component), generate once at the native size, then:
@@ -44,7 +45,7 @@ def counts(pipe) -> tuple[int, int]:
     return (sum(r.stats.captures for r in pipe.diffjet.runners.values()), counters["stats"]["unique_graphs"])
 
 
-def run_model(model: str, rank: int, switches: int, folder: Path, device: str = "cuda") -> dict:
+def run_model(model: str, rank: int, switches: int, folder: Path, device: str = "cuda", fp8: bool = False) -> dict:
     import torch
     from safetensors.torch import load_file, save_file
 
@@ -54,7 +55,8 @@ def run_model(model: str, rank: int, switches: int, folder: Path, device: str = 
     pipe = load_pipeline(model, device=device, dtype=torch.float16 if device == "cuda" else torch.float32)
     pipe.set_progress_bar_config(disable=True)
     # The VAE is left uncompiled (still graphed): a switch's cost does not depend on it.
-    diffjet.compile(pipe, diffjet.Config(inductor=("unet",), cache=False) if device == "cuda" else None)
+    # With fp8, every switch also re-quantizes the fp8 copies of the weights it writes (passes/fp8.py).
+    diffjet.compile(pipe, diffjet.Config(inductor=("unet",), cache=False, fp8=fp8) if device == "cuda" else None)
     files = {}
     for name, seed in (("a", 1), ("b", 2)):
         state = {k: v.half() for k, v in random_lora(pipe, seed=seed, rank=rank).items()}
@@ -103,7 +105,7 @@ def run_model(model: str, rank: int, switches: int, folder: Path, device: str = 
         return ((x - y).norm() / y.norm()).item()
 
     result = {
-        "model": model, "rank": rank, "lora_layers": {c: len(p) for c, p in lora_layers(pipe).items()},
+        "model": model, "fp8": fp8, "rank": rank, "lora_layers": {c: len(p) for c, p in lora_layers(pipe).items()},
         "adapted_weights": all_weights, "adapted_unet_weights": unet_weights,
         "lora_file_mb": round(files["a"].stat().st_size / 2**20, 1),
         "first_call_s": round(first_call_s, 1),
@@ -135,6 +137,7 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--switches", type=int, default=6, help="timed switches from files (as many from memory)")
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    parser.add_argument("--fp8", action="store_true", help="compile with Config(fp8=True) (lossy)")
     parser.add_argument("--json")
     args = parser.parse_args()
     from diffjet.bench import environment
@@ -143,7 +146,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         for model in args.model.split(","):
             try:
-                result = run_model(model, args.rank, args.switches, Path(folder), args.device)
+                result = run_model(model, args.rank, args.switches, Path(folder), args.device, args.fp8)
             except Exception as error:  # noqa: BLE001 - record and go on to the next model
                 import traceback
 

@@ -10,6 +10,7 @@ import copy
 import types
 import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -105,6 +106,16 @@ def test_layers_too_narrow_for_fp8_to_pay_get_no_fp8_copy(monkeypatch):
     _fp8(block)
     assert [type(m) for m in block] == [nn.Linear, fp8.Fp8Linear] and block[1].sms == 132
     assert fp8.placements(block) == {"linear": 1, "conv1x1": 0, "left_fp16": 1}
+
+
+def test_a_zero_weight_quantizes_to_zeros():
+    # ControlNet's output convolutions start at zero: a finite scale, zeros, and the bias alone out.
+    conv = nn.Conv2d(32, 16, 1).requires_grad_(False)
+    conv.weight.zero_()
+    _fp8(conv)
+    assert torch.isfinite(conv.weight_scale).all() and not conv.weight_fp8.float().any()
+    x = torch.randn(1, 32, 3, 3).contiguous(memory_format=torch.channels_last)
+    assert torch.equal(conv(x), conv.bias.view(1, -1, 1, 1).expand(1, 16, 3, 3))
 
 
 def test_module_to_dtype_derives_the_fp8_buffers_again():
@@ -285,6 +296,20 @@ def test_compile_with_fp8_reports_the_layers_and_the_lossy_option(tiny_path, mon
     assert unet_passes.index(fp8.describe(pipe.unet)) == unet_passes.index("fused_qkv_sdpa") + 1
     assert fp8.placements(pipe.unet)["linear"] > 0
     assert not any(isinstance(m, fp8.Fp8Linear) for m in pipe.text_encoder.modules())
+
+
+def test_controlnet_gets_fp8_gemms_too(tmp_path, monkeypatch):
+    from diffjet.models import build, control_inputs
+
+    monkeypatch.setattr(fp8, "unsupported", lambda device: None)
+    pipe = _pipe(build("tiny-controlnet", tmp_path / "tiny-controlnet"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        diffjet.compile(pipe, Config(fp8=True))
+    assert fp8.describe(pipe.controlnet) in pipe.diffjet.passes["controlnet"]
+    assert fp8.placements(pipe.controlnet)["conv1x1"] > 0
+    image = pipe("a cat", num_inference_steps=2, output_type="np", **control_inputs(pipe, 64, 64)).images
+    assert np.isfinite(image).all()
 
 
 # --- LoRA -----------------------------------------------------------------------------------------
