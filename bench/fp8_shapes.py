@@ -6,19 +6,20 @@
     python bench/fp8_shapes.py --model tiny --device cpu --shapes-only            # CPU: the shapes only
 
 Lists every distinct linear-layer and 1×1-convolution GEMM (M, K, N, bias) of one UNet step at the preset's
-size, batch 2 (one image with CFG), with its count per step (`gemm_shapes.record_gemms`). On the GPU, for each
+size, batch 2 (one image with CFG), with its count per step (`gemm_shapes.shape_rows`). On the GPU, for each
 shape: fp16 `F.linear` and the fp8 path (`fp8.fp8_linear`: per-row quantization of the input, then
 `torch._scaled_mm`), each compiled by Inductor and timed as `gemm_shapes.time_calls` does (CUDA graph replays,
 CUDA events, median); `fp8_gemm_us` is `_scaled_mm` alone on an input quantized beforehand (in the UNet,
 Inductor may fuse the quantization into the kernel that writes the input, so the true cost lies between the
-two). `error` is fp8's relative error against fp16 on random data (N(0, 1) inputs, weights scaled by
+two). `relative_error` is fp8's relative error against fp16 on random data (N(0, 1) inputs, weights scaled by
 1/sqrt(K)); activations with outliers lose more to per-row scales. `pays` is what `fp8.pays` decides now.
 
 `--fit` reads result files and prints, for each GPU, the constants of `fp8.pays` (MIN_WAVES, MIN_K) that make
 one step of all of the files' models fastest, with each shape at its fp8 or fp16 time as the rule picks.
 
 The whole UNet step, lossless against fp8 on every GEMM and fp8 by the rule (compiled, CUDA graph), with its
-error against float32: `python bench/unet_step.py --model sdxl --variants inductor-gn-silu-geglu,fp8-all,fp8-rule`.
+error against float32:
+`python bench/unet_step.py --model sdxl --variants inductor-gn-silu-geglu,fp8-all,fp8-rule --error`.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import json
 import sys
 import time
 
-from gemm_shapes import record_gemms, time_calls  # bench/, the script's own folder
+from gemm_shapes import shape_rows, time_calls  # bench/, the script's own folder
 
 WAVES = (0, 0.25, 0.5, 1, 2, 4, 8)
 MIN_KS = (0, 320, 640, 1280, 2560)
@@ -75,7 +76,7 @@ def time_shape(m: int, k: int, n: int, bias: bool) -> dict:
     error = ((got.float() - want.float()).norm() / want.float().norm()).item()
     flop = 2 * m * k * n
     return {"fp16_us": round(fp16_us, 2), "fp8_us": round(fp8_us, 2), "fp8_gemm_us": round(gemm_us, 2),
-            "speedup": round(fp16_us / fp8_us, 3), "error": round(error, 5), "compile_s": round(compile_s, 1),
+            "speedup": round(fp16_us / fp8_us, 3), "relative_error": round(error, 5), "compile_s": round(compile_s, 1),
             "fp16_tflops": round(flop / fp16_us / 1e6, 1), "fp8_tflops": round(flop / fp8_us / 1e6, 1),
             "out_dtype": str(out).removeprefix("torch.")}
 
@@ -130,35 +131,16 @@ def main() -> None:
     import torch
 
     from diffjet.kernels.geglu import multiprocessors
-    from diffjet.models import PRESETS
     from diffjet.passes import fp8
 
-    from unet_step import prepared_unet, unet_inputs
-
-    unet = prepared_unet(args.model, device=args.device)
-    sample, states, kwargs = unet_inputs(unet, PRESETS[args.model].height, args.batch, device=args.device)
-    if unet.dtype != torch.float16:
-        sample, states = sample.to(unet.dtype), states.to(unet.dtype)
-    t = torch.tensor(999.0, device=args.device)
-    shapes = record_gemms(unet, (sample, t, states), dict(return_dict=False, **kwargs))
-    del unet
     sms = multiprocessors(torch.device(args.device))
-    rows = []
-    for (m, k, n, bias), calls in sorted(shapes.items(), key=lambda kv: -kv[1] * kv[0][0] * kv[0][1] * kv[0][2]):
-        row = {"m": m, "k": k, "n": n, "bias": bias, "calls": calls, "pays": fp8.pays(m, k, n, sms)}
-        if not args.shapes_only:
-            try:
-                row.update(time_shape(m, k, n, bias))
-            except Exception as exc:  # noqa: BLE001 - one shape's failure is reported, the rest still run
-                row["error_message"] = f"{type(exc).__name__}: {exc}"[:300]
-            torch._dynamo.reset()
-        rows.append(row)
-        print(json.dumps(row), file=sys.stderr, flush=True)
+    rows = shape_rows(args.model, args.batch, args.device, None if args.shapes_only else time_shape,
+                      annotate=lambda m, k, n, bias: {"pays": fp8.pays(m, k, n, sms)})
 
     print(f"{'M':>6} {'K':>5} {'N':>5} bias calls pays  fp16 µs   fp8 µs  gemm µs  speed-up  error")
     for r in rows:
-        timed = (f"{r['fp16_us']:8.2f} {r['fp8_us']:8.2f} {r['fp8_gemm_us']:8.2f} {r['speedup']:8.2f}x  {r['error']:.4f}"
-                 if "fp8_us" in r else r.get("error_message", ""))
+        timed = (f"{r['fp16_us']:8.2f} {r['fp8_us']:8.2f} {r['fp8_gemm_us']:8.2f} {r['speedup']:8.2f}x  "
+                 f"{r['relative_error']:.4f}" if "fp8_us" in r else r.get("error", ""))
         print(f"{r['m']:6} {r['k']:5} {r['n']:5} {str(r['bias'])[0]:>4} {r['calls']:5} {str(r['pays'])[0]:>4}  {timed}")
     timed = [r for r in rows if "fp8_us" in r]
     total = {}
@@ -167,7 +149,8 @@ def main() -> None:
                  "fp8_rule_us": step_us(timed, lambda r: r["pays"]),
                  "best_us": step_us(timed, lambda r: r["fp8_us"] < r["fp16_us"])}
         total = {key: round(value, 1) for key, value in total.items()}
-        print("GEMM time per step: " + ", ".join(f"{key.removesuffix('_us')} {v / 1000:.3f} ms" for key, v in total.items()))
+        print("GEMM time per step: "
+              + ", ".join(f"{key.removesuffix('_us')} {v / 1000:.3f} ms" for key, v in total.items()))
     if args.json:
         from diffjet.bench import environment
 

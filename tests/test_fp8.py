@@ -184,7 +184,8 @@ def test_every_gemm_that_runs_goes_fp8_and_replaced_projections_do_not(unet):
     placed = fp8.placements(unet)
     assert placed == {"linear": len(linear) - len(replaced), "conv1x1": sum(c.kernel_size == (1, 1) for c in convs),
                       "left_fp16": 0}
-    assert fp8.describe(unet) == f"fp8(e4m3: {placed['linear']} linear + {placed['conv1x1']} 1x1-conv layers, 0 left fp16)"
+    assert fp8.describe(unet) == (f"fp8(e4m3: {placed['linear']} linear + {placed['conv1x1']} 1x1-conv layers, "
+                                  "0 left fp16)")
 
 
 def test_pass_off_changes_nothing(unet):

@@ -221,7 +221,8 @@ def placements(module: nn.Module) -> dict[str, int]:
 def describe(module: nn.Module) -> str:
     """The pass's entry in `CompileReport.passes`."""
     placed = placements(module)
-    return f"fp8(e4m3: {placed['linear']} linear + {placed['conv1x1']} 1x1-conv layers, {placed['left_fp16']} left fp16)"
+    return (f"fp8(e4m3: {placed['linear']} linear + {placed['conv1x1']} 1x1-conv layers, "
+            f"{placed['left_fp16']} left fp16)")
 
 
 @torch.no_grad()
