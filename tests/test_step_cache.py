@@ -277,3 +277,14 @@ def test_the_pipeline_keeps_its_class_name_and_type(paths):
     compile_quietly(pipe, Config())
     assert isinstance(pipe, base) and type(pipe).__name__ == base.__name__
     assert type(pipe) is type(compile_quietly(pipeline(paths, "tiny"), Config()))  # one subclass per class
+
+
+def test_a_size_the_layers_cannot_upsample_to_runs_diffusers_forward(paths):
+    # 72 px: 9 latent rows, not a multiple of the tiny UNet's upsampling factor (2); diffusers passes explicit
+    # upsample sizes there, which the cached parts do not.
+    pipe = compile_quietly(pipeline(paths, "tiny"), Config(step_cache=StepCache(interval=3)))
+    expected = compile_quietly(pipeline(paths, "tiny"), Config())
+    kwargs = dict(num_inference_steps=4, output_type="latent", height=72, width=72)
+    got = pipe("a photo of a cat", generator=torch.Generator().manual_seed(0), **kwargs).images
+    want = expected("a photo of a cat", generator=torch.Generator().manual_seed(0), **kwargs).images
+    assert relative_error(got, want) < SAME and pipe.diffjet.step_cache.steps == []

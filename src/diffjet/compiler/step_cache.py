@@ -151,11 +151,10 @@ class StepCachedUNet:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return_dict = kwargs.pop("return_dict", True)
         kwargs.update(zip(_ARGS, args))
-        sample = kwargs["sample"]
         if not self._covers(kwargs):
             return self._plain(**kwargs, return_dict=return_dict)
         kwargs.pop("down_intrablock_additional_residuals", None)
-        if not self._active or not unet_parts.fits(self._unet(), sample):
+        if not self._active:
             noise = self.parts["full"](**kwargs)[0]
         elif self.settings.adaptive:
             noise = self._adaptive(kwargs)
@@ -204,9 +203,10 @@ class StepCachedUNet:
         adapter = kwargs.get("down_intrablock_additional_residuals") is not None or (
             kwargs.get("down_block_additional_residuals") is not None
             and kwargs.get("mid_block_additional_residual") is None)  # diffusers reads that as T2I-Adapter
-        covered = not adapter and "gligen" not in cross
+        covered = not adapter and "gligen" not in cross and unet_parts.fits(self._unet(), kwargs["sample"])
         if not covered and not self._warned:
-            logger.warning("step cache: T2I-Adapter or GLIGEN inputs run diffusers' own UNet forward, uncached")
+            logger.warning("step cache: T2I-Adapter or GLIGEN inputs, or a size that is not a multiple of the "
+                           "UNet's upsampling factor, run diffusers' own UNet forward, uncached")
             self._warned = True
         return covered
 
