@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import stat
 import subprocess
 import sys
 
@@ -97,6 +98,29 @@ def test_failed_write_leaves_nothing_behind(tmp_path):
     with pytest.raises(OSError):
         write_atomically(target, explode)
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)],
+                         ids=["umask-022", "umask-077", "umask-002"])
+def test_a_new_output_file_follows_the_umask(tmp_path, umask, mode):
+    previous = os.umask(umask)
+    try:
+        write_atomically(tmp_path / "x.png", lambda handle: handle.write(b"png"))
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "x.png").stat().st_mode) == mode
+
+
+def test_an_overwritten_output_file_keeps_its_mode(tmp_path):
+    target = tmp_path / "x.json"
+    target.write_bytes(b"old")
+    target.chmod(0o640)
+    previous = os.umask(0o077)
+    try:
+        write_atomically(target, lambda handle: handle.write(b"new"))
+    finally:
+        os.umask(previous)
+    assert target.read_bytes() == b"new" and stat.S_IMODE(target.stat().st_mode) == 0o640
 
 
 def test_console_script_reports_errors_without_traceback(tmp_path):
