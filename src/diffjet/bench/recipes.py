@@ -20,8 +20,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
 COMPILERS = ("eager", "torch-compile", "diffjet", "diffjet-no-kernels", "diffjet-no-geglu")
 #: The kernels each diffjet variant puts in (`Config.kernels`); None: the default.
 KERNELS = {"diffjet": None, "diffjet-no-kernels": (), "diffjet-no-geglu": ("group_norm_silu",)}
@@ -71,6 +69,8 @@ def apply(pipe, compiler: str, cache_dir: str | None = None) -> dict[str, Any]:
 
 
 def _torch_compile(pipe) -> dict[str, Any]:
+    import torch
+
     mode = TORCH_COMPILE_MODE if pipe.device.type == "cuda" else "default"
     pipe.unet.to(memory_format=torch.channels_last)
     pipe.vae.to(memory_format=torch.channels_last)
