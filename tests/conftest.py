@@ -40,3 +40,43 @@ def tiny_sdxl_path(_preset_cache, tmp_path_factory):
 def relative_error(x, ref) -> float:
     x, ref = torch.as_tensor(x).double(), torch.as_tensor(ref).double()
     return float((x - ref).norm() / ref.norm())
+
+
+# -- test LoRAs for the tiny pipeline (test_lora, test_runtime_gpu) ------------------------------------
+# Rank 4, on these layers of the tiny UNet and CLIP text encoder: self- and cross-attention projections
+# (fused after compiling), a 1x1 and a 3x3 convolution, text-encoder projections and an MLP.
+RANK = 4
+ATTENTION_BLOCK = "down_blocks.0.attentions.0.transformer_blocks.0"
+UNET_LAYERS = [
+    *(f"{ATTENTION_BLOCK}.attn1.{p}" for p in ("to_q", "to_k", "to_v", "to_out.0")),
+    *(f"{ATTENTION_BLOCK}.attn2.{p}" for p in ("to_q", "to_k", "to_v", "to_out.0")),
+    "up_blocks.1.attentions.1.transformer_blocks.0.attn1.to_v",
+    "down_blocks.0.attentions.0.proj_in",
+    "down_blocks.0.resnets.0.conv1",
+    "up_blocks.0.resnets.0.conv_shortcut",
+]
+TEXT_ENCODER_LAYERS = ["encoder.layers.0.self_attn.q_proj", "encoder.layers.0.self_attn.out_proj",
+                       "encoder.layers.1.mlp.fc1"]
+
+
+def lora_factors(pipe, seed, layers=None):
+    """Random (down, up, alpha) per (component, layer path), shaped like the pipeline's layers."""
+    layers = layers or {"unet": UNET_LAYERS, "text_encoder": TEXT_ENCODER_LAYERS}
+    g = torch.Generator().manual_seed(seed)
+    factors = {}
+    for component, paths in layers.items():
+        for path in paths:
+            weight = getattr(pipe, component).get_submodule(path).weight
+            down = torch.randn(RANK, *weight.shape[1:], generator=g) / weight[0].numel() ** 0.5
+            up = torch.randn(weight.shape[0], RANK, *[1] * (weight.dim() - 2), generator=g)
+            factors[component, path] = (down, up, float(RANK) / 2)  # alpha/rank = 0.5
+    return factors
+
+
+def peft_format(factors):
+    """diffusers/PEFT keys (`unet.<layer>.lora_A.weight`); no alphas, so alpha = rank."""
+    state = {}
+    for (component, path), (down, up, _) in factors.items():
+        state[f"{component}.{path}.lora_A.weight"] = down
+        state[f"{component}.{path}.lora_B.weight"] = up
+    return state
