@@ -1,7 +1,17 @@
 import os
+import shutil
+import tempfile
 
-import pytest
-import torch
+# Everything the tests write to the temporary folder goes into one folder of this session: pytest's
+# tmp_path folders and built presets, Inductor's kernels and torch's precompiled C++ headers (about
+# 150 MB, which torch would keep in the temporary folder for good), Triton's kernels (else in the home
+# folder) and what subprocesses write. A passing session removes it; a failing one keeps it.
+_SESSION_TMP = tempfile.mkdtemp(prefix="diffjet-tests-")
+os.environ["TMPDIR"] = tempfile.tempdir = _SESSION_TMP
+os.environ.setdefault("TRITON_CACHE_DIR", os.path.join(_SESSION_TMP, "triton"))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 if not torch.cuda.is_available():
     # Without a GPU, diffjet's Triton kernels run on CPU tensors in Triton's interpreter (set before any
@@ -10,6 +20,7 @@ if not torch.cuda.is_available():
 
 from diffjet.models import build  # noqa: E402
 
+_PASSED = pytest.StashKey[bool]()
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
@@ -21,10 +32,20 @@ def pytest_collection_modifyitems(items):
 
 @pytest.fixture(scope="session", autouse=True)
 def _preset_cache(tmp_path_factory):
-    """Presets built by tests (and CLI subprocesses) go to a private cache, never the user's."""
+    """Presets built by tests (and CLI subprocesses) go to a private cache, never the user's: inside
+    pytest's temporary folder, which a passing run removes (pyproject.toml, `tmp_path_retention_policy`)."""
     cache = os.environ.get("DIFFJET_TEST_CACHE") or str(tmp_path_factory.mktemp("diffjet-cache"))
     os.environ["DIFFJET_CACHE_DIR"] = cache
     yield cache
+
+
+def pytest_sessionfinish(session, exitstatus):
+    session.config.stash[_PASSED] = exitstatus in (pytest.ExitCode.OK, pytest.ExitCode.NO_TESTS_COLLECTED)
+
+
+def pytest_unconfigure(config):
+    if config.stash.get(_PASSED, False):
+        shutil.rmtree(_SESSION_TMP, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
