@@ -19,8 +19,7 @@ _COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
 _BACKENDS = ("inductor", "eager", "aot_eager")
 #: diffjet's Triton kernels (`diffjet/kernels/`) that `Config.kernels` may name.
 KNOWN_KERNELS = ("group_norm_silu", "geglu")
-#: The kernels on by default: those measured faster than Inductor's own code on the H100 (README, "Triton
-#: kernels").
+#: The kernels on by default: those measured faster than Inductor's own code on the H100 (docs/kernels.md).
 DEFAULT_KERNELS = ("group_norm_silu", "geglu")
 
 
