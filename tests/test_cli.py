@@ -171,6 +171,33 @@ def test_bad_bench_input_is_refused_before_work(capsys, extra, message, no_work)
     assert code == 2 and message in err and err.count("\n") == 1 and no_work == []
 
 
+def test_a_results_file_that_cannot_be_written_after_the_run_is_one_line_after_the_table(tmp_path, capsys, monkeypatch):
+    import shutil
+
+    import diffjet.bench
+
+    folder = tmp_path / "out"
+    folder.mkdir()
+
+    def run_then_lose_the_folder(specs, on_result, timeout):
+        shutil.rmtree(folder)  # what a cleaned temporary folder does during a long run
+        return [{"model": "tiny", "compiler": "eager", "height": 64, "width": 64, "steps": 2, "batch": 1, "its": 9.5}]
+
+    monkeypatch.setattr(diffjet.bench, "run_bench", run_then_lose_the_folder)
+    code, out, err = run(["bench", *FAST, "--compiler", "eager", "--json", str(folder / "r.json")], capsys)
+    assert code == 2 and "9.5" in out
+    last = err.strip().splitlines()[-1]  # after the progress bar
+    assert last.startswith("diffjet: error: cannot write") and last.endswith("the results are printed above")
+
+
+def test_bench_checks_every_model_before_building_a_preset(capsys, monkeypatch):
+    import diffjet.models.loading
+
+    monkeypatch.setattr(diffjet.models.loading, "build", lambda *a, **k: pytest.fail("built a preset first"))
+    code, _, err = run(["bench", "--model", "sd15,no-such-model", "--device", "cpu"], capsys)
+    assert code == 2 and "no-such-model" in err
+
+
 @pytest.mark.parametrize("text, message", [("1,a", "whole numbers"), ("0", "at least 1"), (",", "at least one")])
 def test_bad_compile_batches_are_refused(text, message):
     with pytest.raises(diffjet.errors.ConfigError, match=message):

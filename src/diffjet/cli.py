@@ -28,9 +28,14 @@ MAX_SEED = 2**64 - 1
 
 
 def _write_atomically(target: Path, write) -> None:
+    """Write an output file; a write that fails after the checks (a full disk, a folder removed meanwhile)
+    is one line too, after the results were printed."""
     from .runtime.compile_cache import write_atomically  # imports torch: kept off the --help path
 
-    write_atomically(target, write)
+    try:
+        write_atomically(target, write)
+    except OSError as error:
+        raise OutputError(f"cannot write {target} ({error.strerror or error}); the results are printed above") from error
 
 
 # -- validation --------------------------------------------------------------------------------
@@ -203,11 +208,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
     json_path = _writable_file(args.json, (".json",)) if args.json else None
     plot_path = _writable_file(args.plot, (".png",)) if args.plot else None
 
-    from .models import resolve
+    from .models import PRESETS, resolve
 
+    # An unknown model fails now, once, not in every worker; folders and hub ids are checked before any
+    # preset is built.
+    for model in sorted(models, key=lambda m: m in PRESETS):
+        resolve(model)
     specs = []
     for model in models:
-        resolve(model)  # unknown model: fail now, once, not in every worker
         native_h, native_w = _native_size(model)
         height, width = args.height or native_h or 512, args.width or native_w or 512
         for compiler in compilers:
