@@ -472,3 +472,22 @@ def test_generate_is_quiet_by_default_and_verbose_with_v(tmp_path, verbose):
         assert any(line.startswith("diffjet: pipeline is on cpu; running only") for line in lines)
         assert not any("diffjet.compile(" in line for line in lines), "a warning's source line is echoed"
         assert len("\n".join(lines)) < 1000, lines
+
+
+def _record(message):
+    import logging
+
+    return logging.LogRecord("diffusers.models.modeling_utils", logging.WARNING, __file__, 1, message, (), None)
+
+
+def test_the_quiet_filter_drops_only_the_known_harmless_lines():
+    from diffjet.console import QuietFilter
+
+    quiet = QuietFilter()
+    assert not quiet.filter(_record("There are modules in UNet2DConditionModel that should be kept in float32: []. "
+                                    "Casting directly with `to()` can lead to inconsistent results"))
+    assert quiet.filter(_record("There are modules in T5 that should be kept in float32: ['wo']. Casting ..."))
+    assert quiet.filter(_record("Some weights of the model checkpoint were not used"))
+    truncated = _record("The following part of your input was truncated because CLIP can only handle sequences "
+                        "up to 77 tokens: ['" + "a very long prompt " * 500 + "']")
+    assert quiet.filter(truncated) and len(truncated.getMessage()) < 300 and "\n" not in truncated.getMessage()
