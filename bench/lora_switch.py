@@ -1,6 +1,7 @@
 """LoRA switching on a compiled pipeline: how long A → B takes, and that nothing recompiles or re-captures.
 
     python bench/lora_switch.py --model sd15,sdxl --json lora-switch.json
+    python bench/lora_switch.py --model sdxl --compiler diffjet-fast   # with the lossy fast modes on
 
 Per model: load the preset in float16 on CUDA, `diffjet.compile` it (Inductor on the UNet, CUDA graphs on
 every component), generate once at the native size, then:
@@ -44,17 +45,20 @@ def counts(pipe) -> tuple[int, int]:
     return (sum(r.stats.captures for r in pipe.diffjet.runners.values()), counters["stats"]["unique_graphs"])
 
 
-def run_model(model: str, rank: int, switches: int, folder: Path, device: str = "cuda") -> dict:
+def run_model(model: str, rank: int, switches: int, folder: Path, device: str = "cuda",
+              compiler: str = "diffjet") -> dict:
     import torch
     from safetensors.torch import load_file, save_file
 
     import diffjet
+    from diffjet.bench.recipes import DIFFJET
     from diffjet.models import load_pipeline, lora_layers, random_lora
 
     pipe = load_pipeline(model, device=device, dtype=torch.float16 if device == "cuda" else torch.float32)
     pipe.set_progress_bar_config(disable=True)
     # The VAE is left uncompiled (still graphed): a switch's cost does not depend on it.
-    diffjet.compile(pipe, diffjet.Config(inductor=("unet",), cache=False) if device == "cuda" else None)
+    config = DIFFJET[compiler]()
+    diffjet.compile(pipe, config.replace(inductor=("unet",), cache=False) if device == "cuda" else config)
     files = {}
     for name, seed in (("a", 1), ("b", 2)):
         state = {k: v.half() for k, v in random_lora(pipe, seed=seed, rank=rank).items()}
@@ -103,7 +107,7 @@ def run_model(model: str, rank: int, switches: int, folder: Path, device: str = 
         return ((x - y).norm() / y.norm()).item()
 
     result = {
-        "model": model, "rank": rank, "lora_layers": {c: len(p) for c, p in lora_layers(pipe).items()},
+        "model": model, "compiler": compiler, "lossy": pipe.diffjet.lossy, "rank": rank, "lora_layers": {c: len(p) for c, p in lora_layers(pipe).items()},
         "adapted_weights": all_weights, "adapted_unet_weights": unet_weights,
         "lora_file_mb": round(files["a"].stat().st_size / 2**20, 1),
         "first_call_s": round(first_call_s, 1),
@@ -135,6 +139,7 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--switches", type=int, default=6, help="timed switches from files (as many from memory)")
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    parser.add_argument("--compiler", default="diffjet", help="the diffjet variant (diffjet bench's names)")
     parser.add_argument("--json")
     args = parser.parse_args()
     from diffjet.bench import environment
@@ -143,7 +148,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         for model in args.model.split(","):
             try:
-                result = run_model(model, args.rank, args.switches, Path(folder), args.device)
+                result = run_model(model, args.rank, args.switches, Path(folder), args.device, args.compiler)
             except Exception as error:  # noqa: BLE001 - record and go on to the next model
                 import traceback
 

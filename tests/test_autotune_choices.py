@@ -4,6 +4,7 @@ The choices are written and read with Inductor's own `AutotuneCache`, as its ker
 call, in two different Inductor cache directories standing for two machines.
 """
 
+import logging
 import shutil
 from pathlib import Path
 
@@ -56,22 +57,28 @@ def test_choices_written_in_one_process_are_found_by_another_after_collect_and_r
     assert found.kwargs == CONFIGS[1].kwargs and found.num_warps == CONFIGS[1].num_warps
 
 
-def test_a_loaded_function_finds_its_choices_under_the_compiling_process_folder(tmp_path):
+def test_restore_writes_only_into_this_process_folder_whatever_the_entry_records(tmp_path, caplog):
     # A precompiled function's kernels look for their choices next to their source in the process that
-    # compiled them, by absolute path, whatever this process's Inductor cache is.
+    # compiled them (torch 2.11 on the H100); the entry records that folder, but an entry must never make
+    # this process write elsewhere than its own Inductor cache: a process whose folder is the compiling
+    # one's (same path) finds the choices, another times those kernels again.
     compiling, here = tmp_path / "compiling" / "inductor", tmp_path / "here" / "inductor"
     _autotune(compiling)
     files = autotune_choices.collect(compiling, set())
     shutil.rmtree(compiling)  # a new machine, or the compiling process's temporary folder gone
-    assert _choice(compiling) is None
-    autotune_choices.restore(files, here)
-    assert _choice(compiling) is not None, "written where the loaded kernels will look"
-    assert _choice(here) is not None, "and where kernels compiled in this process look"
+    with caplog.at_level(logging.INFO, logger="diffjet"):
+        autotune_choices.restore(files, here)
+    assert _choice(here) is not None, "written where kernels compiled in this process look"
+    assert not compiling.exists(), "nothing is written to the folder the entry names"
+    assert str(compiling) in caplog.text and str(here) in caplog.text, "the process is told why kernels are timed"
 
-    for recorded in (b"relative/inductor", str(tmp_path / "x" / ".." / "y").encode()):
+    autotune_choices.restore(files, compiling)  # the same path as the compiling process: found again
+    assert _choice(compiling) is not None
+    for recorded in (b"relative/inductor", str(tmp_path / "x" / ".." / "y").encode(), b"/etc"):
         elsewhere = tmp_path / "elsewhere"
         autotune_choices.restore({**files, autotune_choices.ROOT: recorded}, elsewhere)
         assert not (tmp_path / "y").exists() and not Path("relative").exists()
+        assert {p.parent.parent for p in tmp_path.rglob("*.best_config")} == {compiling, here, elsewhere}
 
 
 def test_collect_takes_only_choices_written_after_the_snapshot(tmp_path):
@@ -111,8 +118,8 @@ def test_choices_travel_inside_a_checked_entry(tmp_path):
     files = autotune_choices.collect(inductor, set())
     cache = CompileCache(tmp_path / "cache")
     parts = {"model": "unet", "signature": "(2, 4, 64, 64)"}
-    cache.store(parts, extra=files)
-    assert cache.load_entry(parts) == files
+    cache.store(parts, files)
+    assert cache.load_entry(parts).files == files
 
     entry = next((tmp_path / "cache").rglob("*.best_config"))
     entry.write_bytes(entry.read_bytes().replace(b"num_warps", b"num_wraps"))

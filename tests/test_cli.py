@@ -6,7 +6,6 @@ import re
 import stat
 import subprocess
 import sys
-
 from pathlib import Path
 
 import pytest
@@ -14,7 +13,7 @@ from PIL import Image
 
 import diffjet
 from diffjet import cli
-from diffjet.runtime.compile_cache import write_atomically
+from diffjet.runtime.files import write_atomically
 
 FAST = ["--model", "tiny", "--steps", "2", "--device", "cpu"]
 
@@ -491,3 +490,40 @@ def test_the_quiet_filter_drops_only_the_known_harmless_lines():
     truncated = _record("The following part of your input was truncated because CLIP can only handle sequences "
                         "up to 77 tokens: ['" + "a very long prompt " * 500 + "']")
     assert quiet.filter(truncated) and len(truncated.getMessage()) < 300 and "\n" not in truncated.getMessage()
+
+
+def _filled_cache(folder):
+    from diffjet.runtime.compile_cache import CompileCache
+
+    cache = CompileCache(folder, save_artifacts=lambda: (os.urandom(100_000), None), load_artifacts=lambda b: None)
+    return [cache.store({"signature": f"s{i}"}, about={"component": "unet", "model": "/models/sd15",
+                                                       "signature": f"(2, 4, {64 + 8 * i}, 64):float16"})
+            for i in range(3)]
+
+
+def test_cache_ls_verify_and_prune(tmp_path, capsys):
+    entries = _filled_cache(tmp_path / "cache")
+    code, out, _ = run(["cache", "ls", "--cache", str(tmp_path / "cache")], capsys)
+    assert code == 0 and "3 entries" in out
+    rows = [line for line in out.splitlines() if "/models/sd15" in line]
+    assert len(rows) == 3 and all("unet" in row and "MiB" in row for row in rows)
+    assert {entry.name[:12] for entry in entries} == {row.split()[0] for row in rows}
+
+    assert run(["cache", "verify", "--cache", str(tmp_path / "cache")], capsys)[0] == 0
+    (entries[1] / "artifacts.bin").write_bytes(os.urandom(100_000))
+    code, out, err = run(["cache", "verify", "--cache", str(tmp_path / "cache")], capsys)
+    assert code == 1 and out.count(" ok") == 2 and "BROKEN: entry's hash does not match" in out and "1 broken" in err
+    assert entries[1].exists(), "verify deletes nothing"
+
+    code, out, _ = run(["cache", "prune", "--cache", str(tmp_path / "cache"), "--max-gib", "0.0001"], capsys)
+    assert code == 0 and "pruned 2 entries" in out and "1 left" in out
+    assert [entry.exists() for entry in entries] == [False, False, True], "the broken one, then the oldest"
+
+
+def test_cache_commands_refuse_an_unsafe_folder_and_bad_options(tmp_path, capsys):
+    _filled_cache(tmp_path / "cache")
+    (tmp_path / "cache").chmod(0o777)
+    code, _, err = run(["cache", "ls", "--cache", str(tmp_path / "cache")], capsys)
+    assert code == 2 and "not safe to load code from" in err and "writable by other users" in err
+    code, _, err = run(["cache", "ls", "--max-gib", "3"], capsys)
+    assert code == 2 and "--max-gib goes with prune" in err

@@ -416,6 +416,56 @@ def test_a_scale_that_is_not_a_finite_number_raises_lora_error_and_changes_nothi
     assert lora_scales(pipe) == {"a": 0.5} and all(torch.equal(w, merged[n]) for n, w in weights(pipe).items())
 
 
+def _fail_once_after(monkeypatch, layers):
+    """Make the merge fail when it reaches its layer number `layers` (as running out of memory would)."""
+    import diffjet.lora as lora_module
+
+    views, calls = lora_module._weight_views, []
+
+    def failing(pipe, key):
+        calls.append(key)
+        if len(calls) == layers + 1:
+            raise torch.cuda.OutOfMemoryError("injected after some layers")
+        return views(pipe, key)
+
+    monkeypatch.setattr(lora_module, "_weight_views", failing)
+    return calls
+
+
+@pytest.mark.parametrize("earlier", [False, True], ids=["first-adapter", "over-another"])
+def test_a_load_that_fails_part_way_restores_every_weight_and_unregisters_the_adapter(tiny_path, monkeypatch,
+                                                                                       earlier):
+    pipe, clean = compiled(tiny_path), compiled(tiny_path)
+    if earlier:
+        load_lora(pipe, peft_format(lora_factors(pipe, seed=1)), scale=0.5, adapter_name="a")
+        load_lora(clean, peft_format(lora_factors(clean, seed=1)), scale=0.5, adapter_name="a")
+    before = weights(pipe)
+    calls = _fail_once_after(monkeypatch, 5)
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        load_lora(pipe, kohya_format(lora_factors(pipe, seed=2)), adapter_name="b")
+    assert len(calls) > 5, "the failure came part-way, after some weights were written"
+    assert lora_scales(pipe) == ({"a": 0.5} if earlier else {})
+    assert all(torch.equal(w, before[n]) for n, w in weights(pipe).items()), "no weight is left half-merged"
+
+    load_lora(pipe, kohya_format(lora_factors(pipe, seed=2)), adapter_name="b")  # a retry is not refused
+    load_lora(clean, kohya_format(lora_factors(clean, seed=2)), adapter_name="b")
+    clean_weights = weights(clean)
+    assert all(torch.equal(w, clean_weights[n]) for n, w in weights(pipe).items())
+
+
+@pytest.mark.parametrize("change", ["unload", "scales"])
+def test_an_unload_or_new_scales_failing_part_way_change_nothing(tiny_path, monkeypatch, change):
+    pipe = compiled(tiny_path)
+    load_lora(pipe, peft_format(lora_factors(pipe, seed=1)), adapter_name="a")
+    load_lora(pipe, kohya_format(lora_factors(pipe, seed=2)), scale=0.5, adapter_name="b")
+    before = weights(pipe)
+    _fail_once_after(monkeypatch, 5)
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        unload_lora(pipe, "a") if change == "unload" else set_lora_scales(pipe, {"a": 2.0, "b": -1.0})
+    assert lora_scales(pipe) == {"a": 1.0, "b": 0.5}
+    assert all(torch.equal(w, before[n]) for n, w in weights(pipe).items())
+
+
 def test_missing_file_unknown_adapter_and_taken_name_raise_lora_error(tiny_path, tmp_path):
     pipe = compiled(tiny_path)
     with pytest.raises(LoraError, match="no LoRA file"):

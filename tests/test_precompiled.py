@@ -99,8 +99,8 @@ def test_cache_entries_keep_and_check_the_function(compiled, tmp_path, caplog):
     cache = CompileCache(tmp_path, save_artifacts=lambda: None, load_artifacts=lambda b: None)
     parts = {"component": "block", "signature": "x"}
     assert cache.load_entry(parts) is None
-    folder = cache.store(parts, extra={FUNCTION: data})
-    assert cache.load_entry(parts) == {FUNCTION: data}
+    folder = cache.store(parts, {FUNCTION: data})
+    assert cache.load_entry(parts).files == {FUNCTION: data}
     damaged = bytearray(data)
     damaged[len(damaged) // 2] ^= 0xFF
     (folder / FUNCTION).write_bytes(bytes(damaged))
@@ -108,79 +108,21 @@ def test_cache_entries_keep_and_check_the_function(compiled, tmp_path, caplog):
     assert "function.bin" in caplog.text and not folder.exists()
 
 
+def first_convolution(block, x, temb):
+    """A function of the block other than its forward, as step caching runs parts of a UNet."""
+    return block.conv1(block.nonlinearity(block.norm1(x)))
+
+
+def test_any_function_of_the_module_can_be_precompiled(compiled):
+    block, x, temb, *_ = compiled
+    function, data = Precompiler(block, function=first_convolution).compile((x, temb), {})
+    loaded = Precompiler(block, function=first_convolution).load(data)
+    with torch.no_grad():
+        expected = first_convolution(block, x, temb)
+        torch.testing.assert_close(function(x, temb), expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(loaded(x, temb), expected, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(function(x, temb), block(x, temb), atol=1e-2), "not the forward"
+
+
 def test_only_inductor_is_precompiled():
     assert not precompiled.supported("aot_eager")
-
-
-class _FakePrecompiler:
-    def __init__(self, fail=False):
-        self.fail, self.compiled, self.loaded = fail, 0, []
-
-    def compile(self, args, kwargs):
-        if self.fail:
-            raise RuntimeError("cannot trace this whole")
-        self.compiled += 1
-        return (lambda *a, **k: "precompiled"), b"function-bytes"
-
-    def load(self, data):
-        self.loaded.append(data)
-        return lambda *a, **k: "loaded"
-
-
-def _runner_policy(cache, precompile):
-    """A CUDA-graph runner's choice of function per signature, without a GPU (no capture happens)."""
-    from diffjet.runtime.cuda_graph import CudaGraphRunner
-
-    runner = object.__new__(CudaGraphRunner)
-    runner.fn, runner.name, runner.cache, runner.precompile, runner._functions = (
-        lambda *a, **k: "jit", "unet", cache, precompile, {})
-    return runner
-
-
-def test_runner_compiles_once_stores_the_function_and_a_new_process_loads_it(tmp_path):
-    parts = {"component": "unet", "signature": "s1"}
-    fake = _FakePrecompiler()
-    cache = CompileCache(tmp_path, save_artifacts=lambda: None, load_artifacts=lambda b: None)
-    runner = _runner_policy(cache, fake)
-    source = runner._function_for(parts, (), {}, "s1", tmp_path / "inductor")
-    assert source.fn() == "precompiled" and not source.missing and fake.compiled == 1
-    assert source.files == {FUNCTION: b"function-bytes"}
-    assert runner._function_for(parts, (), {}, "s1", tmp_path / "inductor").fn() == "precompiled" and fake.compiled == 1
-    assert cache.stats.stored == 1
-
-    later = _FakePrecompiler()  # another process, same cache
-    runner = _runner_policy(CompileCache(tmp_path, save_artifacts=lambda: None, load_artifacts=lambda b: None), later)
-    source = runner._function_for(parts, (), {}, "s1", tmp_path / "inductor")
-    assert source.fn() == "loaded" and later.loaded == [b"function-bytes"] and later.compiled == 0
-
-
-def test_runner_falls_back_to_compiling_in_process_when_precompiling_fails(tmp_path, caplog):
-    parts = {"component": "unet", "signature": "s1"}
-    cache = CompileCache(tmp_path, save_artifacts=lambda: None, load_artifacts=lambda b: None)
-    runner = _runner_policy(cache, _FakePrecompiler(fail=True))
-    source = runner._function_for(parts, (), {}, "s1", tmp_path / "inductor")
-    assert source.fn() == "jit" and source.missing, "the in-process compile's artifacts still go to the cache"
-    assert runner.precompile is None and "cannot trace this whole" in caplog.text
-
-
-def test_an_entry_stored_without_a_function_gets_one_when_precompiling_works_again(tmp_path):
-    parts = {"component": "unet", "signature": "s1"}
-
-    def cache():
-        return CompileCache(tmp_path, save_artifacts=lambda: (b"kernels", None), load_artifacts=lambda b: None)
-
-    first = _runner_policy(cache(), _FakePrecompiler(fail=True))
-    inductor = tmp_path / "inductor"
-    assert first._function_for(parts, (), {}, "s1", inductor).missing  # fell back: the capture will store the kernels
-    first.cache.store(parts)
-    assert cache().load_entry(parts) == {}
-
-    fake = _FakePrecompiler()
-    assert _runner_policy(cache(), fake)._function_for(parts, (), {}, "s1", inductor).fn() == "precompiled"
-    assert cache().load_entry(parts) == {FUNCTION: b"function-bytes"}
-    leftovers = [p for p in tmp_path.rglob("*") if p.name.startswith(".")]
-    assert leftovers == []
-
-    later = _FakePrecompiler()
-    source = _runner_policy(cache(), later)._function_for(parts, (), {}, "s1", inductor)
-    assert source.fn() == "loaded" and later.compiled == 0

@@ -224,7 +224,7 @@ import diffjet
 from diffjet.bench.worker import runtime_autotune
 from diffjet.models import load_pipeline
 
-pipe = load_pipeline("tiny", device="cuda", dtype=torch.float16)
+pipe = load_pipeline(sys.argv[3], device="cuda", dtype=torch.float16)
 pipe.set_progress_bar_config(disable=True)
 diffjet.compile(pipe, diffjet.Config(cache_dir=sys.argv[1], kernels=tuple(json.loads(sys.argv[2]))))
 # Two resolutions: every signature after a component's first must be saved and loaded as well.
@@ -237,8 +237,26 @@ print(json.dumps({"frames": sum(counters["frames"].values()), "hits": stats.hits
 """
 
 
-@pytest.mark.parametrize("kernels", [(), ("group_norm_silu",)], ids=["inductor", "gn-silu-kernel"])
-def test_a_warm_process_loads_precompiled_functions_without_tracing(tmp_path, kernels):
+def _partial_config_copy(folder):
+    """The tiny preset with arguments left out of its UNet's config.json, as published configs leave some out
+    (diffusers then lists them in `_use_default_values`, in an order that follows the hash seed)."""
+    import json
+
+    from diffjet.models import build
+
+    path = build("tiny", folder)
+    config_path = path / "unet" / "config.json"
+    config = json.loads(config_path.read_text())
+    for left_out in ("act_fn", "center_input_sample", "dropout", "flip_sin_to_cos", "freq_shift",
+                     "downsample_padding", "mid_block_scale_factor", "resnet_skip_time_act"):
+        del config[left_out]
+    config_path.write_text(json.dumps(config))
+    return path
+
+
+@pytest.mark.parametrize("kernels, partial_config", [((), False), (("group_norm_silu",), False), ((), True)],
+                         ids=["inductor", "gn-silu-kernel", "partial-config"])
+def test_a_warm_process_loads_precompiled_functions_without_tracing(tmp_path, kernels, partial_config):
     import json
     import os
     import shutil
@@ -247,19 +265,23 @@ def test_a_warm_process_loads_precompiled_functions_without_tracing(tmp_path, ke
 
     import numpy as np
 
+    model = str(_partial_config_copy(tmp_path / "model")) if partial_config else "tiny"
     cache = tmp_path / "cache"
     runs = []
     for process in ("cold", "warm"):
-        # Each process with Inductor and Triton caches of its own: only diffjet's cache carries over.
+        # Each process with empty Inductor and Triton caches: only diffjet's cache carries over. At the same
+        # path, as a server set up like the machine that compiled (a loaded function's kernels look for
+        # their autotuning choices under the compiling process's Inductor folder; see autotune_choices.py).
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path),
-               "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / process / "inductor"),
-               "TRITON_CACHE_DIR": str(tmp_path / process / "triton")}
-        proc = subprocess.run([sys.executable, "-c", _WARM_START, str(cache), json.dumps(kernels)], capture_output=True,
-                              text=True, env=env, timeout=600)
+               "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "local" / "inductor"),
+               "TRITON_CACHE_DIR": str(tmp_path / "local" / "triton"),
+               "PYTHONHASHSEED": {"cold": "1", "warm": "2"}[process]}  # the key must not follow the hash seed
+        proc = subprocess.run([sys.executable, "-c", _WARM_START, str(cache), json.dumps(kernels), model],
+                              capture_output=True, text=True, env=env, timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
         runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-        # As on a new machine: the loaded functions must not find the cold process's files by their paths.
-        shutil.rmtree(tmp_path / process)
+        # As on a new machine: the warm process must not find the cold process's files.
+        shutil.rmtree(tmp_path / "local", ignore_errors=True)
     cold, warm = runs
     entries = [json.loads(meta.read_text()) for meta in cache.rglob("meta.json")]
     assert cold["hits"] == 0 and len(entries) >= 4  # the UNet's and the VAE decoder's, at two resolutions
@@ -276,3 +298,87 @@ def test_a_warm_process_loads_precompiled_functions_without_tracing(tmp_path, ke
     assert warm["hits"] == len(entries) and warm["stored"] == 0
     assert warm["frames"] == 0, "a warm process must not trace with Dynamo"
     assert np.abs(np.array(warm["image"]) - np.array(cold["image"])).max() < 1e-3
+
+
+# -- thread safety ------------------------------------------------------------------------------------
+def _hammer(runners, inputs, threads, calls, own_streams):
+    """`threads` threads, each making `calls` calls; call k of thread t uses input (t + k) % len(inputs) on
+    runner (t % len(runners)); the results by (runner, input) in call order."""
+    import threading
+
+    results, errors = [[] for _ in range(threads)], []
+
+    def work(t):
+        stream = torch.cuda.Stream() if own_streams else torch.cuda.current_stream()
+        try:
+            with torch.cuda.stream(stream):
+                for k in range(calls):
+                    i = (t + k) % len(inputs)
+                    results[t].append((t % len(runners), i, runners[t % len(runners)](inputs[i], float(i))["out"]))
+            stream.synchronize()
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    workers = [threading.Thread(target=work, args=(t,)) for t in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    assert errors == []
+    return [r for per_thread in results for r in per_thread]
+
+
+@pytest.mark.parametrize("own_streams", [False, True], ids=["default-stream", "a-stream-per-thread"])
+@pytest.mark.parametrize("runners", [1, 2], ids=["one-runner", "two-runners-one-pool"])
+def test_calls_from_many_threads_equal_sequential_calls(own_streams, runners):
+    # Unserialized, two threads on one runner gave 169 wrong results in 40,000 calls.
+    torch.manual_seed(0)
+    modules = [Affine() for _ in range(runners)]
+    made = [CudaGraphRunner(m.forward, torch.device("cuda"), name=f"affine{i}", weights=list(m.parameters()),
+                            tensor_args=(1, "t")) for i, m in enumerate(modules)]
+    # Two shapes, big enough that a replay overlaps the next call's copy-in when nothing orders them.
+    inputs = [torch.randn(rows, 16, device="cuda") for rows in (4096, 8192) for _ in range(4)]
+    torch.cuda.synchronize()  # the threads' streams read them
+    threaded = _hammer(made, inputs, threads=8, calls=1000, own_streams=own_streams)  # captures happen in threads too
+    sequential = {(r, i): made[r](inputs[i], float(i))["out"] for r in range(runners) for i in range(len(inputs))}
+    wrong = sum(not torch.equal(out, sequential[r, i]) for r, i, out in threaded)
+    assert wrong == 0, f"{wrong} of {len(threaded)} results differ from sequential calls"
+    assert sum(runner.stats.captures for runner in made) == 2 * runners
+
+
+# -- a cache that fails ---------------------------------------------------------------------------------
+def test_a_cache_that_cannot_be_written_still_captures_and_runs_every_new_shape(tmp_path, caplog):
+    import logging
+
+    from diffjet.runtime.compile_cache import CompileCache
+    from diffjet.runtime.warm_start import WarmStartStore
+
+    cache = CompileCache(tmp_path, save_artifacts=lambda: (b"kernels", None), load_artifacts=lambda b: None)
+    for shard in (f"{i:02x}" for i in range(256)):  # no entry folder can be made: as a full disk
+        (tmp_path / shard).write_bytes(b"")
+    module = Affine()
+    runner = CudaGraphRunner(module.forward, torch.device("cuda"), name="affine", weights=list(module.parameters()),
+                             tensor_args=(1, "t"), store=WarmStartStore(cache, {"component": "affine"}, name="affine"))
+    with caplog.at_level(logging.WARNING, logger="diffjet"):
+        for rows in (4, 8, 12):  # each call at a new shape
+            x = torch.randn(rows, 16, device="cuda")
+            torch.testing.assert_close(runner(x, 1.0)["out"], module(x, 1.0)["out"])
+    assert runner.stats.captures == 3 and runner.graphs_held == 3 and runner.stats.eager_calls == 0
+    assert not cache.writable and len([r for r in caplog.records if "compile cache" in r.getMessage()]) == 1
+
+
+def test_a_read_only_cache_serves_its_shapes_and_compiles_new_ones_without_writing(tmp_path):
+    cache = tmp_path / "cache"
+    filling = load_pipeline("tiny", device="cuda", dtype=torch.float16)
+    filling.set_progress_bar_config(disable=True)
+    diffjet.compile(filling, diffjet.Config(cache_dir=str(cache)))
+    filling("a cat", num_inference_steps=2, height=64, width=64)
+    before = sorted((p, p.stat().st_mtime_ns) for p in cache.rglob("*"))
+    pipe = load_pipeline("tiny", device="cuda", dtype=torch.float16)
+    pipe.set_progress_bar_config(disable=True)
+    diffjet.compile(pipe, diffjet.Config(cache_dir=str(cache), cache="read-only"))
+    for height in (64, 96):  # the first is in the cache, the second is not
+        pipe("a cat", num_inference_steps=2, height=height, width=64)
+    stats = pipe.diffjet.cache.stats
+    assert stats.hits >= 2 and stats.stored == 0 and pipe.diffjet.runners["unet"].graphs_held == 2
+    assert sorted((p, p.stat().st_mtime_ns) for p in cache.rglob("*")) == before

@@ -87,8 +87,8 @@ def test_an_entry_keeps_triton_files_and_rejects_a_damaged_one(tmp_path, caplog)
     parts = {"component": "unet", "signature": "s1"}
     _compile_into(tmp_path / "compiled")
     files = {"function.bin": b"fn", **triton_cache.collect(tmp_path / "compiled")}
-    entry = cache.store(parts, extra=files)
-    assert cache.load_entry(parts) == files
+    entry = cache.store(parts, files)
+    assert cache.load_entry(parts).files == files
 
     (entry / "triton" / KEY / "_group_norm_stats.cubin").write_bytes(b"\x7fELF cubin bytez")  # same size, other bytes
     with caplog.at_level(logging.WARNING, logger="diffjet"):
@@ -99,7 +99,7 @@ def test_an_entry_keeps_triton_files_and_rejects_a_damaged_one(tmp_path, caplog)
 def test_an_entry_naming_a_file_outside_its_folder_is_rejected(tmp_path, caplog):
     cache = CompileCache(tmp_path / "cache", save_artifacts=lambda: (b"kernels", None), load_artifacts=lambda b: None)
     parts = {"component": "unet", "signature": "s1"}
-    entry = cache.store(parts, extra={"function.bin": b"fn"})
+    entry = cache.store(parts, {"function.bin": b"fn"})
     (tmp_path / "cache" / "secret").write_bytes(b"s")
     meta = json.loads((entry / "meta.json").read_text())
     meta["files"]["../../secret"] = {"size": 1, "sha256": "0" * 64}

@@ -17,6 +17,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "compile": ".api",
     "Config": ".config",
+    "StepCache": ".config",
     "CompileReport": ".compiler",
     # LoRA on compiled pipelines: merged into the weights in place (diffjet/lora.py).
     "load_lora": ".lora",
@@ -25,13 +26,13 @@ _LAZY = {
     "lora_scales": ".lora",
 }
 
-__all__ = ["compile", "Config", "CompileReport", "DiffjetError", "__version__"]
+__all__ = ["compile", "Config", "StepCache", "CompileReport", "DiffjetError", "__version__"]
 __all__ += ["load_lora", "unload_lora", "set_lora_scales", "lora_scales"]
 
 if TYPE_CHECKING:
     from .api import compile
     from .compiler import CompileReport
-    from .config import Config
+    from .config import Config, StepCache
     from .lora import load_lora, lora_scales, set_lora_scales, unload_lora
 
 

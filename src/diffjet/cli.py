@@ -1,4 +1,4 @@
-"""The `diffjet` command: `generate`, `bench`, `verify`, `compile`.
+"""The `diffjet` command: `generate`, `bench`, `verify`, `compile`, `cache`.
 
 Bad input never ends in a traceback: every argument and output path is checked before any work, and
 every `DiffjetError` becomes one line on stderr and exit code 2; `verify` exits 1 when the compiled
@@ -20,8 +20,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from . import console
-from .bench.recipes import COMPILERS, SCHEDULERS
-from .errors import ConfigError, DeviceError, DiffjetError, OutputError
+from .bench.recipes import COMPILERS, DIFFJET, SCHEDULERS
+from .errors import CacheError, ConfigError, DeviceError, DiffjetError, OutputError
+from .runtime.files import write_atomically
 
 #: The seeds `torch.Generator.manual_seed` takes without a sign: 64 bits.
 MAX_SEED = 2**64 - 1
@@ -30,8 +31,6 @@ MAX_SEED = 2**64 - 1
 def _write_atomically(target: Path, write) -> None:
     """Write an output file; a write that fails after the checks (a full disk, a folder removed meanwhile)
     is one line too, after the results were printed."""
-    from .runtime.compile_cache import write_atomically  # imports torch: kept off the --help path
-
     try:
         write_atomically(target, write)
     except OSError as error:
@@ -98,18 +97,6 @@ def _probe_folder(folder: Path, shown: str) -> None:
         raise OutputError(f"{shown}: cannot write in {folder} ({error.strerror or error})") from None
 
 
-def _writable_folder(path: str, name: str) -> Path:
-    """A folder diffjet will write into: an existing writable one, or one it can create."""
-    folder = Path(path).expanduser()
-    if folder.exists() and not folder.is_dir():
-        raise OutputError(f"{name} {path} is a file; name a folder")
-    existing = next(p for p in (folder, *folder.absolute().parents) if p.exists())
-    if not existing.is_dir():
-        raise OutputError(f"{name} {path}: {existing} is a file, not a folder")
-    _probe_folder(existing, f"{name} {path}")
-    return folder
-
-
 def _compilers(text: str) -> list[str]:
     names = [c.strip() for c in text.split(",") if c.strip()]
     unknown = [c for c in names if c not in COMPILERS]
@@ -151,7 +138,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     dtype = torch.float16 if device == "cuda" else torch.float32
     pipe = load_pipeline(model, device=device, dtype=dtype)
     recipes.set_scheduler(pipe, args.scheduler)
-    recipes.apply(pipe, args.compiler)
+    compiler = _fast_or(args)
+    applied = recipes.apply(pipe, compiler)
+    for option in applied.get("lossy", []):
+        print(f"diffjet: LOSSY option on: {option} (diffjet verify --fast prints what it costs)", file=sys.stderr)
     image = pipe(
         **control_inputs(pipe, height, width),
         prompt=args.prompt,
@@ -173,7 +163,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         "seed": args.seed,
         "guidance": args.guidance,
         "scheduler": type(pipe.scheduler).__name__,
-        "compiler": args.compiler,
+        "compiler": compiler,
         "device": device,
         "dtype": str(dtype).removeprefix("torch."),
     }
@@ -223,9 +213,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 dict(model=model, compiler=compiler, device=device, prompt=args.prompt, steps=steps,
                      scheduler=args.scheduler, resolutions=[[h, w] for w, h in sizes] if sizes else None,
                      height=height, width=width, batch=batch, seed=args.seed, warmup=args.warmup,
-                     repeats=repeats, unet_repeats=args.unet_repeats)
+                     repeats=repeats, unet_repeats=args.unet_repeats, time_warm_start=not args.skip_warm_start)
             )
-    if device == "cpu" and any(c in bench.recipes.KERNELS for c in compilers):
+    if device == "cpu" and any(c in DIFFJET for c in compilers):
         print("diffjet: note: CPU timings only show that bench works: on a CPU diffjet applies channels-last "
               "and fused attention alone (no half precision, Inductor, kernels or CUDA graphs); time it on a GPU",
               file=sys.stderr)
@@ -247,7 +237,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 # -- verify ------------------------------------------------------------------------------------
-def _verify_lora_steps(lora: str, scale: float, height: int, width: int):
+def _verify_lora_steps(lora: str, scale: float, height: int, width: int, config):
     """How `verify --lora` readies its pipelines: diffusers' `load_lora_weights` + `fuse_lora` for the eager
     ones; for diffjet's, compile, load another LoRA, generate (so graphs are captured), then switch to this one.
     "random" is `diffjet.models.random_lora(seed=0)`, drawn once from the float32 reference pipeline."""
@@ -271,7 +261,7 @@ def _verify_lora_steps(lora: str, scale: float, height: int, width: int):
 
     def compile_pipe(pipe):
         target = lora_for(pipe)
-        diffjet.compile(pipe)
+        diffjet.compile(pipe, config)
         diffjet.load_lora(pipe, random_lora(pipe, seed=1), adapter_name="previous")
         pipe(prompt="warm-up", num_inference_steps=2, height=height, width=width,
              output_type="latent", **control_inputs(pipe, height, width))
@@ -304,9 +294,12 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from .models import resolve
 
     path = resolve(model)
-    compile_pipe, prepare_eager = diffjet.compile, None
+    from .bench import recipes
+
+    config = recipes.DIFFJET[_fast_or(args)]()
+    compile_pipe, prepare_eager = (lambda pipe: diffjet.compile(pipe, config)), None
     if args.lora:
-        compile_pipe, prepare_eager = _verify_lora_steps(args.lora, args.lora_scale, height, width)
+        compile_pipe, prepare_eager = _verify_lora_steps(args.lora, args.lora_scale, height, width, config)
     verdict = quality.verify(
         lambda dtype: load_pipeline(path, device=device, dtype=dtype),
         device=torch.device(device),
@@ -319,25 +312,39 @@ def cmd_verify(args: argparse.Namespace) -> int:
         prepare_eager=prepare_eager,
     )
     with_lora = f", LoRA {args.lora} at scale {args.lora_scale}" if args.lora else ""
-    print(f"fidelity of diffjet on {model}{with_lora} ({device}, {steps} steps), reference: {verdict.reference}")
+    print(f"fidelity of {_fast_or(args)} on {model}{with_lora} ({device}, {steps} steps), "
+          f"reference: {verdict.reference}")
     print(verdict.table())
+    if verdict.lossy is not None:
+        print(verdict.lossy.table())
     if json_path:
         from dataclasses import asdict
 
         from . import bench
 
         record = {**bench.environment(device), "command": args.command_line, "model": model,
-                  "lora": args.lora, "lora_scale": args.lora_scale if args.lora else None,
-                  "steps": steps, "passed": verdict.passed, **asdict(verdict)}
+                  "compiler": _fast_or(args), "lora": args.lora, "lora_scale": args.lora_scale if args.lora else None,
+                  "steps": steps, "passed": verdict.passed if verdict.lossy is None else None, **asdict(verdict)}
         _write_atomically(json_path, lambda h: h.write((json.dumps(record, indent=2) + "\n").encode()))
         print(f"wrote {json_path}")
+    c = verdict.candidate
+    if verdict.lossy is not None:
+        if not c.finite:
+            print("diffjet: FAIL: NaN/Inf in the output", file=sys.stderr)
+            return 1
+        print(f"diffjet: LOSSY ({', '.join(verdict.lossy.options)}): not held to the lossless rule; its cost is above")
+        return 0
     if not verdict.passed:
-        c = verdict.candidate
         why = "NaN/Inf in the output" if not c.finite else "error above 1.5x eager half precision"
         print(f"diffjet: FAIL: {why}", file=sys.stderr)
         return 1
     print("diffjet: PASS (lossless)")
     return 0
+
+
+def _fast_or(args: argparse.Namespace) -> str:
+    """The variant a command runs: `--fast` is `--compiler diffjet-fast`."""
+    return "diffjet-fast" if getattr(args, "fast", False) else args.compiler
 
 
 # -- compile (ahead of deployment) --------------------------------------------------------------
@@ -378,8 +385,12 @@ def cmd_compile(args: argparse.Namespace) -> int:
         raise DeviceError("diffjet compile builds GPU kernels, and no CUDA GPU is visible here")
     sizes = _resolutions(args.resolutions)
     batches = _batches(args.batch)
-    if args.cache:
-        _writable_folder(args.cache, "--cache")
+    from .runtime.compile_cache import open_cache
+
+    target = open_cache(args.cache)  # refuses an unsafe folder before any work
+    if not target.writable:
+        raise CacheError(f"compile cache {target.directory} is {target.read_only_reason}; give --cache a folder "
+                         "this user can write")
     model = args.model or "sd15"
     pipe = load_pipeline(model, device="cuda", dtype=torch.float16)
     pipe.set_progress_bar_config(disable=True)
@@ -406,6 +417,46 @@ def cmd_compile(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- cache -------------------------------------------------------------------------------------
+def _gib(size: int) -> str:
+    return f"{size / 2**30:.2f} GiB" if size >= 2**30 else f"{size / 2**20:.1f} MiB"
+
+
+def cmd_cache(args: argparse.Namespace) -> int:
+    import datetime as dt
+
+    from .runtime.compile_cache import open_cache
+
+    if args.max_gib is not None and (args.action != "prune" or args.max_gib < 0):
+        raise ConfigError("--max-gib goes with prune, as a number of GiB (0 or more)")
+    # ls and verify read meta.json and hash files; nothing is unpickled, and nothing is written.
+    cache = open_cache(args.cache, read_only=args.action != "prune")
+    signed = "signed entries only" if cache.key is not None else "unsigned ($DIFFJET_CACHE_KEY not set)"
+    if args.action == "prune":
+        removed = cache.prune(None if args.max_gib is None else int(args.max_gib * 2**30))
+        left = cache.entries()
+        print(f"pruned {len(removed)} entr{'y' if len(removed) == 1 else 'ies'} ({_gib(sum(i.bytes for i in removed))}) "
+              f"from {cache.directory}; {len(left)} left ({_gib(sum(i.bytes for i in left))})")
+        return 0
+    infos = cache.entries()
+    print(f"compile cache {cache.directory}: {len(infos)} entries, {_gib(sum(i.bytes for i in infos))}; {signed}")
+    broken = 0
+    for info in reversed(infos):  # most recently used first
+        used = dt.datetime.fromtimestamp(info.last_used).strftime("%Y-%m-%d %H:%M") if info.last_used else "-"
+        about = info.about
+        line = (f"  {info.path.name[:12]}  {used:16}  {_gib(info.bytes):>10}  {about.get('component') or '?':14}  "
+                f"{about.get('model') or '?'}  [{(about.get('signature') or '?')[:48]}]")
+        if args.action == "verify":
+            problem = cache.verify(info) if info.readable else "unreadable meta.json"
+            broken += problem is not None
+            line += f"  {'ok' if problem is None else 'BROKEN: ' + problem}"
+        print(line)
+    if broken:
+        print(f"diffjet: {broken} broken entr{'y' if broken == 1 else 'ies'}: never loaded; `diffjet cache prune` "
+              "deletes them (a process that needs one rebuilds it)", file=sys.stderr)
+    return 1 if broken else 0
+
+
 # -- entry point -------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffjet", description="Fast, faithful Stable Diffusion pipelines.")
@@ -430,6 +481,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--scheduler", choices=tuple(SCHEDULERS), default="default", help="default: the model's own")
     gen.add_argument("--out", required=True, help="PNG file to write")
     gen.add_argument("--compiler", choices=COMPILERS, default="diffjet")
+    gen.add_argument("--fast", action="store_true", help="lossy fast modes where supported (= --compiler "
+                     "diffjet-fast): step cache; `diffjet verify --fast` prints what they cost")
     gen.set_defaults(func=cmd_generate)
 
     ben = sub.add_parser("bench", help="time eager, torch-compile and diffjet side by side")
@@ -443,6 +496,8 @@ def build_parser() -> argparse.ArgumentParser:
     ben.add_argument("--unet-repeats", type=int, default=50, help="timed UNet-only calls")
     ben.add_argument("--resolutions", help="WIDTHxHEIGHT list timed one after another in the same process "
                                           "(then once more, all warm, counting recompiles)")
+    ben.add_argument("--skip-warm-start", action="store_true",
+                     help="do not time diffjet's warm start (a second process with the compile cache)")
     ben.add_argument("--timeout", type=float, help="seconds a variant may take (default: no limit)")
     ben.add_argument("--json", help="write the results here")
     ben.add_argument("--plot", help="write a bar chart (PNG) here")
@@ -458,12 +513,25 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--device", choices=("auto", "cuda"), default="auto")
     comp.set_defaults(func=cmd_compile)
 
+    cac = sub.add_parser("cache", help="list, check or prune the compile cache")
+    cac.add_argument("action", choices=("ls", "verify", "prune"),
+                     help="ls: entries with size, last use and model; verify: also check sizes, hashes and "
+                          "signatures; prune: delete broken entries and stale staging folders (and, with --max-gib, "
+                          "the least recently used entries until the cache fits)")
+    cac.add_argument("--cache", help="compile cache folder (default: $DIFFJET_CACHE_DIR/compile or ~/.cache/diffjet/compile)")
+    cac.add_argument("--max-gib", type=float, help="prune: the size to keep the cache within")
+    cac.set_defaults(func=cmd_cache)
+
     ver = sub.add_parser("verify", help="check that diffjet's output equals eager within the lossless rule")
     common(ver, None)
     ver.add_argument("--lora", help="a LoRA file or folder, or \"random\" (a rank-16 LoRA drawn for the model): the "
                      "eager pipelines load it with diffusers' load_lora_weights + fuse_lora, diffjet's switches to "
                      "it on the compiled pipeline with diffjet.load_lora")
     ver.add_argument("--lora-scale", type=float, default=1.0)
+    ver.add_argument("--compiler", choices=tuple(DIFFJET), default="diffjet",
+                     help="the diffjet variant to check; a lossy one (diffjet-fast, diffjet-deepcache) is reported "
+                          "as LOSSY with its cost instead of PASS/FAIL")
+    ver.add_argument("--fast", action="store_true", help="= --compiler diffjet-fast")
     ver.add_argument("--json", help="write the errors here")
     ver.set_defaults(func=cmd_verify)
     return parser

@@ -24,6 +24,53 @@ DEFAULT_KERNELS = ("group_norm_silu", "geglu")
 
 
 @dataclass(frozen=True)
+class StepCache:
+    """Step caching for SD UNets (lossy, opt-in): DeepCache's scheme, compiled and captured.
+
+    Full steps run the whole UNet and keep the up path's input at skip branch `branch` (DeepCache's
+    `cache_branch_id`: 0 is the shallowest); the steps between run only the layers above that branch and
+    take the rest from the last full step.
+
+    Fields:
+        interval: uniform mode (no threshold): every `interval`-th step is full, as DeepCache's
+            `cache_interval`. Adaptive mode: the most steps in a row that may reuse the cache, plus one.
+        branch: the skip branch, 0 .. 3 · (number of down blocks) − 1.
+        threshold: None for the uniform schedule; a number turns on the adaptive mode: every step runs
+            the first down layer, and a step reuses the cache while that layer's output has changed by
+            less than `threshold` (relative L1) since the last full step.
+        first_full, last_full: adaptive mode: the first and last steps of a run that are always full.
+    """
+
+    interval: int = 3
+    branch: int = 0
+    threshold: float | None = None
+    first_full: int = 2
+    last_full: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("interval", "branch", "first_full", "last_full"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < (1 if name == "interval" else 0):
+                least = "1" if name == "interval" else "0"
+                raise ConfigError(f"StepCache.{name} must be an integer of at least {least}, got {value!r}")
+        t = self.threshold
+        if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t < 10):
+            raise ConfigError(f"StepCache.threshold must be None (uniform) or a number in (0, 10), got {t!r}")
+        if self.interval == 1 and t is None:
+            raise ConfigError("StepCache(interval=1) would never reuse a step; use interval >= 2 or no step cache")
+
+    @property
+    def adaptive(self) -> bool:
+        return self.threshold is not None
+
+    def describe(self) -> str:
+        if self.adaptive:
+            return (f"step_cache(adaptive, threshold {self.threshold:g}, at most {self.interval - 1} reused in a row, "
+                    f"branch {self.branch})")
+        return f"step_cache(full every {self.interval} steps, branch {self.branch})"
+
+
+@dataclass(frozen=True)
 class Config:
     """Options of `diffjet.compile`. The default is lossless (DESIGN.md's fidelity rule).
 
@@ -49,9 +96,15 @@ class Config:
             and a capture that takes a component over the cap drops its least recently used graphs, whose
             memory goes back to the driver, until it fits (the newest graph always stays). None (default):
             all graphs of a device share one pool, which needs less memory in all but returns none.
-        cache: keep what Inductor compiled on disk and reuse it in later processes.
+        cache: keep what Inductor compiled on disk and reuse it in later processes (True, default); False;
+            or "read-only": load entries, store none (shapes not in the cache compile in the process, with
+            one warning). A cache folder this process cannot write is used read-only as well.
+        step_cache: a `StepCache` (lossy, off by default): DeepCache-style reuse of the UNet's deep
+            layers between full steps, every part compiled and captured (`compiler/step_cache.py`).
         cache_dir: the compile cache's folder (default: `$DIFFJET_CACHE_DIR/compile`, else
-            `~/.cache/diffjet/compile`). Only this folder is ever read: entries are deserialised.
+            `~/.cache/diffjet/compile`). Entries are code: a folder that another user owns or can write is
+            refused (the cache is off, with a warning); `$DIFFJET_CACHE_KEY` names a key file that signs
+            entries (docs/compile-cache.md).
     """
 
     dtype: str = "float16"
@@ -66,8 +119,9 @@ class Config:
     cuda_graphs: bool = True
     max_graphs: int = 16
     graph_memory_gib: float | None = None
-    cache: bool = True
+    cache: bool | str = True
     cache_dir: str | None = None
+    step_cache: StepCache | None = None
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
@@ -94,9 +148,18 @@ class Config:
         object.__setattr__(self, "kernels", tuple(self.kernels))
         if not isinstance(self.max_graphs, int) or self.max_graphs < 1:
             raise ConfigError(f"max_graphs must be a positive integer, got {self.max_graphs!r}")
+        if not isinstance(self.cache, bool) and self.cache != "read-only":
+            raise ConfigError(f'cache must be True, False or "read-only", got {self.cache!r}')
+        if self.step_cache is not None and not isinstance(self.step_cache, StepCache):
+            raise ConfigError(f"step_cache must be a diffjet.StepCache or None, got {self.step_cache!r}")
         cap = self.graph_memory_gib
         if cap is not None and (isinstance(cap, bool) or not isinstance(cap, (int, float)) or not cap > 0):
             raise ConfigError(f"graph_memory_gib must be a positive number of GiB or None, got {cap!r}")
+
+    @property
+    def lossy(self) -> list[str]:
+        """The lossy options this config turns on, described (empty: lossless)."""
+        return [self.step_cache.describe()] if self.step_cache is not None else []
 
     @property
     def torch_dtype(self) -> torch.dtype | None:
@@ -115,6 +178,12 @@ class Config:
     def fast_startup(cls) -> "Config":
         """No Inductor: eager kernels replayed from CUDA graphs. Seconds to start instead of a minute."""
         return cls(inductor=())
+
+    @classmethod
+    def fast(cls) -> "Config":
+        """Every lossy option where the device supports it (LOSSY: `diffjet verify` prints the cost):
+        the step cache at DeepCache's published SD setting (full every 3 steps, branch 0)."""
+        return cls(step_cache=StepCache(interval=3, branch=0))
 
     @classmethod
     def max_autotune(cls) -> "Config":

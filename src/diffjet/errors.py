@@ -35,3 +35,7 @@ class FidelityError(DiffjetError):
 
 class LoraError(DiffjetError):
     """A LoRA cannot be loaded, switched or unloaded: unknown keys, another architecture, unknown adapter."""
+
+
+class CacheError(DiffjetError):
+    """The compile cache cannot be used: a folder or key file that others could have written, or none."""

@@ -33,7 +33,7 @@ import math
 import os
 import re
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -140,8 +140,9 @@ def load_lora(
         if key not in state.base or state.written.get(key) != _fingerprint(weight):
             state.base[key] = _host_copy(weight)
         at_base.add(key)
+    undo = _registry_undo(state)
     state.adapters[adapter_name] = _Adapter(scale, _to_weight_devices(pipe, layers))
-    _merge(pipe, state, layers, at_base)
+    _merge(pipe, state, layers, at_base, undo=undo)
     return adapter_name
 
 
@@ -153,10 +154,11 @@ def unload_lora(pipe: Any, adapter_name: str | None = None) -> None:
     state = _state(pipe)
     names = list(state.adapters) if adapter_name is None else [adapter_name]
     _check_known(state, names)
+    undo = _registry_undo(state)
     touched: set[tuple[str, str]] = set()
     for name in names:
         touched.update(state.adapters.pop(name).layers)
-    _merge(pipe, state, touched)
+    _merge(pipe, state, touched, undo=undo)
 
 
 def set_lora_scales(pipe: Any, scales: Mapping[str, float]) -> None:
@@ -164,11 +166,12 @@ def set_lora_scales(pipe: Any, scales: Mapping[str, float]) -> None:
     state = _state(pipe)
     _check_known(state, scales)
     scales = {name: _scale(scale, name) for name, scale in scales.items()}  # all checked before any changes
+    undo = _registry_undo(state)
     touched: set[tuple[str, str]] = set()
     for name, scale in scales.items():
         state.adapters[name].scale = scale
         touched.update(state.adapters[name].layers)
-    _merge(pipe, state, touched)
+    _merge(pipe, state, touched, undo=undo)
 
 
 def lora_scales(pipe: Any) -> dict[str, float]:
@@ -481,9 +484,41 @@ def _to_weight_devices(pipe: Any, layers: dict[tuple[str, str], _Layer]) -> dict
     return moved
 
 
-@torch.no_grad()
+def _registry_undo(state: _LoraState) -> Callable[[], None]:
+    """What puts the adapters back as they are now (which are loaded, in order, at which scales)."""
+    saved = [(name, adapter, adapter.scale) for name, adapter in state.adapters.items()]
+
+    def undo() -> None:
+        state.adapters.clear()
+        for name, adapter, scale in saved:
+            adapter.scale = scale
+            state.adapters[name] = adapter
+
+    return undo
+
+
 def _merge(pipe: Any, state: _LoraState, keys: Iterable[tuple[str, str]],
-           at_base: set | frozenset = frozenset()) -> None:
+           at_base: set | frozenset = frozenset(), undo: Callable[[], None] | None = None) -> None:
+    """Write base + Σ scale · delta into each weight in `keys`, in place (`_write_merged`).
+
+    Should that fail part-way (out of memory, an interrupt), `undo` puts the adapters back as they were
+    and every weight in `keys` is written again from its base's host copy and those adapters, so no
+    weight is left half-merged and a failed load leaves its adapter unloaded; then the error is raised.
+    """
+    keys = list(keys)
+    try:
+        _write_merged(pipe, state, keys, at_base)
+    except BaseException:
+        if undo is None:
+            raise
+        undo()
+        _write_merged(pipe, state, keys)
+        raise
+
+
+@torch.no_grad()
+def _write_merged(pipe: Any, state: _LoraState, keys: Iterable[tuple[str, str]],
+                  at_base: set | frozenset = frozenset()) -> None:
     """Write base + Σ scale · delta (float32) into each weight in `keys`, in place.
 
     A weight in `at_base` holds its base already and is read where it is, not from its host copy.

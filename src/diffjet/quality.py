@@ -4,11 +4,18 @@
 with the reference in float32. diffjet is lossless when its error is at most 1.5× the error of eager
 half precision and nothing is NaN/Inf. On a CPU the "half precision" run is float32 again (same seed),
 whose error is zero, so the bound there is the float32 rounding floor instead.
+
+A lossy configuration (step cache, fp8) is not held to that rule: its cost is measured and printed
+instead (`LossyCost`): the one-step UNet error against float32, the error of every reused step's UNet
+output against the full UNet on the same trajectory, and the final latents and decoded image against
+the lossless output (eager half precision, same seed) as relative error, PSNR and SSIM. With the
+random-weight presets these are approximation errors, not image quality.
 """
 
 from __future__ import annotations
 
 import gc
+import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -40,12 +47,35 @@ class VariantResult:
 
 
 @dataclass
+class LossyCost:
+    """What the lossy options of a compiled pipeline cost, against the lossless output at the same seed."""
+
+    options: list[str]
+    latents_error: float  # final latents against eager half precision's
+    psnr_db: float  # decoded image against eager half precision's
+    ssim: float
+    reused_steps: list[tuple[int, float]]  # (step, error of its UNet output against the full UNet's)
+
+    def table(self) -> str:
+        rows = [f"LOSSY: {', '.join(self.options)}",
+                f"  final latents vs lossless: relative error {self.latents_error:.3e}",
+                f"  decoded image vs lossless: PSNR {self.psnr_db:.2f} dB, SSIM {self.ssim:.4f}"]
+        if self.reused_steps:
+            errors = [e for _, e in self.reused_steps]
+            rows.append(f"  reused steps: {len(errors)}, UNet output error vs the full UNet: "
+                        f"median {sorted(errors)[len(errors) // 2]:.3e}, max {max(errors):.3e}")
+            rows.append("    " + ", ".join(f"step {i}: {e:.2e}" for i, e in self.reused_steps))
+        return "\n".join(rows)
+
+
+@dataclass
 class Verdict:
     reference: str
     baseline: VariantResult
     candidate: VariantResult
     bound_unet: float
     bound_latents: float
+    lossy: LossyCost | None = None
 
     @property
     def passed(self) -> bool:
@@ -56,9 +86,34 @@ class Verdict:
         rows = [("variant", "unet step error", "final latents error", "finite")]
         for v in (self.baseline, self.candidate):
             rows.append((v.name, f"{v.unet_error:.3e}", f"{v.latents_error:.3e}", str(v.finite)))
-        rows.append(("bound (diffjet)", f"{self.bound_unet:.3e}", f"{self.bound_latents:.3e}", "True"))
+        if self.lossy is None:
+            rows.append(("bound (diffjet)", f"{self.bound_unet:.3e}", f"{self.bound_latents:.3e}", "True"))
         widths = [max(len(r[i]) for r in rows) for i in range(4)]
         return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+
+
+def psnr(image: torch.Tensor, reference: torch.Tensor) -> float:
+    """Peak signal-to-noise ratio in dB of images with values in [0, 1]; inf when they are equal."""
+    mse = float(torch.mean((image.double().cpu() - reference.double().cpu()) ** 2))
+    return float("inf") if mse == 0 else 10 * math.log10(1.0 / mse)
+
+
+def ssim(image: torch.Tensor, reference: torch.Tensor) -> float:
+    """Mean structural similarity (Wang et al. 2004: 11×11 Gaussian window, σ 1.5, K1 0.01, K2 0.03) of
+    (N, C, H, W) images with values in [0, 1], over every channel."""
+    x, y = image.double().cpu(), reference.double().cpu()
+    channels = x.shape[1]
+    g = torch.exp(-((torch.arange(11, dtype=torch.float64) - 5) ** 2) / (2 * 1.5**2))
+    window = (g[:, None] * g[None, :] / g.sum() ** 2).expand(channels, 1, 11, 11)
+
+    def blur(t: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.conv2d(t, window, groups=channels)
+
+    mx, my = blur(x), blur(y)
+    vx, vy, cov = blur(x * x) - mx**2, blur(y * y) - my**2, blur(x * y) - mx * my
+    c1, c2 = 0.01**2, 0.03**2
+    value = ((2 * mx * my + c1) * (2 * cov + c2)) / ((mx**2 + my**2 + c1) * (vx + vy + c2))
+    return float(value.mean())
 
 
 def bound(baseline_error: float) -> float:
@@ -98,7 +153,15 @@ def unet_output(pipe, inputs: tuple[tuple, dict]) -> torch.Tensor:
         return pipe.unet(*args, **kwargs)[0].float()
 
 
-def final_latents(pipe, *, prompt: str, steps: int, height: int, width: int, seed: int) -> torch.Tensor:
+def final_outputs(pipe, *, prompt: str, steps: int, height: int, width: int, seed: int,
+                  decode: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(final latents, decoded image in [0, 1] as (N, C, H, W) when `decode`), both float32 on the CPU."""
+    seen: dict[str, torch.Tensor] = {}
+
+    def keep_latents(_pipe, _i, _t, callback_kwargs):
+        seen["latents"] = callback_kwargs["latents"]
+        return callback_kwargs
+
     out = pipe(
         **control_inputs(pipe, height, width),
         prompt=prompt,
@@ -106,9 +169,29 @@ def final_latents(pipe, *, prompt: str, steps: int, height: int, width: int, see
         height=height,
         width=width,
         generator=torch.Generator("cpu").manual_seed(seed),
-        output_type="latent",
+        output_type="pt" if decode else "latent",
+        callback_on_step_end=keep_latents if decode else None,
     )
-    return out.images.float()
+    if not decode:
+        return out.images.float().cpu(), None
+    return seen["latents"].float().cpu(), out.images.float().cpu()
+
+
+def lossy_cost(options: list[str], latents: torch.Tensor, image: torch.Tensor, lossless_latents: torch.Tensor,
+               lossless_image: torch.Tensor, reused_steps: list[tuple[int, float]]) -> LossyCost:
+    return LossyCost(options=options, latents_error=relative_error(latents, lossless_latents),
+                     psnr_db=psnr(image, lossless_image), ssim=ssim(image, lossless_image),
+                     reused_steps=reused_steps)
+
+
+def audit_reused_steps(pipe) -> list[tuple[int, float]]:
+    """A list that fills, during the pipeline's next calls, with (step, error) of every reused step's
+    UNet output against the full UNet on the same inputs; stays empty without a step cache."""
+    reused: list[tuple[int, float]] = []
+    cached = getattr(getattr(pipe, "diffjet", None), "step_cache", None)
+    if cached is not None:
+        cached.audit = lambda step, noise, full: reused.append((step, relative_error(noise, full)))
+    return reused
 
 
 def verify(
@@ -128,38 +211,39 @@ def verify(
     `load(dtype)` returns a fresh pipeline on `device`; `compile_pipe(pipe)` compiles it, and
     `prepare_eager(pipe)`, when given, readies both eager pipelines the same way (e.g. loads a LoRA with
     diffusers' own loader). One pipeline is alive at a time, so full-size models fit next to their
-    reference's cached outputs.
+    reference's cached outputs. When the compiled pipeline is lossy (`pipe.diffjet.lossy`), the verdict
+    also holds its `LossyCost`.
     """
     half = torch.float16 if device.type == "cuda" else torch.float32
-    results = {}
+    results: dict[str, Any] = {}
 
-    def evaluate(dtype: torch.dtype, prepare: Callable[[Any], Any] | None) -> tuple:
+    def evaluate(dtype: torch.dtype, prepare: Callable[[Any], Any] | None, decode: bool) -> tuple:
         pipe = load(dtype)
         pipe.set_progress_bar_config(disable=True)
         if prepare is not None:
             pipe = prepare(pipe)
-        run = lambda: final_latents(pipe, prompt=prompt, steps=steps, height=height, width=width, seed=seed)  # noqa: E731
-        holder: dict[str, torch.Tensor] = {}
-        inputs = record_unet_inputs(pipe, lambda: holder.setdefault("latents", run()))
-        outputs = (inputs, unet_output(pipe, results.get("inputs", inputs)), holder["latents"].cpu())
+        options = list(getattr(getattr(pipe, "diffjet", None), "lossy", []))
+        reused = audit_reused_steps(pipe)
+        run = lambda: final_outputs(pipe, prompt=prompt, steps=steps, height=height,  # noqa: E731
+                                    width=width, seed=seed, decode=decode)
+        holder: dict[str, Any] = {}
+        inputs = record_unet_inputs(pipe, lambda: holder.setdefault("outputs", run()))
+        unet = unet_output(pipe, results.get("inputs", inputs))
         del pipe
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        return outputs
+        return inputs, unet, *holder["outputs"], options, reused
 
-    inputs, ref_unet, ref_latents = evaluate(torch.float32, prepare_eager)
+    inputs, ref_unet, ref_latents, _, _, _ = evaluate(torch.float32, prepare_eager, decode=False)
     results["inputs"] = inputs
+    _, half_unet, half_latents, half_image, _, _ = evaluate(half, prepare_eager, decode=True)
+    _, unet, latents, image, options, reused = evaluate(half, compile_pipe, decode=True)
     variants = []
-    for name, dtype, prepare in (
-        (f"eager {str(half).removeprefix('torch.')}", half, prepare_eager),
-        ("diffjet", half, compile_pipe),
-    ):
-        _, unet, latents = evaluate(dtype, prepare)
-        finite = bool(torch.isfinite(unet).all() and torch.isfinite(latents).all())
-        variants.append(
-            VariantResult(name, relative_error(unet, ref_unet), relative_error(latents, ref_latents), finite)
-        )
+    for name, u, lat in ((f"eager {str(half).removeprefix('torch.')}", half_unet, half_latents),
+                         ("diffjet", unet, latents)):
+        finite = bool(torch.isfinite(u).all() and torch.isfinite(lat).all())
+        variants.append(VariantResult(name, relative_error(u, ref_unet), relative_error(lat, ref_latents), finite))
     baseline, candidate = variants
     return Verdict(
         reference="eager float32",
@@ -167,4 +251,5 @@ def verify(
         candidate=candidate,
         bound_unet=bound(baseline.unet_error),
         bound_latents=bound(baseline.latents_error),
+        lossy=lossy_cost(options, latents, image, half_latents, half_image, reused) if options else None,
     )

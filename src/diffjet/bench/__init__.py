@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -26,7 +27,7 @@ def environment(device: str) -> dict[str, Any]:
     """Versions and device facts recorded with every result file."""
     import torch
 
-    from ..runtime.compile_cache import package_version
+    from ..runtime.environment import package_version
 
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     return {
@@ -46,19 +47,24 @@ def environment(device: str) -> dict[str, Any]:
     }
 
 
-def run_variant(spec: dict[str, Any], timeout: float | None = None) -> list[dict[str, Any]] | dict[str, Any]:
+def run_variant(spec: dict[str, Any], timeout: float | None = None,
+                local_caches: Path | None = None) -> list[dict[str, Any]] | dict[str, Any]:
     """Run one variant in a fresh Python process; its runs (one per resolution), or one error record.
 
-    Each process gets empty Inductor and Triton caches of its own, so `first_call_s` is a cold start
-    and only diffjet's own compile cache (`spec["cache_dir"]`) carries over between processes.
+    Each process gets empty Inductor and Triton caches of its own (in `local_caches`, emptied first, when
+    given), so `first_call_s` is a cold start and only diffjet's own compile cache (`spec["cache_dir"]`)
+    carries over between processes.
     """
     with tempfile.TemporaryDirectory(prefix="diffjet-bench-") as tmp:
         out = Path(tmp) / "result.json"
+        local = Path(tmp) if local_caches is None else local_caches
+        shutil.rmtree(local / "inductor", ignore_errors=True)
+        shutil.rmtree(local / "triton", ignore_errors=True)
         env = {
             **os.environ,
             "PYTHONUNBUFFERED": "1",
-            "TORCHINDUCTOR_CACHE_DIR": str(Path(tmp) / "inductor"),
-            "TRITON_CACHE_DIR": str(Path(tmp) / "triton"),
+            "TORCHINDUCTOR_CACHE_DIR": str(local / "inductor"),
+            "TRITON_CACHE_DIR": str(local / "triton"),
         }
         spec = {**spec, "spawned_at": time.time()}
         try:
@@ -96,7 +102,7 @@ def run_bench(
 ) -> list[dict]:
     runs = []
     for spec in specs:
-        if spec["compiler"] in recipes.KERNELS and spec["device"] == "cuda":  # every diffjet variant
+        if spec["compiler"] in recipes.DIFFJET and spec["device"] == "cuda" and spec.get("time_warm_start", True):
             result = _run_with_warm_start(spec, timeout)
         else:
             result = run_variant(spec, timeout)
@@ -109,14 +115,19 @@ def run_bench(
 
 def _run_with_warm_start(spec: dict[str, Any], timeout: float | None) -> list[dict[str, Any]] | dict[str, Any]:
     """diffjet from an empty compile cache, then `warm_start_s`: a new process with that cache, at the
-    first resolution (recorded with that resolution's run)."""
-    with tempfile.TemporaryDirectory(prefix="diffjet-compile-cache-") as cache_dir:
-        result = run_variant({**spec, "cache_dir": cache_dir}, timeout)
+    first resolution (recorded with that resolution's run).
+
+    Both processes start with empty Inductor and Triton caches at the same paths, as a server set up like
+    the machine that compiled: a loaded function's kernels look for their autotuning choices under the
+    compiling process's Inductor folder (`runtime/autotune_choices.py`)."""
+    with tempfile.TemporaryDirectory(prefix="diffjet-compile-cache-") as work:
+        cache_dir, local = str(Path(work) / "compile"), Path(work) / "local"
+        result = run_variant({**spec, "cache_dir": cache_dir}, timeout, local)
         if isinstance(result, list):
             first = {**spec, "cache_dir": cache_dir, "warm_start": True}
             if spec.get("resolutions"):
                 first["height"], first["width"] = spec["resolutions"][0]
-            warm = run_variant(first, timeout)
+            warm = run_variant(first, timeout, local)
             result[0].update(warm if "error" not in warm else {"warm_start_error": warm["error"]})
     return result
 
@@ -131,6 +142,7 @@ _COLUMNS = (
     ("first call s", "first_call_s", "{:.1f}"),
     ("warm start s", "warm_start_s", "{:.1f}"),
     ("peak GiB", "peak_mem_gib", "{:.2f}"),
+    ("PSNR vs lossless", "psnr_db", "{:.1f} dB"),
 )
 
 
@@ -144,7 +156,7 @@ def format_table(runs: list[dict[str, Any]]) -> str:
             elif "error" in run and key not in ("model", "compiler"):
                 row.append("failed")
             else:
-                value = run.get(key)
+                value = run.get(key, run.get("fidelity", {}).get(key))
                 row.append("-" if value is None else fmt.format(value))
         rows.append(row)
     widths = [max(len(r[i]) for r in rows) for i in range(len(_COLUMNS))]

@@ -12,15 +12,28 @@
   Inductor's own code in their place, so that the kernels' effect is measured side by side.
 - `diffjet-no-geglu`: the default without the GEGLU projection kernel (`Config(kernels=("group_norm_silu",))`),
   to measure that kernel end to end.
+- `diffjet-fast`: `Config.fast()`, every lossy option where the device supports it (LOSSY).
+- `diffjet-deepcache`: the default plus the step cache alone, DeepCache's setting (interval 3, branch 0).
+- `deepcache`: the `DeepCache` package's own helper (same interval and branch) on the eager pipeline.
+  On torch.compile its per-step Python state makes Dynamo recompile at every cached step until it
+  gives up (DeepCache issue #26), so the package is measured the way it works: eager.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-COMPILERS = ("eager", "torch-compile", "diffjet", "diffjet-no-kernels", "diffjet-no-geglu")
-#: The kernels each diffjet variant puts in (`Config.kernels`); None: the default.
-KERNELS = {"diffjet": None, "diffjet-no-kernels": (), "diffjet-no-geglu": ("group_norm_silu",)}
+#: The diffjet variants, each as the function that makes its `Config`.
+DIFFJET = {
+    "diffjet": lambda: _config(),
+    "diffjet-no-kernels": lambda: _config(kernels=()),
+    "diffjet-no-geglu": lambda: _config(kernels=("group_norm_silu",)),
+    "diffjet-fast": lambda: _config(preset="fast"),
+    "diffjet-deepcache": lambda: _config(step_cache=_deepcache_setting()),
+}
+COMPILERS = ("eager", "torch-compile", *DIFFJET, "deepcache")
+#: DeepCache's published SD setting, for `diffjet-deepcache` and the `deepcache` package alike.
+DEEPCACHE_INTERVAL, DEEPCACHE_BRANCH = 3, 0
 TORCH_COMPILE_MODE = "reduce-overhead"
 SCHEDULERS = {
     "default": None,
@@ -54,16 +67,43 @@ def apply(pipe, compiler: str, cache_dir: str | None = None) -> dict[str, Any]:
         return {}
     if compiler == "torch-compile":
         return _torch_compile(pipe)
-    if compiler in KERNELS:
+    if compiler == "deepcache":
+        return _deepcache(pipe)
+    if compiler in DIFFJET:
         import diffjet
 
-        config = diffjet.Config(cache_dir=cache_dir)
-        if KERNELS[compiler] is not None:
-            config = config.replace(kernels=KERNELS[compiler])
-        diffjet.compile(pipe, config)
+        diffjet.compile(pipe, DIFFJET[compiler]().replace(cache_dir=cache_dir))
         report = pipe.diffjet
-        return {"passes": report.passes, "left_alone": report.left_alone, "off": report.off}
+        return {"passes": report.passes, "left_alone": report.left_alone, "off": report.off,
+                "lossy": list(getattr(report, "lossy", []))}
     raise ValueError(f"unknown compiler {compiler!r}; choose from {', '.join(COMPILERS)}")
+
+
+def lossy(compiler: str) -> bool:
+    """Whether `compiler` trades fidelity for speed (its runs record what it costs)."""
+    return compiler in ("diffjet-fast", "diffjet-deepcache", "deepcache")
+
+
+def _config(preset: str = "lossless", **fields):
+    from ..config import Config
+
+    return getattr(Config, preset)().replace(**fields)
+
+
+def _deepcache_setting():
+    from ..config import StepCache
+
+    return StepCache(interval=DEEPCACHE_INTERVAL, branch=DEEPCACHE_BRANCH)
+
+
+def _deepcache(pipe) -> dict[str, Any]:
+    from DeepCache import DeepCacheSDHelper
+
+    helper = DeepCacheSDHelper(pipe=pipe)
+    helper.set_params(cache_interval=DEEPCACHE_INTERVAL, cache_branch_id=DEEPCACHE_BRANCH)
+    helper.enable()
+    pipe._deepcache_helper = helper  # keeps it alive with the pipeline
+    return {"deepcache": {"interval": DEEPCACHE_INTERVAL, "branch": DEEPCACHE_BRANCH, "on": "eager"}}
 
 
 def _torch_compile(pipe) -> dict[str, Any]:

@@ -69,12 +69,32 @@ def run(spec: dict) -> list[dict] | dict:
                        captures_after_warmup=_captures(pipe) - captures_before)
     common = {"dtype": str(dtype).removeprefix("torch."), "scheduler": type(pipe.scheduler).__name__,
               **_dynamo_counts()}
+    if recipes.lossy(spec["compiler"]):
+        common["fidelity"] = _lossy_cost(pipe, spec, dtype)
     report = getattr(pipe, "diffjet", None)
     if report is not None:
         common["graphs"] = {name: dataclasses.asdict(r.stats) for name, r in report.runners.items()}
     if device.type == "cuda":
         common["peak_mem_all_shapes_gib"] = torch.cuda.max_memory_allocated() / 2**30
     return [{**run, **common} for run in runs]
+
+
+def _lossy_cost(pipe, spec: dict, dtype) -> dict:
+    """What a lossy variant costs at the first resolution: its output against eager's (the lossless
+    output) at the same seed, and each reused step's UNet error (`quality.LossyCost`)."""
+    from ..quality import audit_reused_steps, final_outputs, lossy_cost
+
+    height, width = (spec.get("resolutions") or [[spec["height"], spec["width"]]])[0]
+    run = dict(prompt=spec["prompt"], steps=spec["steps"], height=height, width=width, seed=spec["seed"], decode=True)
+    reused = audit_reused_steps(pipe)
+    latents, image = final_outputs(pipe, **run)
+    options = list(getattr(getattr(pipe, "diffjet", None), "lossy", [])) or [spec["compiler"]]
+    reference = load_pipeline(spec["model"], device=str(pipe.device), dtype=dtype)
+    reference.set_progress_bar_config(disable=True)
+    recipes.set_scheduler(reference, spec.get("scheduler", "euler"))
+    lossless_latents, lossless_image = final_outputs(reference, **run)
+    del reference
+    return dataclasses.asdict(lossy_cost(options, latents, image, lossless_latents, lossless_image, reused))
 
 
 def _nothing(pipe) -> dict:

@@ -12,21 +12,28 @@ rest is reported as off, with a warning given once per process.
 
 from __future__ import annotations
 
+import functools
 import logging
 import warnings
 from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
 
 from ..config import KNOWN_COMPONENTS, Config
+from ..errors import CacheError
 from ..passes import attention, inductor, kernels, memory_format, precision
-from ..runtime.compile_cache import CompileCache, default_cache_dir, environment_key, module_key
 from ..runtime import precompiled
+from ..runtime.compile_cache import CompileCache, module_key, open_cache
 from ..runtime.cuda_graph import CudaGraphRunner
+from ..runtime.environment import environment_key
+from ..runtime.warm_start import WarmStartStore
+from . import calls, step_cache
 
 logger = logging.getLogger(__name__)
 _warned_cpu = False
+_warned_cache: set[str] = set()  # compile-cache problems already reported in this process
 
 # Arguments that change between calls without being device tensors: the timestep (a number for some
 # schedulers) and ControlNet's conditioning scale (a float, or one per net). As device tensors they are
@@ -45,9 +52,16 @@ class CompileReport:
     off: list[str] = field(default_factory=list)  # what the device or config turned off
     runners: dict[str, CudaGraphRunner] = field(default_factory=dict)
     cache: CompileCache | None = None
+    step_cache: step_cache.StepCachedUNet | None = None
+
+    @property
+    def lossy(self) -> list[str]:
+        """The lossy options on (empty: the output matches eager within the lossless rule)."""
+        return self.config.lossy
 
     def summary(self) -> str:
         lines = [f"diffjet on {self.device}:"]
+        lines += [f"  LOSSY: {what}" for what in self.lossy]
         lines += [f"  {name}: {', '.join(p) or 'nothing'}" for name, p in self.passes.items()]
         lines += [f"  left alone: {name} ({why})" for name, why in self.left_alone.items()]
         lines += [f"  off: {what}" for what in self.off]
@@ -72,7 +86,7 @@ def compile_pipeline(pipe, config: Config) -> CompileReport:
     report = CompileReport(device=str(device), config=config)
     cache = None
     if on_cuda and config.cache and config.inductor:
-        cache = CompileCache(config.cache_dir or default_cache_dir())
+        cache = _open_cache(config, report)
         report.cache = cache
 
     if not on_cuda:
@@ -119,14 +133,22 @@ def compile_pipeline(pipe, config: Config) -> CompileReport:
                 [f"{placed['geglu']} geglu"] if "geglu" in config.kernels else [])
             applied.append("kernels(" + ",".join(config.kernels) + ": " + ", ".join(counts) + ")")
         target = _graph_target(name, module)
+        if name == "unet" and config.step_cache is not None:
+            report.step_cache = _step_cache(pipe, module, config, cache, applied, report)
+            applied.append(config.step_cache.describe())
+            continue
         if on_cuda and name in config.inductor:
             inductor.apply(target, config)
             applied.append(f"inductor({config.compile_mode})")
         if on_cuda and config.cuda_graphs:
-            compiled = inductor.is_compiled(target)
-            parts = _cache_parts(name, target, config, applied) if compiled and cache else None
-            report.runners[name] = _wrap_in_graphs(name, target, config, cache if parts else None, parts)
+            if not isinstance(target.forward, CudaGraphRunner):
+                target.forward = graph_runner(name, target, None, config, cache, passes=applied,
+                                              about={"model": getattr(pipe, "name_or_path", None)})
+            report.runners[name] = target.forward
             applied.append("cuda_graphs")
+    calls.serialize(pipe)
+    if report.step_cache is not None:
+        calls.add_hook(pipe, report.step_cache)
     unknown = [f"{n} ({type(modules[n]).__name__})" for n in report.left_alone if n not in KNOWN_COMPONENTS]
     if unknown:
         logger.warning("diffjet left these components as they are (eager): %s", ", ".join(unknown))
@@ -134,34 +156,109 @@ def compile_pipeline(pipe, config: Config) -> CompileReport:
     return report
 
 
-def _cache_parts(name: str, target: nn.Module, config: Config, applied: list[str]) -> dict:
+def _open_cache(config: Config, report: CompileReport) -> CompileCache | None:
+    """The configured compile cache, or None (with one warning per problem and process) if it is unsafe."""
+    try:
+        return open_cache(config.cache_dir, read_only=config.cache == "read-only")
+    except CacheError as exc:
+        report.off.append(f"compile cache ({exc})")
+        if str(exc) not in _warned_cache:
+            _warned_cache.add(str(exc))
+            logger.warning("diffjet: %s; compiling without the cache in this process", exc)
+        return None
+
+
+def _step_cache(pipe, unet: nn.Module, config: Config, cache: CompileCache | None, applied: list[str],
+                report: CompileReport) -> step_cache.StepCachedUNet:
+    """The UNet's forward replaced by a step-cached one whose parts are compiled and graphed like the UNet."""
+    if isinstance(unet.forward, step_cache.StepCachedUNet):
+        return unet.forward
+    device = _device_of(unet)
+    on_cuda = device.type == "cuda"
+
+    inductor_on = on_cuda and "unet" in config.inductor
+    applied_here = [*applied, f"inductor({config.compile_mode})"] if inductor_on else list(applied)
+
+    def graph(part: str, fn):
+        store = None
+        if cache is not None and inductor_on:
+            parts = {**_cache_parts("unet", unet, config, applied_here, step_cache.__name__ + "." + part),
+                     "step_cache": [part, config.step_cache.branch, config.step_cache.adaptive]}
+            # Inductor's artifacts only: a part takes the plan besides the UNet, so it is not precompiled.
+            store = WarmStartStore(cache, parts, name=f"unet.{part}",
+                                   about={"model": getattr(pipe, "name_or_path", None)})
+        runner = _runner(f"unet.{part}", unet, fn, config, store, _STEP_ARGS["unet"])
+        report.runners[f"unet.{part}"] = runner
+        return runner
+
+    compile_part = functools.partial(inductor.compiled, config=config)
+    cached = step_cache.StepCachedUNet(unet, config.step_cache, compile=compile_part if inductor_on else None,
+                                       graph=graph if on_cuda and config.cuda_graphs else None)
+    unet.forward = cached
+    if inductor_on:
+        applied.append(f"inductor({config.compile_mode})")
+    if on_cuda and config.cuda_graphs:
+        applied.append("cuda_graphs")
+    return cached
+
+
+def _cache_parts(name: str, target: nn.Module, config: Config, passes: Sequence[str], function: str) -> dict:
     """Everything a component's compiled code depends on, except the input signature (the runner adds it)."""
     return {
         "component": name,
         "module": module_key(target),
         "environment": environment_key(_device_of(target)),
-        "passes": list(applied),
+        "passes": list(passes),
         "compile": {"mode": config.compile_mode, "backend": config.backend},
+        "function": function,
     }
 
 
-def _wrap_in_graphs(
-    name: str, target: nn.Module, config: Config, cache: CompileCache | None, cache_parts: dict | None
-) -> CudaGraphRunner:
-    if isinstance(target.forward, CudaGraphRunner):
-        return target.forward
-    runner = CudaGraphRunner(
-        target.forward,
+def _runner(name: str, target: nn.Module, fn: Callable[..., Any], config: Config, store: WarmStartStore | None,
+            tensor_args: tuple[int | str, ...]) -> CudaGraphRunner:
+    return CudaGraphRunner(
+        fn,
         _device_of(target),
         name=name,
         weights=[*target.parameters(), *target.buffers()],
-        tensor_args=_STEP_ARGS.get(name, ()),
+        tensor_args=tensor_args,
         max_graphs=config.max_graphs,
         max_memory=None if config.graph_memory_gib is None else int(config.graph_memory_gib * 2**30),
-        cache=cache,
-        cache_parts=cache_parts,
-        precompile=precompiled.Precompiler(target, inductor.inductor_options(config))
-        if cache and precompiled.supported(config.backend) else None,
+        store=store,
     )
-    target.forward = runner
-    return runner
+
+
+def graph_runner(
+    name: str,
+    target: nn.Module,
+    function: Callable[..., Any] | None,
+    config: Config,
+    cache: CompileCache | None,
+    *,
+    passes: Sequence[str] = (),
+    about: dict[str, Any] | None = None,
+    tensor_args: tuple[int | str, ...] | None = None,
+) -> CudaGraphRunner:
+    """A CUDA-graph runner for `function(target, *args, **kwargs)`, named `name`, with its warm-start store
+    in `cache` when what it runs is compiled with Inductor.
+
+    `function=None` runs `target.forward` as the passes left it (Inductor-compiled when `name` is in
+    `config.inductor`) and precompiles the class forward. Any other function (one running part of the
+    module, say) is compiled here when `name` is in `config.inductor`. `passes` (those applied to `target`)
+    are part of the cache key; `about` describes the entries for `diffjet cache ls`; `tensor_args` are
+    the runner's (default: the component's step arguments, such as the UNet's timestep).
+    """
+    if function is None:
+        fn, function, compiled = target.forward, precompiled.forward, inductor.is_compiled(target)
+    else:
+        compiled = name in config.inductor
+        fn = functools.partial(function, target)
+        fn = inductor.compiled(fn, config) if compiled else fn
+    store = None
+    if cache is not None and compiled:
+        parts = _cache_parts(name, target, config, passes, f"{function.__module__}.{function.__qualname__}")
+        precompile = None
+        if precompiled.supported(config.backend):
+            precompile = precompiled.Precompiler(target, inductor.inductor_options(config), function)
+        store = WarmStartStore(cache, parts, name=name, precompile=precompile, about=about)
+    return _runner(name, target, fn, config, store, _STEP_ARGS.get(name, ()) if tensor_args is None else tensor_args)

@@ -15,7 +15,7 @@ import logging
 import os
 import pathlib
 
-from diffjet.runtime.compile_cache import write_atomically
+from diffjet.runtime.files import write_atomically
 
 logger = logging.getLogger(__name__)
 

@@ -13,6 +13,8 @@ shortcuts with their neighbours as matmuls (Diffusers' speed guide recommends it
 
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import torch
 from torch import nn
 
@@ -33,10 +35,14 @@ def inductor_options(config: Config) -> dict | None:
     return dict(_OPTIONS[config.compile_mode]) if config.backend == "inductor" else None
 
 
+def compiled(fn: Callable[..., Any], config: Config) -> Callable[..., Any]:
+    """`fn` compiled as this pass compiles a forward (static shapes, the configured backend and mode)."""
+    return torch.compile(fn, backend=config.backend, dynamic=False, options=inductor_options(config))
+
+
 def apply(module: nn.Module, config: Config) -> nn.Module:
     if is_compiled(module):
         return module
-    forward = type(module).forward.__get__(module)
-    module.forward = torch.compile(forward, backend=config.backend, dynamic=False, options=inductor_options(config))
+    module.forward = compiled(type(module).forward.__get__(module), config)
     module._diffjet_compiled = True
     return module

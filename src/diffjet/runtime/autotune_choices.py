@@ -7,25 +7,32 @@ machine or container, a cleaned /tmp) timed every such kernel again: 139 kernels
 warm start on the H100 (bench/results/h100-2026-11-27-sdxl-kernels.json).
 
 So the runner notes which choices exist before it loads and warms up a function (`snapshot`), adds the
-ones the warm-up wrote to the entry (`collect`, under `inductor/`, with the entry's size and SHA-256
-checks), and writes them back before the next process loads the function (`restore`): into this
-process's Inductor cache, and into the folder of the process that compiled the function (recorded as
-`inductor/ROOT`), where the loaded function's kernels look for them by absolute path. A choice's file name
-is Inductor's key for it (kernel source hash and torch build), so a choice only ever applies to the kernel
-it was measured for. Only plain choice files are written, none that exists is replaced, and choices an
+ones the warm-up wrote to the entry (`collect`, under `inductor/` with the entry's size and SHA-256
+checks), and writes the entry's choices into this process's own Inductor cache folder before the next
+process loads the function (`restore`), never to a path an entry names: the cache must not let an entry
+write files elsewhere. A loaded function's kernels look for their choices by absolute path, in the
+compiling process's folder (bench/results/autotune-choices-diagnosis-h100-2026-11-27.txt), so only a
+process whose Inductor folder has that path (same user and `TORCHINDUCTOR_CACHE_DIR`) finds them; the
+entry records that folder (`ROOT`) so that `restore` can say which case it is. A choice's file name is
+Inductor's key for it (kernel source hash and torch build), so a choice only ever applies to the kernel it
+was measured for. Only plain choice files are written, none that exists is replaced, and choices an
 earlier process on the same machine wrote are not new and stay out of the entry.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path, PurePosixPath
 
-from .compile_cache import plain_name, write_atomically
+from .files import plain_name, write_atomically
+
+logger = logging.getLogger(__name__)
+_told: set[tuple[str, str]] = set()  # (recorded, own) folder pairs already logged
 
 PREFIX = "inductor/"
 SUFFIX = ".best_config"
-ROOT = PREFIX + "ROOT"  # the compiling process's Inductor cache folder, as an absolute path
+ROOT = PREFIX + "ROOT"  # the compiling process's Inductor cache folder, as an absolute path (never written to)
 
 
 def directory() -> Path | None:
@@ -45,22 +52,23 @@ def snapshot(root: Path | None) -> set[str]:
 
 
 def restore(files: dict[str, bytes], root: Path | None) -> set[str]:
-    """Write the entry's choices where this process's kernels look for them (`root`, this process's
-    Inductor cache, and the compiling process's, which the entry records) unless a choice is there; the
-    entry names written."""
+    """Write the entry's choices into `root` (this process's Inductor cache) unless a choice is there;
+    the entry names written."""
+    if root is None:
+        return set()
+    _tell_if_elsewhere(files, root)
     written: set[str] = set()
-    for folder in _folders(files, root):
-        for name, data in files.items():
-            path = _path(name, folder)
-            if path is None or path.exists():
-                continue
-            try:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                # Atomic: a process starting beside this one reads a whole file or none.
-                write_atomically(path, lambda handle, data=data: handle.write(data))
-            except OSError:  # a folder this process may not write: Inductor times those kernels again
-                continue
-            written.add(name)
+    for name, data in files.items():
+        path = _path(name, root)
+        if path is None or path.exists():
+            continue
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            # Atomic: a process starting beside this one reads a whole file or none.
+            write_atomically(path, lambda handle, data=data: handle.write(data))
+        except OSError:  # a folder this process may not write: Inductor times those kernels again
+            continue
+        written.add(name)
     return written
 
 
@@ -78,15 +86,17 @@ def collect(root: Path | None, before: set[str]) -> dict[str, bytes]:
     return found
 
 
-def _folders(files: dict[str, bytes], root: Path | None) -> list[Path]:
-    folders = [root] if root is not None else []
+def _tell_if_elsewhere(files: dict[str, bytes], root: Path) -> None:
     try:
-        recorded = Path(files[ROOT].decode())
-    except (KeyError, UnicodeDecodeError, ValueError):
-        return folders
-    if recorded.is_absolute() and ".." not in recorded.parts and recorded not in folders:
-        folders.append(recorded)
-    return folders
+        recorded = files[ROOT].decode()
+    except (KeyError, UnicodeDecodeError):
+        return
+    own = os.path.abspath(root)
+    if recorded != own and (recorded, own) not in _told:
+        _told.add((recorded, own))
+        logger.info("compile-cache entries were compiled with Inductor's cache in %s, this process's is %s: "
+                    "Inductor may time the launch configurations of their kernels again (the same "
+                    "TORCHINDUCTOR_CACHE_DIR on both avoids it)", recorded, own)
 
 
 def _path(name: str, root: Path) -> Path | None:

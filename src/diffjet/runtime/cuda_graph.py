@@ -14,31 +14,36 @@ All graphs of a device share one memory pool unless a memory cap is set (see `Cu
 is safe because graphs never run concurrently and every value that lives across a replay (static
 inputs, cloned outputs) sits outside the pool; the static outputs inside it are read right after their
 own replay, before any other graph runs.
+
+That is also why calls are serialized per device, not per runner (`_Serial`): one lock per device
+covers every runner's copy-in, replay and clone (and capture, which must see no other work of the
+process), so that runners called from several threads (one pipeline's, or several pipelines' on one GPU)
+never interleave, and an event makes each call's stream wait for the previous call's work, so threads on
+different streams do not overlap on the GPU either. Unlocked, two threads calling one runner got 169 wrong
+results in 40,000 calls, silently.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import tempfile
 import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch.utils import _pytree as pytree
 
-from . import autotune_choices, triton_cache
-from .compile_cache import FUNCTION, CompileCache
-from .precompiled import Precompiler
+from .warm_start import WarmStartStore
 
 logger = logging.getLogger(__name__)
 MAX_SIGNATURES = 256
 
 _POOLS: dict[int, Any] = {}
 _STREAMS: dict[int, torch.cuda.Stream] = {}
+_SERIALS: dict[int, "_Serial"] = {}
 _LOCK = threading.Lock()
 
 
@@ -65,6 +70,31 @@ def capture_stream(device: torch.device) -> torch.cuda.Stream:
     return _per_device(_STREAMS, device, lambda index: torch.cuda.Stream(torch.device("cuda", index)))
 
 
+class _Serial:
+    """One device's calls, one after another: on the CPU (the lock) and on the GPU (`done`, recorded after
+    each call on its stream and waited for by the next call's stream)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.RLock()  # re-entrant: a runner's function may call another runner
+        self.done = torch.cuda.Event()
+
+    @contextlib.contextmanager
+    def call(self, device: torch.device) -> Iterator[None]:
+        with self.lock:
+            stream = torch.cuda.current_stream(device)
+            ordered = not torch.cuda.is_current_stream_capturing()  # a call inside a capture is part of it
+            if ordered:
+                stream.wait_event(self.done)
+            yield
+            if ordered:
+                self.done.record(stream)
+
+
+def serial(device: torch.device) -> _Serial:
+    """What every runner on `device` holds for a whole call."""
+    return _per_device(_SERIALS, device, lambda index: _Serial())
+
+
 @dataclass
 class GraphStats:
     """Counters a caller can read to prove that steady state neither captures nor falls back."""
@@ -82,15 +112,6 @@ class _Captured:
     static_inputs: list[torch.Tensor | None]
     static_output: Any
     bytes: int = 0  # growth of reserved device memory during its capture
-
-
-@dataclass
-class _Source:
-    """What a signature is warmed up and captured with."""
-
-    fn: Callable[..., Any]
-    missing: bool  # the cache has no entry yet: store one once the warm-up has compiled `fn`
-    files: dict[str, bytes] = field(default_factory=dict)  # the entry's files besides the artifacts
 
 
 def lru_victims(held: list[tuple[Any, int]], max_graphs: int, max_bytes: int | None) -> list[Any]:
@@ -133,12 +154,14 @@ class CudaGraphRunner:
     recently used graphs until its total fits. Without it, all graphs of a device share one
     pool: less memory in all, but nothing that a dropped graph could give back.
 
-    With a `cache`, the compiled artifacts of each new signature are preloaded from it before the
-    first call (or stored into it after the capture when they were not there), keyed by `cache_parts`
-    plus the signature. With a `precompile` as well, each signature's forward is compiled whole ahead of
-    its warm-up and kept in the cache, so that a later process loads it without tracing (see
-    `precompiled.py`).
+    With a `store` (`warm_start.py`), each new signature's function comes from it (loaded or
+    precompiled, its compiled artifacts preloaded) and what its warm-up compiled is kept for the next
+    process; without one, `fn` is warmed up and captured as it is.
+
+    Calls are serialized: every runner on one device holds the device's `serial` for a whole call.
     """
+
+    WARMUP_CALLS = 2
 
     def __init__(
         self,
@@ -148,12 +171,9 @@ class CudaGraphRunner:
         name: str,
         weights: list[torch.Tensor] | None = None,
         tensor_args: tuple[int | str, ...] = (),
-        warmup_calls: int = 2,
         max_graphs: int = 16,
         max_memory: int | None = None,
-        cache: CompileCache | None = None,
-        cache_parts: dict[str, Any] | None = None,
-        precompile: Precompiler | None = None,
+        store: WarmStartStore | None = None,
     ) -> None:
         if device.type != "cuda":
             raise ValueError(f"CudaGraphRunner needs a CUDA device, got {device}")
@@ -161,20 +181,21 @@ class CudaGraphRunner:
         self.device = device
         self.name = name
         self.tensor_args = tensor_args
-        self.warmup_calls = warmup_calls
         self.max_graphs = max_graphs
         self.max_memory = max_memory
+        self.store = store
         self.stats = GraphStats()
         self._weights = list(weights or [])
         self._weights_key = self._current_weights_key()
         self._graphs: OrderedDict[Any, _Captured] = OrderedDict()
-        self.cache = cache
-        self.cache_parts = cache_parts or {}
-        self.precompile = precompile
-        self._functions: dict[str, Callable[..., Any]] = {}  # precompiled, by signature
+        self._serial = serial(device)
 
     # -- public -------------------------------------------------------------------------------
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        with self._serial.call(self.device):
+            return self._call(args, kwargs)
+
+    def _call(self, args: tuple, kwargs: dict) -> Any:
         args = tuple(self._tensorize(v) if i in self.tensor_args else v for i, v in enumerate(args))
         kwargs = {k: self._tensorize(v) if k in self.tensor_args else v for k, v in kwargs.items()}
         leaves, spec = pytree.tree_flatten((args, kwargs))
@@ -213,7 +234,8 @@ class CudaGraphRunner:
 
     def reset(self) -> None:
         """Drop every captured graph (their pool memory is reused by the next capture)."""
-        self._graphs.clear()
+        with self._serial.lock:
+            self._graphs.clear()
 
     # -- internals ----------------------------------------------------------------------------
     def _current_weights_key(self) -> tuple:
@@ -233,75 +255,21 @@ class CudaGraphRunner:
             return value.to(self.device)
         return value
 
-    def _function_for(self, parts: dict, args: tuple, kwargs: dict, signature: str,
-                      inductor_folder: Path | None) -> _Source:
-        """The function to warm up and capture for one signature, and what its cache entry holds.
-
-        With a `precompile`, a signature's function comes from the cache's precompiled function when
-        there is one, else it is compiled ahead of the warm-up and stored at once; should that fail, the
-        runner says so and goes on with `fn`, whose compiled artifacts the cache keeps instead. The entry's
-        autotuning choices go into `inductor_folder` (this process's Inductor cache) first.
-        """
-        signature_key = parts["signature"]
-        if signature_key in self._functions:
-            return _Source(self._functions[signature_key], missing=False)
-        files = self.cache.load_entry(parts)
-        # Before any kernel of the function is loaded: Inductor reads a kernel's choice when it loads it.
-        autotune_choices.restore(files or {}, inductor_folder)
-        if self.precompile is None:
-            return _Source(self.fn, missing=files is None, files=files or {})
-        start = time.perf_counter()
-        try:
-            if files and FUNCTION in files:
-                function = self.precompile.load(files[FUNCTION])
-                logger.info("%s: loaded the precompiled function for [%s] in %.1f s", self.name, signature,
-                            time.perf_counter() - start)
-            else:
-                function, data = self.precompile.compile(args, kwargs)
-                compiled = time.perf_counter()
-                # An entry without a function (an earlier process could not precompile) gets one now.
-                had_entry, files = files is not None, {**(files or {}), FUNCTION: data}
-                self.cache.store(parts, extra=files, replace=had_entry)
-                logger.info("%s: precompiled [%s] in %.1f s, stored it in %.1f s", self.name, signature,
-                            compiled - start, time.perf_counter() - compiled)
-        except Exception as exc:  # noqa: BLE001 - a traced-and-saved function is an optimisation only
-            logger.warning("%s: no precompiled function for [%s], compiling in this process instead: %s",
-                           self.name, signature, exc)
-            self.precompile = None
-            return _Source(self.fn, missing=files is None, files=files or {})
-        self._functions[signature_key] = function
-        return _Source(function, missing=False, files=files)
-
     def _capture(self, key: Any, leaves: list[Any], spec: Any) -> _Captured:
-        signature = ", ".join(
+        description = ", ".join(
             f"{tuple(x.shape)}:{str(x.dtype).removeprefix('torch.')}" for x in leaves if isinstance(x, torch.Tensor)
         )
         static_inputs = [torch.empty_like(x).copy_(x) if isinstance(x, torch.Tensor) else None for x in leaves]
         static_leaves = [s if s is not None else x for s, x in zip(static_inputs, leaves)]
         args, kwargs = pytree.tree_unflatten(static_leaves, spec)
-        cache_parts = {**self.cache_parts, "signature": f"{spec} {[_leaf_key(x) for x in leaves]}"}
-        if self.cache is None:
-            captured = self._warm_up_and_capture(self.fn, args, kwargs, static_inputs, signature)
+        if self.store is None:
+            captured = self._warm_up_and_capture(self.fn, args, kwargs, static_inputs, description)
         else:
-            inductor_folder = autotune_choices.directory()
-            choices_before = autotune_choices.snapshot(inductor_folder)
-            source = self._function_for(cache_parts, args, kwargs, signature, inductor_folder)
-            # Triton compiles diffjet's kernels at their first call, in this process: into a folder that
-            # the entry keeps, so that the next process finds them (`triton_cache.py`). Inductor times
-            # its kernels' launch configurations at theirs (`autotune_choices.py`).
-            with tempfile.TemporaryDirectory(prefix="diffjet-triton-") as folder:
-                restored = triton_cache.restore(source.files, Path(folder))
-                with triton_cache.scope(Path(folder)):
-                    captured = self._warm_up_and_capture(source.fn, args, kwargs, static_inputs, signature)
-                compiled = triton_cache.collect(Path(folder), restored)
-            choices = {name: data for name, data in autotune_choices.collect(inductor_folder, choices_before).items()
-                       if name not in source.files}
-            if captured.graph is not None and (source.missing or compiled or choices):
-                extra = {**source.files, **compiled, **choices}
-                self.cache.store(cache_parts, extra=extra or None, replace=not source.missing)
-                if compiled or choices:
-                    logger.info("%s: kept %d Triton file(s) and %d autotuning choice(s) from the warm-up for [%s]",
-                                self.name, len(compiled), len(choices.keys() - {autotune_choices.ROOT}), signature)
+            signature = f"{spec} {[_leaf_key(x) for x in leaves]}"
+            with self.store.signature(signature, description, self.fn, args, kwargs) as compiling:
+                captured = self._warm_up_and_capture(compiling.function, args, kwargs, static_inputs, description)
+                if captured.graph is not None:
+                    compiling.keep()  # never raises: a cache that cannot be written costs only the next start
         self._graphs[key] = captured
         victims = lru_victims([(k, c.bytes) for k, c in self._graphs.items()], self.max_graphs, self.max_memory)
         for victim in victims:
@@ -322,7 +290,7 @@ class CudaGraphRunner:
                 # Warm-up outside the graph: compiles (Inductor, Triton), picks cuDNN/cuBLAS algorithms
                 # and creates library handles, none of which may happen during capture.
                 warmup_start = time.perf_counter()
-                for _ in range(self.warmup_calls):
+                for _ in range(self.WARMUP_CALLS):
                     fn(*args, **kwargs)
                 stream.synchronize()
                 warmup_s = time.perf_counter() - warmup_start

@@ -6,7 +6,7 @@ guards as one serialisable function instead, which took the SD1.5 warm start's f
 5.4 s on the H100 (bench/results/warm-start-profile-sd15-h100-2026-11-26.json).
 
 What is compiled is `forward(module, *args, **kwargs)`, the module's class forward with the module as an
-argument: parameters stay graph inputs read at each call, so in-place weight updates (LoRA merges) reach
+argument (or any other function that takes the module first): parameters stay graph inputs read at each call, so in-place weight updates (LoRA merges) reach
 the loaded function, and nothing of the weights is saved with it. Only guards that survive a new process
 are kept (`keep_portable_guards_unsafe`); the CUDA-graph runner calls each function only with the input
 signature it was compiled for, which is what the dropped guards would have checked.
@@ -63,19 +63,22 @@ def _without_instance_forward(module: nn.Module):
 
 
 class Precompiler:
-    """Compiles (with Inductor's `options`), saves and loads `module`'s forward for one input signature
-    at a time."""
+    """Compiles (with Inductor's `options`), saves and loads `function(module, *args, **kwargs)` for one
+    input signature at a time; `function` is the module's class forward unless given (any function that
+    takes the module first, such as one running part of it)."""
 
-    def __init__(self, module: nn.Module, options: dict | None = None) -> None:
+    def __init__(self, module: nn.Module, options: dict | None = None,
+                 function: Callable[..., Any] = forward) -> None:
         self.module = module
         self.options = dict(options or {})
+        self.function = function
 
     def compile(self, args: tuple, kwargs: dict) -> tuple[Callable[..., Any], bytes]:
         """Compile for the signature of `args`/`kwargs`: the callable (taking the forward's arguments)
         and its serialised form."""
         options = {**self.options, "guard_filter_fn": torch.compiler.keep_portable_guards_unsafe}
         with _aot_enabled(), torch.no_grad(), _without_instance_forward(self.module):
-            compiled = torch.compile(forward, fullgraph=True, dynamic=False, options=options)
+            compiled = torch.compile(self.function, fullgraph=True, dynamic=False, options=options)
             function = compiled.aot_compile(((self.module, *args), kwargs))
         data = type(function).serialize(function).serialized_data
         return self._bind(function), data

@@ -19,7 +19,7 @@ import json
 from pathlib import Path, PurePosixPath
 from typing import Iterator
 
-from .compile_cache import plain_name
+from .files import plain_name
 
 try:
     import triton

@@ -1,0 +1,215 @@
+"""Step caching (DeepCache) for SD UNets, with every part compiled and captured.
+
+DeepCache (Ma et al., 2023) reuses a UNet's deep features between denoising steps: a full step runs the
+whole UNet and keeps the up path's input at a skip branch; the steps between run only the outer layers
+and take that input from the full step. Its reference implementation swaps block forwards in Python at
+every step, which torch.compile cannot capture (DeepCache issue #26). Here the UNet's forward is cut once
+into parts (`unet_parts.py`), each part is an ordinary function of tensors that Inductor compiles and
+the CUDA-graph runtime captures per input shape, and the choice between them is made outside the
+compiled code, so skipping never recompiles, re-captures or falls back to eager.
+
+Uniform schedule (DeepCache's): two parts, one launch per step.
+- `full(*unet_args) -> (noise, feature)`;  `shallow(*unet_args, feature) -> noise`.
+Adaptive schedule (first-block cache style): three parts, two launches and one host read per step.
+- `head(*unet_args) -> state` (the first down layer included, the probe); `deep(state) -> feature`;
+  `tail(state, feature) -> noise`. The probe's relative L1 change since the last full step decides.
+
+Steps are counted per pipeline call (the pipeline's call wrapper calls `begin`), one per UNet call, so
+a second-order scheduler counts each of its UNet calls.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import weakref
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from ..config import StepCache
+from . import unet_parts
+from .unet_parts import Plan, State
+
+logger = logging.getLogger(__name__)
+
+# UNet arguments the parts take, in forward's order: positional calls bind to them.
+_ARGS = ("sample", "timestep", "encoder_hidden_states", "class_labels", "timestep_cond", "attention_mask",
+         "cross_attention_kwargs", "added_cond_kwargs", "down_block_additional_residuals",
+         "mid_block_additional_residual", "down_intrablock_additional_residuals", "encoder_attention_mask")
+
+
+# -- the parts, as plain functions of the UNet and tensors ---------------------------------------
+
+
+def full(unet: nn.Module, plan: Plan, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """The whole UNet: (noise prediction, the feature the shallow steps reuse)."""
+    state = unet_parts.prologue(unet, *args, **kwargs)
+    unet_parts.run(unet, plan.layers[: plan.tail], state)
+    feature = state.h
+    unet_parts.run(unet, plan.layers[plan.tail :], state)
+    return unet_parts.epilogue(unet, state.h), feature
+
+
+def shallow(unet: nn.Module, plan: Plan, *args: Any, feature: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+    """The layers above the branch, with the deep layers' output taken from `feature`."""
+    state = unet_parts.prologue(unet, *args, **kwargs)
+    unet_parts.run(unet, plan.layers[: plan.head], state)
+    return _tail(unet, plan, state, feature)
+
+
+def head(unet: nn.Module, plan: Plan, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    """The layers every adaptive step runs, the probe (first down layer's output) among them."""
+    state = unet_parts.prologue(unet, *args, **kwargs)
+    unet_parts.run(unet, plan.layers[: plan.head], state)
+    return {"h": state.h, "stack": state.stack, "context": state.context, "pushed": state.pushed,
+            "probe": state.stack[1][1]}
+
+
+def deep(unet: nn.Module, plan: Plan, h: torch.Tensor, stack: list, context: dict, pushed: int) -> torch.Tensor:
+    """From the head's output to the feature (full steps only)."""
+    state = State(h=h, stack=list(stack), context=context, pushed=pushed)
+    unet_parts.run(unet, plan.layers[plan.head : plan.tail], state)
+    return state.h
+
+
+def tail(unet: nn.Module, plan: Plan, feature: torch.Tensor, stack: list, context: dict) -> torch.Tensor:
+    """From the feature to the noise prediction, popping the head's fresh skip connections."""
+    return _tail(unet, plan, State(h=feature, stack=list(stack), context=context), feature)
+
+
+def _tail(unet: nn.Module, plan: Plan, state: State, feature: torch.Tensor) -> torch.Tensor:
+    del state.stack[plan.fresh :]  # skip connections of the deep layers: the feature stands for them
+    state.h = feature
+    unet_parts.run(unet, plan.layers[plan.tail :], state)
+    return unet_parts.epilogue(unet, state.h)
+
+
+def _bind(function: Callable, unet: nn.Module, plan: Plan) -> Callable:
+    """`function` with the UNet and the plan filled in."""
+    return functools.partial(function, unet, plan)
+
+
+def relative_l1(x: torch.Tensor, reference: torch.Tensor) -> float:
+    """mean |x − reference| / mean |reference| (one host read)."""
+    x, reference = x.float(), reference.float()
+    return float((x - reference).abs().mean() / reference.abs().mean().clamp_min(1e-12))
+
+
+# -- the UNet's forward with a step cache ----------------------------------------------------------
+
+
+class StepCachedUNet:
+    """Replaces a UNet's `forward`: picks, per call, the full path or the cached one.
+
+    `compile` turns each part function (`full`, `shallow`, ...: each its own code object, so Dynamo
+    keeps one compiled graph per part) into its compiled form; `graph(name, part)` wraps a part, bound to
+    the UNet, into what runs it (the CUDA-graph runner on a GPU). Outside a pipeline call (`begin` …
+    `end`), and for sizes that need explicit upsample sizes, every call runs the full path; inputs the
+    parts do not cover (T2I-Adapter residuals, GLIGEN) run diffusers' own forward. So a direct
+    `pipe.unet(...)` is never lossy.
+    """
+
+    def __init__(self, unet: nn.Module, settings: StepCache, *, compile: Callable[[Callable], Callable] | None = None,
+                 graph: Callable[[str, Callable], Callable] | None = None) -> None:
+        self.settings = settings
+        self.plan = unet_parts.plan(unet, settings.branch, probe=settings.adaptive)
+        self._unet = weakref.ref(unet)
+        self._plain = functools.partial(type(unet).forward, unet)
+        functions = {"full": full, "shallow": shallow, "head": head, "deep": deep, "tail": tail}
+        names = ("full", "head", "deep", "tail") if settings.adaptive else ("full", "shallow")
+        self.parts = {}
+        for name in names:
+            function = compile(functions[name]) if compile is not None else functions[name]
+            part = _bind(function, unet, self.plan)
+            self.parts[name] = graph(name, part) if graph is not None else part
+        self.steps: list[str] = []  # "full" or "cached", one per UNet call of the current pipeline call
+        # When set, called as audit(step, noise, full_noise) at every reused step, with the full UNet's
+        # output on the same inputs (computed only then): how `diffjet verify` measures each reuse.
+        self.audit: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None
+        self._active = False
+        self._pipeline: weakref.ref | None = None
+        self._feature: torch.Tensor | None = None
+        self._probe: torch.Tensor | None = None
+        self._since_full = 0
+        self._warned = False
+
+    # -- pipeline-call hooks ------------------------------------------------------------------
+    def begin(self, pipeline: Any = None) -> None:
+        self._active = True
+        self._pipeline = weakref.ref(pipeline) if pipeline is not None else None
+        self._feature = self._probe = None
+        self._since_full = 0
+        self.steps = []
+
+    def end(self) -> None:
+        self._active = False
+        self._feature = self._probe = None  # the feature belongs to one trajectory
+
+    # -- the forward --------------------------------------------------------------------------
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return_dict = kwargs.pop("return_dict", True)
+        kwargs.update(zip(_ARGS, args))
+        sample = kwargs["sample"]
+        if not self._covers(kwargs):
+            return self._plain(**kwargs, return_dict=return_dict)
+        kwargs.pop("down_intrablock_additional_residuals", None)
+        if not self._active or not unet_parts.fits(self._unet(), sample):
+            noise = self.parts["full"](**kwargs)[0]
+        elif self.settings.adaptive:
+            noise = self._adaptive(kwargs)
+        else:
+            noise = self._uniform(kwargs)
+        if not return_dict:
+            return (noise,)
+        from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+
+        return UNet2DConditionOutput(sample=noise)
+
+    def _uniform(self, kwargs: dict) -> torch.Tensor:
+        step = len(self.steps)
+        if step % self.settings.interval == 0 or self._feature is None:
+            noise, self._feature = self.parts["full"](**kwargs)
+            self.steps.append("full")
+            return noise
+        noise = self.parts["shallow"](**kwargs, feature=self._feature)
+        self._record(kwargs, noise)
+        return noise
+
+    def _adaptive(self, kwargs: dict) -> torch.Tensor:
+        s, step = self.settings, len(self.steps)
+        state = self.parts["head"](**kwargs)
+        total = getattr(self._pipeline() if self._pipeline else None, "_num_timesteps", None)
+        must = (self._feature is None or step < s.first_full or self._since_full + 1 >= s.interval
+                or (isinstance(total, int) and step >= total - s.last_full))
+        if must or relative_l1(state["probe"], self._probe) >= s.threshold:
+            self._feature = self.parts["deep"](state["h"], state["stack"], state["context"], state["pushed"])
+            self._probe, self._since_full = state["probe"], 0
+            self.steps.append("full")
+            return self.parts["tail"](self._feature, state["stack"][: self.plan.fresh], state["context"])
+        noise = self.parts["tail"](self._feature, state["stack"][: self.plan.fresh], state["context"])
+        self._since_full += 1
+        self._record(kwargs, noise)
+        return noise
+
+    def _record(self, kwargs: dict, noise: torch.Tensor) -> None:
+        """A reused step; with `audit` on, also its error against the full UNet on the same inputs."""
+        self.steps.append("cached")
+        if self.audit is not None:
+            self.audit(len(self.steps) - 1, noise, self.parts["full"](**kwargs)[0])
+
+    def _covers(self, kwargs: dict) -> bool:
+        cross = kwargs.get("cross_attention_kwargs") or {}
+        adapter = kwargs.get("down_intrablock_additional_residuals") is not None or (
+            kwargs.get("down_block_additional_residuals") is not None
+            and kwargs.get("mid_block_additional_residual") is None)  # diffusers reads that as T2I-Adapter
+        covered = not adapter and "gligen" not in cross
+        if not covered and not self._warned:
+            logger.warning("step cache: T2I-Adapter or GLIGEN inputs run diffusers' own UNet forward, uncached")
+            self._warned = True
+        return covered
+
+    @property
+    def reused(self) -> int:
+        return self.steps.count("cached")

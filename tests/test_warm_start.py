@@ -1,0 +1,203 @@
+"""The warm-start store (`runtime/warm_start.py`) on CPU: what a runner gets for each signature, and what
+is kept of its compile."""
+
+import contextlib
+import logging
+import os
+
+import pytest
+import torch
+
+from diffjet.runtime.compile_cache import FUNCTION, CompileCache, entry_key
+from diffjet.runtime.warm_start import WarmStartStore
+
+PARTS = {"component": "unet", "module": "tiny"}
+
+
+class Recorder:
+    """PyTorch's artifact recorder as it behaves: saving returns everything recorded since the process
+    started, or since the innermost fresh block began."""
+
+    def __init__(self):
+        self.scopes = [[]]
+
+    def record(self, data: bytes) -> None:
+        self.scopes[-1].append(data)
+
+    def save(self):
+        return (b"".join(self.scopes[-1]), None) if self.scopes[-1] else None
+
+    @contextlib.contextmanager
+    def fresh(self):
+        self.scopes.append([])
+        try:
+            yield
+        finally:
+            self.scopes.pop()
+
+
+class FakePrecompiler:
+    """Compiles `args[0]` (a label standing for a signature's inputs) unless told to fail on it."""
+
+    def __init__(self, fail_on=(), recorder=None):
+        self.fail_on, self.recorder = set(fail_on), recorder
+        self.compiled, self.loaded = [], []
+
+    def compile(self, args, kwargs):
+        if args[0] in self.fail_on:
+            raise RuntimeError(f"cannot trace {args[0]} whole")
+        self.compiled.append(args[0])
+        if self.recorder is not None:
+            self.recorder.record(b"k" * 1000)
+        return (lambda *a, **k: f"precompiled {args[0]}"), f"function {args[0]}".encode()
+
+    def load(self, data):
+        if data == b"unloadable":
+            raise EOFError("Ran out of input")
+        self.loaded.append(data)
+        return lambda *a, **k: f"loaded {data.decode()}"
+
+
+def jit(*args, **kwargs):
+    return "jit"
+
+
+def _cache(tmp_path, recorder=None, **options):
+    recorder = recorder or Recorder()
+    return CompileCache(tmp_path, save_artifacts=recorder.save, load_artifacts=lambda b: None,
+                        fresh_artifacts=recorder.fresh, **options)
+
+
+def _run(store, signature, *, keep=True, fn=jit):
+    """What a runner does with a new signature: warm up and capture the function it is given, then keep."""
+    with store.signature(signature, f"[{signature}]", fn, (signature,), {}) as compiling:
+        result = compiling.function(signature)
+        if keep:
+            compiling.keep()
+    return result
+
+
+def _entry(cache, signature):
+    return cache.load_entry({**PARTS, "signature": signature})
+
+
+def test_each_entry_holds_only_what_its_own_signature_compiled(tmp_path):
+    recorder = Recorder()
+    cache = _cache(tmp_path, recorder)
+    recorder.record(b"t" * 5000)  # compiled before, in this process: a text encoder, say
+    store = WarmStartStore(cache, PARTS, name="unet", precompile=FakePrecompiler(recorder=recorder))
+    for signature in ("s1", "s2", "s3", "s4"):
+        _run(store, signature)
+    sizes = [len(_entry(_cache(tmp_path), s).artifacts) for s in ("s1", "s2", "s3", "s4")]
+    assert sizes == [1000] * 4, "linear in the number of shapes, not quadratic"
+
+
+def test_entries_of_a_real_inductor_compile_are_linear_in_the_number_of_shapes(tmp_path):
+    cache = CompileCache(tmp_path, load_artifacts=lambda b: None)  # torch's own recorder
+    store = WarmStartStore(cache, PARTS, name="toy")
+    fn = torch.compile(lambda x: (x * 2).sin().sum(1) + x.mean(), dynamic=False)
+    for rows in (8, 16, 24, 32):
+        x = torch.randn(rows, 5)
+        with store.signature(f"{rows}", f"({rows}, 5)", fn, (x,), {}) as compiling:
+            torch.testing.assert_close(compiling.function(x), (x * 2).sin().sum(1) + x.mean())
+            compiling.keep()
+    sizes = [len(_entry(cache, f"{rows}").artifacts) for rows in (8, 16, 24, 32)]
+    # Unscoped, they were 157, 314, 471 and 628 KB: each entry repeated every one before it.
+    assert min(sizes) > 0 and max(sizes) < 1.5 * min(sizes), sizes
+
+
+def test_a_signature_is_precompiled_once_stored_and_loaded_by_the_next_process(tmp_path):
+    fake = FakePrecompiler()
+    store = WarmStartStore(_cache(tmp_path), PARTS, name="unet", precompile=fake)
+    assert _run(store, "s1") == "precompiled s1" and fake.compiled == ["s1"]
+    assert _entry(_cache(tmp_path), "s1").files == {FUNCTION: b"function s1"}
+    assert _run(store, "s1") == "precompiled s1" and fake.compiled == ["s1"], "a re-capture reuses it"
+
+    later = FakePrecompiler()  # another process, same cache
+    cache = _cache(tmp_path)
+    assert _run(WarmStartStore(cache, PARTS, name="unet", precompile=later), "s1") == "loaded function s1"
+    assert later.compiled == [] and cache.stats.hits == 1 and cache.stats.stored == 0
+
+
+def test_a_precompile_failure_affects_only_that_signature(tmp_path, caplog):
+    recorder = Recorder()
+    fake = FakePrecompiler(fail_on={"s1"}, recorder=recorder)
+    store = WarmStartStore(_cache(tmp_path, recorder), PARTS, name="unet", precompile=fake)
+
+    def compiled_in_process(*args):
+        recorder.record(b"j" * 500)
+        return "jit"
+
+    with caplog.at_level(logging.WARNING, logger="diffjet"):
+        assert _run(store, "s1", fn=compiled_in_process) == "jit"
+    assert "cannot trace s1 whole" in caplog.text
+    assert _run(store, "s2") == "precompiled s2", "the next signature is precompiled all the same"
+    s1 = _entry(_cache(tmp_path), "s1")
+    assert s1.files == {} and s1.artifacts == b"j" * 500, "its in-process compile is kept instead"
+    assert _entry(_cache(tmp_path), "s2").files == {FUNCTION: b"function s2"}
+
+
+def test_an_entry_stored_without_a_function_gets_one_when_precompiling_works_again(tmp_path):
+    _cache(tmp_path).store({**PARTS, "signature": "s1"}, artifacts=b"kernels")  # precompiling had failed
+    fake = FakePrecompiler()
+    assert _run(WarmStartStore(_cache(tmp_path), PARTS, name="unet", precompile=fake), "s1") == "precompiled s1"
+    assert _entry(_cache(tmp_path), "s1").files == {FUNCTION: b"function s1"}
+    assert not [p for p in tmp_path.rglob("*") if p.name.startswith(".")]
+
+
+def test_an_entry_whose_function_does_not_load_is_deleted_and_rebuilt(tmp_path, caplog):
+    _cache(tmp_path).store({**PARTS, "signature": "s1"}, {FUNCTION: b"unloadable"}, artifacts=b"kernels")
+    cache, fake = _cache(tmp_path), FakePrecompiler()
+    with caplog.at_level(logging.WARNING, logger="diffjet"):
+        assert _run(WarmStartStore(cache, PARTS, name="unet", precompile=fake), "s1") == "precompiled s1"
+    assert "does not load" in caplog.text and cache.stats.rejected == 1
+    assert _entry(_cache(tmp_path), "s1").files == {FUNCTION: b"function s1"}, "rebuilt with a fresh function"
+
+    later = FakePrecompiler()
+    assert _run(WarmStartStore(_cache(tmp_path), PARTS, name="unet", precompile=later), "s1") == "loaded function s1"
+
+
+def test_keeping_never_fails_the_call(tmp_path, caplog):
+    unwritable = _cache(tmp_path / "full")
+    (tmp_path / "full" / entry_key({**PARTS, "signature": "s1"})[:2]).write_bytes(b"")  # its folder cannot be made
+    broken = CompileCache(tmp_path / "broken", save_artifacts=lambda: (object(), None), load_artifacts=lambda b: None)
+    with caplog.at_level(logging.WARNING, logger="diffjet"):
+        for cache in (unwritable, broken):
+            store = WarmStartStore(cache, PARTS, name="unet", precompile=FakePrecompiler())
+            assert _run(store, "s1") == "precompiled s1"
+    assert "writing failed" in caplog.text and "could not keep" in caplog.text
+    assert not unwritable.writable
+
+
+def test_a_read_only_cache_serves_its_entries_and_keeps_nothing_with_one_warning(tmp_path, caplog):
+    _run(WarmStartStore(_cache(tmp_path), PARTS, name="unet", precompile=FakePrecompiler()), "s1")
+    before = sorted(p for p in tmp_path.rglob("*"))
+    store = WarmStartStore(_cache(tmp_path, read_only=True), PARTS, name="unet", precompile=FakePrecompiler())
+    with caplog.at_level(logging.WARNING, logger="diffjet"):
+        results = [_run(store, s) for s in ("s1", "s2", "s3")]
+    assert results == ["loaded function s1", "precompiled s2", "precompiled s3"], "new shapes still compile and run"
+    assert sorted(p for p in tmp_path.rglob("*")) == before
+    assert len(caplog.records) == 1 and "read-only" in caplog.text
+
+
+def test_an_unsigned_entry_in_a_signed_cache_is_never_unpickled(tmp_path):
+    _run(WarmStartStore(_cache(tmp_path), PARTS, name="unet", precompile=FakePrecompiler()), "s1")
+    fake = FakePrecompiler()
+    store = WarmStartStore(_cache(tmp_path, key=os.urandom(32)), PARTS, name="unet", precompile=fake)
+    assert _run(store, "s1") == "precompiled s1" and fake.loaded == []
+
+
+@pytest.mark.parametrize("where", ["snapshot", "load"])
+def test_a_cache_that_breaks_while_reading_falls_back_to_the_runner_function(tmp_path, monkeypatch, where, caplog):
+    from diffjet.runtime import autotune_choices
+
+    def fails(*args, **kwargs):
+        raise PermissionError("denied")
+
+    cache = _cache(tmp_path)
+    monkeypatch.setattr(autotune_choices, "snapshot", fails) if where == "snapshot" else \
+        monkeypatch.setattr(cache, "load_entry", fails)
+    store = WarmStartStore(cache, PARTS, name="unet", precompile=FakePrecompiler())
+    with caplog.at_level(logging.WARNING, logger="diffjet"):
+        assert _run(store, "s1") == "jit"
+    assert "not used" in caplog.text
