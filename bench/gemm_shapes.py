@@ -51,6 +51,45 @@ def record_gemms(unet, args, kwargs) -> collections.Counter:
     return seen
 
 
+def step_gemms(model: str, batch: int, device: str) -> list[tuple[tuple[int, int, int, bool], int]]:
+    """((M, K, N, bias), calls) of one step of the preset's UNet with diffjet's passes at the preset's size,
+    the most FLOPs per step first."""
+    import torch
+
+    from diffjet.models import PRESETS
+
+    from unet_step import prepared_unet, unet_inputs  # bench/, the script's own folder
+
+    unet = prepared_unet(model, device=device)
+    sample, states, kwargs = unet_inputs(unet, PRESETS[model].height, batch, device=device)
+    if unet.dtype != torch.float16:
+        sample, states = sample.to(unet.dtype), states.to(unet.dtype)
+    t = torch.tensor(999.0, device=device)
+    shapes = record_gemms(unet, (sample, t, states), dict(return_dict=False, **kwargs))
+    return sorted(shapes.items(), key=lambda kv: -kv[1] * kv[0][0] * kv[0][1] * kv[0][2])
+
+
+def shape_rows(model: str, batch: int, device: str, time_shape=None, top: int | None = None,
+               annotate=lambda m, k, n, bias: {}) -> list[dict]:
+    """A row per GEMM shape of one step (`step_gemms`): M, K, N, bias, calls, `annotate`'s facts, and
+    `time_shape(m, k, n, bias)`'s results for the `top` shapes with the most FLOPs (all when None; none
+    without `time_shape`). A shape whose timing fails records `error` and the others still run."""
+    import torch
+
+    rows = []
+    for rank, ((m, k, n, bias), calls) in enumerate(step_gemms(model, batch, device)):
+        row = {"m": m, "k": k, "n": n, "bias": bias, "calls": calls, **annotate(m, k, n, bias)}
+        if time_shape is not None and (top is None or rank < top):
+            try:
+                row.update(time_shape(m, k, n, bias))
+            except Exception as exc:  # noqa: BLE001 - one shape's failure is reported, the rest still run
+                row["error"] = f"{type(exc).__name__}: {exc}"[:300]
+            torch._dynamo.reset()
+        rows.append(row)
+        print(json.dumps(row), file=sys.stderr, flush=True)
+    return rows
+
+
 def time_calls(fn, reps: int = 20) -> float:
     """Microseconds per call of `fn`: `reps` calls captured in one CUDA graph, median replay over `reps`."""
     from group_norm_op import time_graph
@@ -103,32 +142,7 @@ def main() -> None:
     parser.add_argument("--json")
     args = parser.parse_args()
 
-    import torch
-
-    from diffjet.models import PRESETS
-
-    from unet_step import prepared_unet, unet_inputs  # bench/, the script's own folder
-
-    unet = prepared_unet(args.model, device=args.device)
-    sample, states, kwargs = unet_inputs(unet, PRESETS[args.model].height, args.batch, device=args.device)
-    if unet.dtype != torch.float16:
-        sample, states = sample.to(unet.dtype), states.to(unet.dtype)
-    t = torch.tensor(999.0, device=args.device)
-    shapes = record_gemms(unet, (sample, t, states), dict(return_dict=False, **kwargs))
-    del unet
-    rows = []
-    ranked = sorted(shapes.items(), key=lambda kv: -kv[1] * kv[0][0] * kv[0][1] * kv[0][2])
-    for rank, ((m, k, n, bias), calls) in enumerate(ranked):
-        row = {"m": m, "k": k, "n": n, "bias": bias, "calls": calls}
-        if not args.shapes_only and rank < args.top:
-            try:
-                row.update(time_shape(m, k, n, bias))
-            except Exception as exc:  # noqa: BLE001 - one shape's failure is reported, the rest still run
-                row["error"] = f"{type(exc).__name__}: {exc}"[:300]
-            torch._dynamo.reset()
-        rows.append(row)
-        print(json.dumps(row), file=sys.stderr, flush=True)
-
+    rows = shape_rows(args.model, args.batch, args.device, None if args.shapes_only else time_shape, args.top)
     timed = [r for r in rows if "triton_us" in r]
     total = {
         "shapes_timed": len(timed),

@@ -2,12 +2,15 @@
 
     python bench/unet_step.py --model sd15 --variants eager-graph,inductor,inductor-cdt --json out.json
     python bench/unet_step.py --model sd15 --variants inductor --profile --json profile.json
+    python bench/unet_step.py --model sdxl --variants inductor-gn-silu-geglu,fp8-all,fp8-rule --error
+
 
 Loads the preset's UNet (built once with random weights), applies diffjet's passes
 (fp16, channels-last, fused-QKV SDPA), then compiles with the variant's Inductor options, captures the
 step with diffjet's CudaGraphRunner and times replays with CUDA events (median of 100 after warm-up).
 With --profile, also the kernel time of the replayed step by category (torch profiler, CUPTI sees the
 kernels inside graph replays), the top kernels, and FLOPs by category with what each category achieves.
+With --error, also the step's relative error against the float32 UNet, and that of the eager fp16 UNet.
 """
 
 from __future__ import annotations
@@ -47,6 +50,9 @@ VARIANTS = {
     # GEMMs (and 1x1 convolutions lowered to GEMMs) autotuned against Triton templates; 3x3 convs stay cuDNN.
     "inductor-autotune-mm": {"conv_1x1_as_mm": True, "max_autotune_gemm": True,
                              "max_autotune_gemm_backends": "TRITON,ATEN", "max_autotune_conv_backends": "ATEN"},
+    # diffjet's default with fp8 GEMMs (passes/fp8.py, lossy): where `fp8.pays`, or in every linear/1x1 layer.
+    "fp8-rule": {"conv_1x1_as_mm": True, "__kernels": ("group_norm_silu", "geglu"), "__fp8": "rule"},
+    "fp8-all": {"conv_1x1_as_mm": True, "__kernels": ("group_norm_silu", "geglu"), "__fp8": "all"},
 }
 
 
@@ -131,24 +137,30 @@ def kernel_profile(step, reps: int = 5) -> dict:
     }
 
 
-def prepared_unet(model: str, device: str = "cuda", kernels: tuple[str, ...] = ()):
+def prepared_unet(model: str, device: str = "cuda", kernels: tuple[str, ...] = (), fp8: str | None = None):
     """The preset's UNet with diffjet's passes: fp16 (on CUDA; float32 elsewhere), channels-last, fused-QKV
-    SDPA, and `kernels` (diffjet's Triton kernels, `Config.kernels`)."""
+    SDPA, `kernels` (diffjet's Triton kernels, `Config.kernels`), and with `fp8` "rule" or "all", fp8 GEMMs
+    (`Config.fp8`) where `fp8.pays` or in every layer the pass converts."""
     import torch
     from diffusers import UNet2DConditionModel
 
     from diffjet.config import Config
     from diffjet.models import resolve
     from diffjet.passes import attention, memory_format, precision
+    from diffjet.passes import fp8 as fp8_pass
     from diffjet.passes import kernels as kernel_pass
 
     dtype = torch.float16 if device == "cuda" else torch.float32
     unet = UNet2DConditionModel.from_pretrained(resolve(model), subfolder="unet", torch_dtype=dtype).to(device).eval()
-    config = Config(kernels=kernels)
+    config = Config(kernels=kernels, fp8=fp8 is not None)
     if device == "cuda":
         precision.apply(unet, config)
     memory_format.apply(unet, config)
     attention.apply(unet, config)
+    if fp8 is not None:
+        fp8_pass.apply(unet, config)
+        for layer in unet._diffjet_fp8_layers if fp8 == "all" else ():
+            layer.sms = None  # no GPU to weigh: always fp8
     if kernels:
         kernel_pass.apply(unet, config)
     return unet
@@ -172,7 +184,33 @@ def unet_inputs(unet, height: int, batch: int, device: str = "cuda"):
     return sample, states, kwargs
 
 
-def run_one(model: str, variant: str, batch: int, size: int | None, profile: bool = False) -> dict:
+def step_errors(model: str, runner, inputs: tuple, kwargs: dict) -> dict:
+    """The relative error of `runner`'s step, and of the eager fp16 UNet's, against the float32 UNet (TF32 off)."""
+    import torch
+    from diffusers import UNet2DConditionModel
+    from torch.utils._pytree import tree_map
+
+    from diffjet.models import resolve
+    from diffjet.quality import relative_error
+
+    with torch.no_grad():
+        got = runner(*inputs, return_dict=False, **kwargs)[0].clone()
+        fp16 = prepared_unet(model)(*inputs, return_dict=False, **kwargs)[0]
+        torch.cuda.empty_cache()
+        reference = UNet2DConditionModel.from_pretrained(resolve(model), subfolder="unet").to("cuda").eval()
+        inputs32, kwargs32 = tree_map(lambda v: v.float() if torch.is_tensor(v) and v.is_floating_point() else v,
+                                      (inputs, kwargs))
+        flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        try:
+            want = reference(*inputs32, return_dict=False, **kwargs32)[0]
+        finally:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+    return {"error_vs_fp32": relative_error(got, want), "eager_fp16_error_vs_fp32": relative_error(fp16, want)}
+
+
+def run_one(model: str, variant: str, batch: int, size: int | None, profile: bool = False,
+            error: bool = False) -> dict:
     import torch
 
     from diffjet.models import PRESETS
@@ -183,7 +221,8 @@ def run_one(model: str, variant: str, batch: int, size: int | None, profile: boo
     options = dict(VARIANTS[variant]) if VARIANTS[variant] is not None else None
     cudnn_benchmark = bool(options and options.pop("__cudnn_benchmark", False))
     kernels = options.pop("__kernels", ()) if options else ()
-    unet = prepared_unet(model, kernels=kernels)
+    fp8 = options.pop("__fp8", None) if options else None
+    unet = prepared_unet(model, kernels=kernels, fp8=fp8)
     if kernels:
         print("kernels placed:", kernel_pass.placements(unet), file=sys.stderr)
     if options and options.pop("__eager", False):
@@ -224,6 +263,8 @@ def run_one(model: str, variant: str, batch: int, size: int | None, profile: boo
         "ms_pipelined": a.elapsed_time(b) / 50, "first_call_s": first,
         "captures": runner.stats.captures, "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
     }
+    if error:
+        result.update(step_errors(model, runner, (sample, t, states), kwargs))
     if profile:
         result["profile"] = kernel_profile(lambda: runner(sample, t, states, return_dict=False, **kwargs))
         with torch.no_grad():
@@ -244,10 +285,11 @@ def main() -> None:
     parser.add_argument("--json")
     parser.add_argument("--timeout", type=float, default=300, help="seconds per variant")
     parser.add_argument("--profile", action="store_true", help="kernel time by category and FLOPs")
+    parser.add_argument("--error", action="store_true", help="the step's error against the float32 UNet")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        print("RESULT " + json.dumps(run_one(args.model, args.one, args.batch, args.size, args.profile)))
+        print("RESULT " + json.dumps(run_one(args.model, args.one, args.batch, args.size, args.profile, args.error)))
         return
     from diffjet.bench import environment
     from diffjet.models import resolve
@@ -262,6 +304,8 @@ def main() -> None:
             cmd += ["--size", str(args.size)]
         if args.profile:
             cmd.append("--profile")
+        if args.error:
+            cmd.append("--error")
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
             lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
@@ -279,7 +323,9 @@ def main() -> None:
         if "error" in r:
             print(f"{r['model']:6} {r['variant']:20} failed: {r['error']}")
         else:
-            print(f"{r['model']:6} {r['variant']:20} {r['ms']:7.2f} {r['ms_pipelined']:9.2f} {r['first_call_s']:8.1f}")
+            print(f"{r['model']:6} {r['variant']:20} {r['ms']:7.2f} {r['ms_pipelined']:9.2f} {r['first_call_s']:8.1f}"
+                  + (f"  error vs fp32 {r['error_vs_fp32']:.4f} (eager fp16 {r['eager_fp16_error_vs_fp32']:.4f})"
+                     if "error_vs_fp32" in r else ""))
 
 
 if __name__ == "__main__":

@@ -19,10 +19,10 @@ def run(args, capsys):
     return code, out, err
 
 
-def test_lossless_stays_the_default_and_fast_turns_the_step_cache_on():
+def test_lossless_stays_the_default_and_fast_turns_every_lossy_option_on_where_supported():
     assert Config().lossy == [] and Config.lossless().lossy == []
-    assert Config.fast().step_cache == StepCache(interval=3, branch=0)
-    assert Config.fast().lossy == ["step_cache(full every 3 steps, branch 0)"]
+    assert Config.fast().step_cache == StepCache(interval=3, branch=0) and Config.fast().fp8 == "auto"
+    assert Config.fast().lossy == ["step_cache(full every 3 steps, branch 0)", "fp8"]
 
 
 def test_verify_on_a_lossy_config_prints_lossy_and_its_cost(capsys, tmp_path):

@@ -482,7 +482,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--out", required=True, help="PNG file to write")
     gen.add_argument("--compiler", choices=COMPILERS, default="diffjet")
     gen.add_argument("--fast", action="store_true", help="lossy fast modes where supported (= --compiler "
-                     "diffjet-fast): step cache; `diffjet verify --fast` prints what they cost")
+                     "diffjet-fast): step cache, and fp8 GEMMs on GPUs that have them; `diffjet verify --fast` prints "
+                     "what they cost")
     gen.set_defaults(func=cmd_generate)
 
     ben = sub.add_parser("bench", help="time eager, torch-compile and diffjet side by side")
@@ -529,7 +530,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "it on the compiled pipeline with diffjet.load_lora")
     ver.add_argument("--lora-scale", type=float, default=1.0)
     ver.add_argument("--compiler", choices=tuple(DIFFJET), default="diffjet",
-                     help="the diffjet variant to check; a lossy one (diffjet-fast, diffjet-deepcache) is reported "
+                     help="the diffjet variant to check; a lossy one (diffjet-fast, diffjet-deepcache, diffjet-fp8) is reported "
                           "as LOSSY with its cost instead of PASS/FAIL")
     ver.add_argument("--fast", action="store_true", help="= --compiler diffjet-fast")
     ver.add_argument("--json", help="write the errors here")

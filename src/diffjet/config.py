@@ -105,6 +105,10 @@ class Config:
             `~/.cache/diffjet/compile`). Entries are code: a folder that another user owns or can write is
             refused (the cache is off, with a warning); `$DIFFJET_CACHE_KEY` names a key file that signs
             entries (docs/compile-cache.md).
+        fp8: lossy, off by default. True: the UNet's and ControlNet's linear layers and 1×1 convolutions
+            compute in fp8 e4m3 where that pays (`passes/fp8.py`); `diffjet.compile` raises `DeviceError`
+            on anything but a CUDA GPU of compute capability 8.9 or newer (Ada, Hopper). "auto": on where
+            supported, otherwise off and said so in `CompileReport.off`.
     """
 
     dtype: str = "float16"
@@ -122,6 +126,7 @@ class Config:
     cache: bool | str = True
     cache_dir: str | None = None
     step_cache: StepCache | None = None
+    fp8: bool | str = False
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
@@ -155,15 +160,18 @@ class Config:
         cap = self.graph_memory_gib
         if cap is not None and (isinstance(cap, bool) or not isinstance(cap, (int, float)) or not cap > 0):
             raise ConfigError(f"graph_memory_gib must be a positive number of GiB or None, got {cap!r}")
-
-    @property
-    def lossy(self) -> list[str]:
-        """The lossy options this config turns on, described (empty: lossless)."""
-        return [self.step_cache.describe()] if self.step_cache is not None else []
+        if not (self.fp8 is True or self.fp8 is False or self.fp8 == "auto"):
+            raise ConfigError(f"fp8 must be False, True or 'auto', got {self.fp8!r}")
 
     @property
     def torch_dtype(self) -> torch.dtype | None:
         return _DTYPES[self.dtype]
+
+    @property
+    def lossy(self) -> list[str]:
+        """The lossy options this config asks for, described (empty: lossless). What a device turned
+        off is left out of `CompileReport.lossy` instead."""
+        return ([self.step_cache.describe()] if self.step_cache is not None else []) + (["fp8"] if self.fp8 else [])
 
     def replace(self, **changes) -> "Config":
         return dataclasses.replace(self, **changes)
@@ -182,8 +190,9 @@ class Config:
     @classmethod
     def fast(cls) -> "Config":
         """Every lossy option where the device supports it (LOSSY: `diffjet verify` prints the cost):
-        the step cache at DeepCache's published SD setting (full every 3 steps, branch 0)."""
-        return cls(step_cache=StepCache(interval=3, branch=0))
+        the step cache at DeepCache's published SD setting (full every 3 steps, branch 0), and fp8 GEMMs
+        on GPUs that have them ("auto")."""
+        return cls(step_cache=StepCache(interval=3, branch=0), fp8="auto")
 
     @classmethod
     def max_autotune(cls) -> "Config":

@@ -49,6 +49,7 @@ from diffusers.utils.state_dict_utils import (
 from torch import nn
 
 from .errors import LoraError
+from .passes import fp8
 
 #: The pipeline components a LoRA may adapt, named as the prefixes of its keys.
 LORA_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
@@ -521,10 +522,13 @@ def _write_merged(pipe: Any, state: _LoraState, keys: Iterable[tuple[str, str]],
                   at_base: set | frozenset = frozenset()) -> None:
     """Write base + Σ scale · delta (float32) into each weight in `keys`, in place.
 
-    A weight in `at_base` holds its base already and is read where it is, not from its host copy.
+    A weight in `at_base` holds its base already and is read where it is, not from its host copy. The fp8
+    copies of the written weights (`Config.fp8`) are quantized again, in place.
     """
+    written = []
     for key in keys:
         views = _weight_views(pipe, key)
+        written += views
         adapters = [a for a in state.adapters.values() if key in a.layers]
         if not adapters:
             for view in views:
@@ -538,5 +542,6 @@ def _write_merged(pipe: Any, state: _LoraState, keys: Iterable[tuple[str, str]],
             merged.addmm_(layer.up, layer.down, alpha=adapter.scale * layer.alpha_scale)
         for view in views:
             view.copy_(merged.view(view.shape))
+    fp8.requantize(pipe.components.values(), written)
     # Fingerprints after every write: fused rows share one version counter, so all are taken anew.
     state.written = {key: _fingerprint(_weight(pipe, key)) for key in state.base}

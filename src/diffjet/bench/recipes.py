@@ -14,6 +14,7 @@
   to measure that kernel end to end.
 - `diffjet-fast`: `Config.fast()`, every lossy option where the device supports it (LOSSY).
 - `diffjet-deepcache`: the default plus the step cache alone, DeepCache's setting (interval 3, branch 0).
+- `diffjet-fp8`: the default plus fp8 GEMMs alone (`Config(fp8=True)`: Ada and Hopper GPUs only).
 - `deepcache`: the `DeepCache` package's own helper (same interval and branch) on the eager pipeline.
   On torch.compile its per-step Python state makes Dynamo recompile at every cached step until it
   gives up (DeepCache issue #26), so the package is measured the way it works: eager.
@@ -30,6 +31,7 @@ DIFFJET = {
     "diffjet-no-geglu": lambda: _config(kernels=("group_norm_silu",)),
     "diffjet-fast": lambda: _config(preset="fast"),
     "diffjet-deepcache": lambda: _config(step_cache=_deepcache_setting()),
+    "diffjet-fp8": lambda: _config(fp8=True),
 }
 COMPILERS = ("eager", "torch-compile", *DIFFJET, "deepcache")
 #: DeepCache's published SD setting, for `diffjet-deepcache` and the `deepcache` package alike.
@@ -81,7 +83,7 @@ def apply(pipe, compiler: str, cache_dir: str | None = None) -> dict[str, Any]:
 
 def lossy(compiler: str) -> bool:
     """Whether `compiler` trades fidelity for speed (its runs record what it costs)."""
-    return compiler in ("diffjet-fast", "diffjet-deepcache", "deepcache")
+    return compiler in ("diffjet-fast", "diffjet-deepcache", "diffjet-fp8", "deepcache")
 
 
 def _config(preset: str = "lossless", **fields):

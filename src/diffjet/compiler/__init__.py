@@ -6,6 +6,10 @@
 | vae | yes (float32 where an SDXL-family pipeline would upcast it) | yes | yes | decoder, if in `Config.inductor` | decoder |
 | text_encoder(_2) | yes | no 4-D weights | diffusers' SDPA already | if in `Config.inductor` | forward |
 
+With `Config.fp8` (lossy, opt-in), the UNet's and ControlNet's GEMMs go fp8 (`passes/fp8.py`) after the
+attention pass and before the kernels. A device without fp8 refuses `fp8=True` before anything changes, and
+turns `fp8="auto"` off, said so in `CompileReport.off`.
+
 On a device other than CUDA only the device-independent passes run (channels-last, attention); the
 rest is reported as off, with a warning given once per process.
 """
@@ -22,8 +26,8 @@ import torch
 from torch import nn
 
 from ..config import KNOWN_COMPONENTS, Config
-from ..errors import CacheError
-from ..passes import attention, inductor, kernels, memory_format, precision
+from ..errors import CacheError, DeviceError
+from ..passes import attention, fp8, inductor, kernels, memory_format, precision
 from ..runtime import precompiled
 from ..runtime.compile_cache import CompileCache, module_key, open_cache
 from ..runtime.cuda_graph import CudaGraphRunner
@@ -50,14 +54,10 @@ class CompileReport:
     passes: dict[str, list[str]] = field(default_factory=dict)  # component -> passes applied
     left_alone: dict[str, str] = field(default_factory=dict)  # component -> why
     off: list[str] = field(default_factory=list)  # what the device or config turned off
+    lossy: list[str] = field(default_factory=list)  # the lossy options on (empty: lossless)
     runners: dict[str, CudaGraphRunner] = field(default_factory=dict)
     cache: CompileCache | None = None
     step_cache: step_cache.StepCachedUNet | None = None
-
-    @property
-    def lossy(self) -> list[str]:
-        """The lossy options on (empty: the output matches eager within the lossless rule)."""
-        return self.config.lossy
 
     def summary(self) -> str:
         lines = [f"diffjet on {self.device}:"]
@@ -84,6 +84,9 @@ def compile_pipeline(pipe, config: Config) -> CompileReport:
     device = _device_of(next(iter(modules.values())))
     on_cuda = device.type == "cuda"
     report = CompileReport(device=str(device), config=config)
+    fp8_off = fp8.unsupported(device) if config.fp8 else None
+    if fp8_off and config.fp8 is True:
+        raise DeviceError(f"{fp8_off}; use Config(fp8='auto') to run fp8 only where it is supported")
     cache = None
     if on_cuda and config.cache and config.inductor:
         cache = _open_cache(config, report)
@@ -103,6 +106,8 @@ def compile_pipeline(pipe, config: Config) -> CompileReport:
     elif config.tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    if fp8_off:
+        report.off.append(f"fp8 ({fp8_off})")
 
     for name, module in modules.items():
         if name not in KNOWN_COMPONENTS:
@@ -126,6 +131,11 @@ def compile_pipeline(pipe, config: Config) -> CompileReport:
         if config.attention != "keep" and not name.startswith("text_encoder"):
             attention.apply(module, config)
             applied.append("fused_qkv_sdpa")
+        if config.fp8 and not fp8_off and name in ("unet", "controlnet"):
+            fp8.apply(module, config)
+            applied.append(fp8.describe(module))
+            if "fp8" not in report.lossy:
+                report.lossy.append("fp8")
         if name in ("unet", "controlnet", "vae") and kernels.applies(module, config):
             kernels.apply(module, config)
             placed = kernels.placements(module)
@@ -136,6 +146,7 @@ def compile_pipeline(pipe, config: Config) -> CompileReport:
         if name == "unet" and config.step_cache is not None:
             report.step_cache = _step_cache(pipe, module, config, cache, applied, report)
             applied.append(config.step_cache.describe())
+            report.lossy.insert(0, config.step_cache.describe())
             continue
         if on_cuda and name in config.inductor:
             inductor.apply(target, config)

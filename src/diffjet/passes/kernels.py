@@ -10,8 +10,9 @@ Blocks in another configuration are left alone and counted.
 
 `geglu` changes the class of every diffusers `GEGLU` (the first half of a transformer block's feed-forward)
 to `FusedGEGLU`, whose projection writes `h * gelu(g)` directly where that pays (large outputs), on GPUs
-the kernel runs on (Hopper on). The kernels take CUDA half-precision
-(float16/bfloat16) channels-last activations; the pass is not applied elsewhere.
+the kernel runs on (Hopper on). A projection that the fp8 pass (`passes/fp8.py`, run before this one) made
+an fp8 GEMM keeps that at the calls where fp8 pays; the others take the kernel where it pays. The kernels
+take CUDA half-precision (float16/bfloat16) channels-last activations; the pass is not applied elsewhere.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from ..config import Config
 from ..kernels import geglu as gg
 from ..kernels.geglu import geglu
 from ..kernels.group_norm_silu import group_norm_silu
+from .fp8 import Fp8Linear
 
 logger = logging.getLogger(__name__)
 
@@ -91,16 +93,19 @@ class FusedResnetBlock2D(ResnetBlock2D):
 class FusedGEGLU(GEGLU):
     """diffusers' `GEGLU` through `diffjet::geglu`: the projection and `h * gelu(g)` in one kernel, reading
     the projection's own parameters at every call (so in-place LoRA merges reach it). Sizes where the kernel
-    does not pay on this GPU (`sms`, its SM count: see `kernels.geglu.pays`), and a projection that is not a
-    plain `nn.Linear` (a PEFT LoRA layer, say), run diffusers' forward, which Inductor compiles as before."""
+    does not pay on this GPU (`sms`, its SM count: see `kernels.geglu.pays`), calls that the projection
+    computes in fp8 (`Config.fp8`), and a projection that is neither a plain `nn.Linear` nor an `Fp8Linear`
+    (a PEFT LoRA layer, say) run diffusers' forward, which Inductor compiles as before."""
 
     sms: int | None = None
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         rows = hidden_states.numel() // hidden_states.shape[-1]
-        if type(self.proj) is not nn.Linear or not gg.pays(rows, self.proj.out_features // 2, self.sms):
+        proj = self.proj
+        fp16 = type(proj) is nn.Linear or (type(proj) is Fp8Linear and not proj.uses_fp8(rows))
+        if not fp16 or not gg.pays(rows, proj.out_features // 2, self.sms):
             return super().forward(hidden_states, *args, **kwargs)
-        return geglu(hidden_states, self.proj.weight, self.proj.bias)
+        return geglu(hidden_states, proj.weight, proj.bias)
 
 
 def _resnet_fits(block: ResnetBlock2D) -> bool:
