@@ -453,24 +453,39 @@ def test_cpu_bench_says_in_one_line_why_diffjet_is_not_faster_there(capsys, monk
 LONG_PROMPT = " ".join(f"word{i}" for i in range(5000))
 
 
-@pytest.mark.parametrize("verbose", [False, True], ids=["quiet", "verbose"])
-def test_generate_is_quiet_by_default_and_verbose_with_v(tmp_path, verbose):
+def test_generate_is_quiet_by_default(tmp_path):
     # A new process: transformers says a thing once per process. The default compiler on a CPU warns
     # that only device-independent passes apply; a 5,000-word prompt is truncated to CLIP's 77 tokens.
-    args = [sys.executable, "-m", "diffjet.cli", *(["-v"] if verbose else []), "generate", *FAST, "--steps", "1",
-            "--prompt", LONG_PROMPT, "--out", str(tmp_path / "x.png")]
+    args = [sys.executable, "-m", "diffjet.cli", "generate", *FAST, "--steps", "1", "--prompt", LONG_PROMPT,
+            "--out", str(tmp_path / "x.png")]
     proc = subprocess.run(args, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = [line for line in proc.stderr.splitlines() if "it/s]" not in line]  # but the progress bar
     truncated = [line for line in lines if "was truncated" in line]
-    assert len(truncated) == 1 and len([line for line in lines if "device-independent" in line]) == 1
-    if verbose:
-        assert "torchvision" in proc.stderr and len(truncated[0]) > 10_000
-    else:
-        assert "torchvision" not in proc.stderr and len(truncated[0]) < 300
-        assert any(line.startswith("diffjet: pipeline is on cpu; running only") for line in lines)
-        assert not any("diffjet.compile(" in line for line in lines), "a warning's source line is echoed"
-        assert len("\n".join(lines)) < 1000, lines
+    assert len(truncated) == 1 and len(truncated[0]) < 300
+    assert "torchvision" not in proc.stderr
+    assert [line for line in lines if "device-independent" in line][0].startswith("diffjet: pipeline is on cpu")
+    assert not any("diffjet.compile(" in line for line in lines), "a warning's source line is echoed"
+    assert len("\n".join(lines)) < 1000, lines
+
+
+def test_verbose_hides_nothing_and_logs_diffjet():
+    import logging
+    import warnings
+
+    from diffjet import console
+
+    def quiet_filters():
+        loggers = (logging.getLogger(), logging.getLogger("diffusers"), logging.getLogger("transformers"))
+        return [f for lg in loggers for h in lg.handlers for f in h.filters if isinstance(f, console.QuietFilter)]
+
+    shown = warnings.showwarning
+    with console.terminal(verbose=True):
+        assert quiet_filters() == [] and warnings.showwarning is shown
+        assert logging.getLogger("diffjet").getEffectiveLevel() == logging.INFO
+    with console.terminal(verbose=False):
+        assert len(quiet_filters()) >= 2 and warnings.showwarning is console._one_line
+    assert quiet_filters() == [] and warnings.showwarning is shown, "a command leaves logging as it found it"
 
 
 def _record(message):

@@ -411,10 +411,25 @@ DAMAGE = {
 }
 
 
+@pytest.fixture(scope="module")
+def built_cache(tmp_path_factory) -> pathlib.Path:
+    """A cache holding the tiny preset, built once; tests copy it (mtimes kept, so the manifest holds)."""
+    cache = tmp_path_factory.mktemp("built-cache")
+    resolve("tiny", cache_dir=cache)
+    return cache
+
+
+def _cache_copy(built_cache: pathlib.Path, tmp_path: pathlib.Path, monkeypatch) -> pathlib.Path:
+    import shutil
+
+    shutil.copytree(built_cache, tmp_path / "cache")
+    monkeypatch.setenv("DIFFJET_CACHE_DIR", str(tmp_path / "cache"))
+    return pathlib.Path(resolve("tiny"))
+
+
 @pytest.mark.parametrize("damage", DAMAGE)
-def test_a_damaged_preset_in_the_cache_is_rebuilt_with_one_warning(tmp_path, monkeypatch, caplog, damage):
-    monkeypatch.setenv("DIFFJET_CACHE_DIR", str(tmp_path))
-    folder = pathlib.Path(resolve("tiny"))
+def test_a_damaged_preset_in_the_cache_is_rebuilt_with_one_warning(built_cache, tmp_path, monkeypatch, caplog, damage):
+    folder = _cache_copy(built_cache, tmp_path, monkeypatch)
     built = _hashes(folder)
     harm, reason = DAMAGE[damage]
     harm(folder)
@@ -426,9 +441,8 @@ def test_a_damaged_preset_in_the_cache_is_rebuilt_with_one_warning(tmp_path, mon
     assert [p.name for p in folder.parent.iterdir()] == [folder.name], "the damaged copy is gone"
 
 
-def test_an_unchanged_preset_is_not_hashed_at_load(tmp_path, monkeypatch):
-    monkeypatch.setenv("DIFFJET_CACHE_DIR", str(tmp_path))
-    folder = pathlib.Path(resolve("tiny"))
+def test_an_unchanged_preset_is_not_hashed_at_load(built_cache, tmp_path, monkeypatch):
+    folder = _cache_copy(built_cache, tmp_path, monkeypatch)
     hashed = []
     sha256 = manifest._sha256
     monkeypatch.setattr(manifest, "_sha256", lambda path: hashed.append(path.name) or sha256(path))
