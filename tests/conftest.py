@@ -1,7 +1,17 @@
 import os
+import shutil
+import tempfile
 
-import pytest
-import torch
+# Everything the tests write to the temporary folder goes into one folder of this session: pytest's
+# tmp_path folders and built presets, Inductor's kernels and torch's precompiled C++ headers (about
+# 150 MB, which torch would keep in the temporary folder for good), Triton's kernels (else in the home
+# folder) and what subprocesses write. A passing session removes it; a failing one keeps it.
+_SESSION_TMP = tempfile.mkdtemp(prefix="diffjet-tests-")
+os.environ["TMPDIR"] = tempfile.tempdir = _SESSION_TMP
+os.environ.setdefault("TRITON_CACHE_DIR", os.path.join(_SESSION_TMP, "triton"))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 if not torch.cuda.is_available():
     # Without a GPU, diffjet's Triton kernels run on CPU tensors in Triton's interpreter (set before any
@@ -10,6 +20,7 @@ if not torch.cuda.is_available():
 
 from diffjet.models import build  # noqa: E402
 
+_PASSED = pytest.StashKey[bool]()
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
@@ -21,10 +32,20 @@ def pytest_collection_modifyitems(items):
 
 @pytest.fixture(scope="session", autouse=True)
 def _preset_cache(tmp_path_factory):
-    """Presets built by tests (and CLI subprocesses) go to a private cache, never the user's."""
+    """Presets built by tests (and CLI subprocesses) go to a private cache, never the user's: inside
+    pytest's temporary folder, which a passing run removes (pyproject.toml, `tmp_path_retention_policy`)."""
     cache = os.environ.get("DIFFJET_TEST_CACHE") or str(tmp_path_factory.mktemp("diffjet-cache"))
     os.environ["DIFFJET_CACHE_DIR"] = cache
     yield cache
+
+
+def pytest_sessionfinish(session, exitstatus):
+    session.config.stash[_PASSED] = exitstatus in (pytest.ExitCode.OK, pytest.ExitCode.NO_TESTS_COLLECTED)
+
+
+def pytest_unconfigure(config):
+    if config.stash.get(_PASSED, False):
+        shutil.rmtree(_SESSION_TMP, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -40,3 +61,43 @@ def tiny_sdxl_path(_preset_cache, tmp_path_factory):
 def relative_error(x, ref) -> float:
     x, ref = torch.as_tensor(x).double(), torch.as_tensor(ref).double()
     return float((x - ref).norm() / ref.norm())
+
+
+# -- test LoRAs for the tiny pipeline (test_lora, test_runtime_gpu) ------------------------------------
+# Rank 4, on these layers of the tiny UNet and CLIP text encoder: self- and cross-attention projections
+# (fused after compiling), a 1x1 and a 3x3 convolution, text-encoder projections and an MLP.
+RANK = 4
+ATTENTION_BLOCK = "down_blocks.0.attentions.0.transformer_blocks.0"
+UNET_LAYERS = [
+    *(f"{ATTENTION_BLOCK}.attn1.{p}" for p in ("to_q", "to_k", "to_v", "to_out.0")),
+    *(f"{ATTENTION_BLOCK}.attn2.{p}" for p in ("to_q", "to_k", "to_v", "to_out.0")),
+    "up_blocks.1.attentions.1.transformer_blocks.0.attn1.to_v",
+    "down_blocks.0.attentions.0.proj_in",
+    "down_blocks.0.resnets.0.conv1",
+    "up_blocks.0.resnets.0.conv_shortcut",
+]
+TEXT_ENCODER_LAYERS = ["encoder.layers.0.self_attn.q_proj", "encoder.layers.0.self_attn.out_proj",
+                       "encoder.layers.1.mlp.fc1"]
+
+
+def lora_factors(pipe, seed, layers=None):
+    """Random (down, up, alpha) per (component, layer path), shaped like the pipeline's layers."""
+    layers = layers or {"unet": UNET_LAYERS, "text_encoder": TEXT_ENCODER_LAYERS}
+    g = torch.Generator().manual_seed(seed)
+    factors = {}
+    for component, paths in layers.items():
+        for path in paths:
+            weight = getattr(pipe, component).get_submodule(path).weight
+            down = torch.randn(RANK, *weight.shape[1:], generator=g) / weight[0].numel() ** 0.5
+            up = torch.randn(weight.shape[0], RANK, *[1] * (weight.dim() - 2), generator=g)
+            factors[component, path] = (down, up, float(RANK) / 2)  # alpha/rank = 0.5
+    return factors
+
+
+def peft_format(factors):
+    """diffusers/PEFT keys (`unet.<layer>.lora_A.weight`); no alphas, so alpha = rank."""
+    state = {}
+    for (component, path), (down, up, _) in factors.items():
+        state[f"{component}.{path}.lora_A.weight"] = down
+        state[f"{component}.{path}.lora_B.weight"] = up
+    return state

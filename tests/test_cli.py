@@ -3,8 +3,10 @@
 import json
 import os
 import re
+import stat
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -58,13 +60,38 @@ BAD_INPUTS = [
     (["--height", "100"], "multiple of 8"),
     (["--width", "0"], "multiple of 8"),
     (["--steps", "0"], "at least 1"),
-    (["--model", "no-such-preset"], "no-such-preset"),
-    (["--model", "/nonexistent/folder"], "/nonexistent/folder"),
+    (["--seed", "99999999999999999999999"], "--seed must be a whole number"),
+    (["--seed", "-1"], "--seed must be a whole number"),
+    (["--guidance", "nan"], "--guidance must be a finite number"),
     (["--device", "cuda"], "CUDA"),
 ]
+BAD_MODELS = [(["--model", "no-such-preset"], "no-such-preset"), (["--model", "/nonexistent/folder"], "/nonexistent/folder")]
 
 
-@pytest.mark.parametrize("extra, message", BAD_INPUTS, ids=[b[1] if b[1][0] != "/" else "missing-folder" for b in BAD_INPUTS])
+@pytest.fixture
+def no_work(monkeypatch):
+    """Every way a command starts its work (building or loading a model, timing, verifying), recorded and
+    refused: a check that comes after the work shows as a call here."""
+    import diffjet.bench
+    import diffjet.models
+    import diffjet.quality
+
+    calls = []
+
+    def refuse(name):
+        def work(*args, **kwargs):
+            calls.append(name)
+            raise diffjet.errors.DiffjetError(f"{name} started before the arguments were checked")
+        return work
+
+    for module, name in ((diffjet.models, "load_pipeline"), (diffjet.models, "resolve"),
+                         (diffjet.bench, "run_bench"), (diffjet.quality, "verify")):
+        monkeypatch.setattr(module, name, refuse(name))
+    return calls
+
+
+@pytest.mark.parametrize("extra, message", BAD_INPUTS + BAD_MODELS,
+                         ids=[b[1] if b[1][0] != "/" else "missing-folder" for b in BAD_INPUTS + BAD_MODELS])
 def test_bad_generate_input_is_one_clear_line(tmp_path, capsys, extra, message):
     if extra[:2] == ["--device", "cuda"]:
         import torch
@@ -80,11 +107,101 @@ def test_bad_generate_input_is_one_clear_line(tmp_path, capsys, extra, message):
     assert not out.exists() and os.listdir(tmp_path) == []
 
 
-@pytest.mark.parametrize("out", ["missing-dir/x.png", "a-file/x.png", "x.jpg"])
-def test_unwritable_output_is_refused_before_work(tmp_path, capsys, out):
+@pytest.mark.parametrize("extra, message", BAD_INPUTS, ids=[b[1] for b in BAD_INPUTS])
+def test_bad_generate_arguments_are_refused_before_work(tmp_path, capsys, extra, message, no_work):
+    if extra[:2] == ["--device", "cuda"]:
+        import torch
+
+        if torch.cuda.is_available():
+            pytest.skip("this machine has CUDA")
+    code, _, err = run(["generate", *FAST, "--out", str(tmp_path / "x.png"), *extra], capsys)
+    assert code == 2 and message in err and no_work == []
+
+
+def _unwritable(tmp_path, kind):
     (tmp_path / "a-file").write_text("not a folder")
-    code, _, err = run(["generate", *FAST, "--out", str(tmp_path / out)], capsys)
+    (tmp_path / "a-folder.out").mkdir()
+    if kind == "/proc" and not os.path.isdir("/proc/self"):
+        pytest.skip("no /proc file system here")
+    return {"missing-folder": tmp_path / "missing-dir" / "x.out", "under-a-file": tmp_path / "a-file" / "x.out",
+            "a-folder": tmp_path / "a-folder.out", "/proc": Path("/proc/x.out")}[kind]
+
+
+UNWRITABLE = ["missing-folder", "under-a-file", "a-folder", "/proc"]
+
+
+@pytest.mark.parametrize("kind", UNWRITABLE)
+def test_unwritable_png_is_refused_before_work(tmp_path, capsys, kind, no_work):
+    out = str(_unwritable(tmp_path, kind)).replace(".out", ".png")
+    (tmp_path / "a-folder.png").mkdir()
+    code, _, err = run(["generate", *FAST, "--out", out], capsys)
     assert code == 2 and err.startswith("diffjet: error:") and err.count("\n") == 1
+    assert no_work == []
+
+
+def test_an_output_of_the_wrong_kind_is_refused_before_work(tmp_path, capsys, no_work):
+    code, _, err = run(["generate", *FAST, "--out", str(tmp_path / "x.jpg")], capsys)
+    assert code == 2 and "must end in .png" in err and no_work == []
+
+
+@pytest.mark.parametrize("kind", UNWRITABLE)
+@pytest.mark.parametrize("command", [["bench", "--json"], ["bench", "--plot"], ["verify", "--json"]],
+                         ids=["bench-json", "bench-plot", "verify-json"])
+def test_unwritable_results_file_is_refused_before_work(tmp_path, capsys, command, kind, no_work):
+    suffix = ".png" if command[1] == "--plot" else ".json"
+    out = str(_unwritable(tmp_path, kind)).replace(".out", suffix)
+    (tmp_path / f"a-folder{suffix}").mkdir(exist_ok=True)
+    code, _, err = run([command[0], *FAST, command[1], out], capsys)
+    assert code == 2 and err.startswith("diffjet: error:") and err.count("\n") == 1
+    assert no_work == []
+
+
+@pytest.mark.parametrize("extra, message", [(["--steps", "0"], "at least 1"), (["--seed", "-5"], "--seed"),
+                                            (["--lora-scale", "inf"], "--lora-scale")], ids=["steps-0", "seed", "lora-scale"])
+def test_bad_verify_input_is_refused_before_work(capsys, extra, message, no_work):
+    code, _, err = run(["verify", "--model", "tiny", "--device", "cpu", *extra], capsys)
+    assert code == 2 and message in err and err.count("\n") == 1 and no_work == []
+
+
+@pytest.mark.parametrize("extra, message", [(["--warmup", "0"], "--warmup"), (["--timeout", "0"], "--timeout"),
+                                            (["--seed", str(2**64)], "--seed")], ids=["warmup", "timeout", "seed"])
+def test_bad_bench_input_is_refused_before_work(capsys, extra, message, no_work):
+    code, _, err = run(["bench", *FAST, *extra], capsys)
+    assert code == 2 and message in err and err.count("\n") == 1 and no_work == []
+
+
+def test_a_results_file_that_cannot_be_written_after_the_run_is_one_line_after_the_table(tmp_path, capsys, monkeypatch):
+    import shutil
+
+    import diffjet.bench
+
+    folder = tmp_path / "out"
+    folder.mkdir()
+
+    def run_then_lose_the_folder(specs, on_result, timeout):
+        shutil.rmtree(folder)  # what a cleaned temporary folder does during a long run
+        return [{"model": "tiny", "compiler": "eager", "height": 64, "width": 64, "steps": 2, "batch": 1, "its": 9.5}]
+
+    monkeypatch.setattr(diffjet.bench, "run_bench", run_then_lose_the_folder)
+    code, out, err = run(["bench", *FAST, "--compiler", "eager", "--json", str(folder / "r.json")], capsys)
+    assert code == 2 and "9.5" in out
+    last = err.strip().splitlines()[-1]  # after the progress bar
+    assert last.startswith("diffjet: error: cannot write") and last.endswith("the results are printed above")
+
+
+def test_bench_checks_every_model_before_building_a_preset(capsys, monkeypatch):
+    import diffjet.models.loading
+
+    monkeypatch.setattr(diffjet.models.loading, "build", lambda *a, **k: pytest.fail("built a preset first"))
+    code, _, err = run(["bench", "--model", "sd15,no-such-model", "--device", "cpu"], capsys)
+    assert code == 2 and "no-such-model" in err
+
+
+@pytest.mark.parametrize("text, message", [("1,a", "whole numbers"), ("0", "at least 1"), (",", "at least one")])
+def test_bad_compile_batches_are_refused(text, message):
+    with pytest.raises(diffjet.errors.ConfigError, match=message):
+        cli._batches(text)
+    assert cli._batches(" 1, 2") == [1, 2]
 
 
 def test_failed_write_leaves_nothing_behind(tmp_path):
@@ -97,6 +214,29 @@ def test_failed_write_leaves_nothing_behind(tmp_path):
     with pytest.raises(OSError):
         write_atomically(target, explode)
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)],
+                         ids=["umask-022", "umask-077", "umask-002"])
+def test_a_new_output_file_follows_the_umask(tmp_path, umask, mode):
+    previous = os.umask(umask)
+    try:
+        write_atomically(tmp_path / "x.png", lambda handle: handle.write(b"png"))
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "x.png").stat().st_mode) == mode
+
+
+def test_an_overwritten_output_file_keeps_its_mode(tmp_path):
+    target = tmp_path / "x.json"
+    target.write_bytes(b"old")
+    target.chmod(0o640)
+    previous = os.umask(0o077)
+    try:
+        write_atomically(target, lambda handle: handle.write(b"new"))
+    finally:
+        os.umask(previous)
+    assert target.read_bytes() == b"new" and stat.S_IMODE(target.stat().st_mode) == 0o640
 
 
 def test_console_script_reports_errors_without_traceback(tmp_path):
@@ -126,6 +266,7 @@ def test_bench_json_schema(tmp_path, capsys):
     assert run_["its_min"] <= run_["its"] <= run_["its_max"]
     assert "tiny" in out and "eager" in out
     assert Image.open(plot).size[0] > 100
+    assert f"wrote {path}" in out and f"wrote {plot}" in out
 
 
 def test_bench_rejects_unknown_compiler(capsys):
@@ -269,6 +410,101 @@ def test_verify_covers_a_controlnet_pipeline(capsys, tmp_path):
     # On a CPU the "half precision" baseline is float32 again (error 0), so diffjet meets the floor bound.
     assert record["candidate"]["finite"] and record["baseline"]["unet_error"] == 0.0
     assert record["candidate"]["unet_error"] <= record["bound_unet"]
+
+
+HEAVY = ("torch", "diffusers", "transformers")
+
+
+def test_help_imports_neither_torch_nor_diffusers():
+    # `diffjet --help` is the console script's import of diffjet.cli, then the parser: both without the
+    # seconds that importing torch and diffusers takes.
+    script = ("import sys\nfrom diffjet import cli\ncli.build_parser().format_help()\n"
+              f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert proc.stdout.strip() == "[]"
+    proc = subprocess.run([sys.executable, "-m", "diffjet.cli", "--help"], capture_output=True, text=True)
+    assert proc.returncode == 0 and "generate" in proc.stdout and proc.stderr == ""
+
+
+def test_the_package_names_load_on_first_use():
+    import diffjet.api
+    import diffjet.config
+    import diffjet.lora
+
+    assert diffjet.compile is diffjet.api.compile and diffjet.Config is diffjet.config.Config
+    assert diffjet.load_lora is diffjet.lora.load_lora and diffjet.DiffjetError is diffjet.errors.DiffjetError
+    assert {"compile", "Config", "CompileReport", "load_lora", "unload_lora", "set_lora_scales"} <= set(dir(diffjet))
+    with pytest.raises(AttributeError, match="no_such_name"):
+        diffjet.no_such_name  # noqa: B018
+
+
+@pytest.mark.parametrize("compilers, note", [("eager,diffjet", True), ("eager", False)], ids=["with-diffjet", "eager-only"])
+def test_cpu_bench_says_in_one_line_why_diffjet_is_not_faster_there(capsys, monkeypatch, compilers, note):
+    import diffjet.bench
+
+    monkeypatch.setattr(diffjet.bench, "run_bench", lambda specs, on_result, timeout: [])
+    code, _, err = run(["bench", *FAST, "--compiler", compilers], capsys)
+    lines = [line for line in err.splitlines() if line.startswith("diffjet: note:")]
+    assert code == 0 and len(lines) == int(note)
+    if note:
+        assert "CPU" in lines[0] and "GPU" in lines[0]
+
+
+LONG_PROMPT = " ".join(f"word{i}" for i in range(5000))
+
+
+def test_generate_is_quiet_by_default(tmp_path):
+    # A new process: transformers says a thing once per process. The default compiler on a CPU warns
+    # that only device-independent passes apply; a 5,000-word prompt is truncated to CLIP's 77 tokens.
+    args = [sys.executable, "-m", "diffjet.cli", "generate", *FAST, "--steps", "1", "--prompt", LONG_PROMPT,
+            "--out", str(tmp_path / "x.png")]
+    proc = subprocess.run(args, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.splitlines() if "it/s]" not in line]  # but the progress bar
+    truncated = [line for line in lines if "was truncated" in line]
+    assert len(truncated) == 1 and len(truncated[0]) < 300
+    assert "torchvision" not in proc.stderr
+    assert [line for line in lines if "device-independent" in line][0].startswith("diffjet: pipeline is on cpu")
+    assert not any("diffjet.compile(" in line for line in lines), "a warning's source line is echoed"
+    assert len("\n".join(lines)) < 1000, lines
+
+
+def test_verbose_hides_nothing_and_logs_diffjet():
+    import logging
+    import warnings
+
+    from diffjet import console
+
+    def quiet_filters():
+        loggers = (logging.getLogger(), logging.getLogger("diffusers"), logging.getLogger("transformers"))
+        return [f for lg in loggers for h in lg.handlers for f in h.filters if isinstance(f, console.QuietFilter)]
+
+    shown = warnings.showwarning
+    with console.terminal(verbose=True):
+        assert quiet_filters() == [] and warnings.showwarning is shown
+        assert logging.getLogger("diffjet").getEffectiveLevel() == logging.INFO
+    with console.terminal(verbose=False):
+        assert len(quiet_filters()) >= 2 and warnings.showwarning is console._one_line
+    assert quiet_filters() == [] and warnings.showwarning is shown, "a command leaves logging as it found it"
+
+
+def _record(message):
+    import logging
+
+    return logging.LogRecord("diffusers.models.modeling_utils", logging.WARNING, __file__, 1, message, (), None)
+
+
+def test_the_quiet_filter_drops_only_the_known_harmless_lines():
+    from diffjet.console import QuietFilter
+
+    quiet = QuietFilter()
+    assert not quiet.filter(_record("There are modules in UNet2DConditionModel that should be kept in float32: []. "
+                                    "Casting directly with `to()` can lead to inconsistent results"))
+    assert quiet.filter(_record("There are modules in T5 that should be kept in float32: ['wo']. Casting ..."))
+    assert quiet.filter(_record("Some weights of the model checkpoint were not used"))
+    truncated = _record("The following part of your input was truncated because CLIP can only handle sequences "
+                        "up to 77 tokens: ['" + "a very long prompt " * 500 + "']")
+    assert quiet.filter(truncated) and len(truncated.getMessage()) < 300 and "\n" not in truncated.getMessage()
 
 
 def _filled_cache(folder):

@@ -183,18 +183,50 @@ def test_cpu_warning_is_given_once(tiny_path, monkeypatch):
         diffjet.compile(load(tiny_path))
 
 
-def test_config_is_frozen_and_validated():
+def test_config_is_frozen():
     config = Config()
     with pytest.raises(dataclasses.FrozenInstanceError):
         config.dtype = "bfloat16"
-    for bad in ({"dtype": "float8"}, {"attention": "magic"}, {"components": ("unet", "refiner")},
-                {"components": "unet"}, {"max_graphs": 0}, {"compile_mode": "fast"}, {"graph_memory_gib": 0},
-                {"graph_memory_gib": -1.0}, {"graph_memory_gib": "2"}, {"graph_memory_gib": True}):
-        with pytest.raises(ConfigError):
-            Config(**bad)
+    assert config.dtype == "float16"
+
+
+BAD_CONFIGS = [
+    ("dtype", "float8"),
+    ("attention", "magic"),
+    ("components", ("unet", "refiner")),
+    ("components", "unet"),
+    ("inductor", ("refiner",)),
+    ("max_graphs", 0),
+    ("compile_mode", "fast"),
+    ("backend", "nonsense"),
+    ("graph_memory_gib", 0),
+    ("graph_memory_gib", -1.0),
+    ("graph_memory_gib", "2"),
+    ("graph_memory_gib", True),
+]
+
+
+@pytest.mark.parametrize("field, value", BAD_CONFIGS, ids=[f"{f}={v!r}" for f, v in BAD_CONFIGS])
+def test_config_refuses_a_bad_value_naming_the_field(field, value):
+    with pytest.raises(ConfigError, match=f"^{field}") as error:
+        Config(**{field: value})
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("backend", ["inductor", "eager", "aot_eager"])
+def test_config_takes_the_backends_diffjet_uses(backend):
+    assert Config(backend=backend).backend == backend
+
+
+def test_named_presets():
     assert Config.lossless() == Config()
-    assert Config.fast_startup().inductor == ()
+    assert Config.fast_startup() == Config(inductor=())
+    assert Config.max_autotune() == Config(compile_mode="max-autotune-no-cudagraphs")
+
+
+def test_config_takes_lists_as_tuples_and_a_memory_cap_in_gib():
     assert Config(components=["unet"]).components == ("unet",)
+    assert Config(kernels=["geglu"]).kernels == ("geglu",)
     assert Config(graph_memory_gib=1.5).graph_memory_gib == 1.5
 
 

@@ -5,6 +5,8 @@ on the GPU they run for real. Each kernel is held to DESIGN.md's rule: its error
 reference is at most 1.5 × that of PyTorch's own half-precision op.
 """
 
+import types
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -152,7 +154,6 @@ def test_pass_swaps_every_resnet_block_and_keeps_the_unet_output(tiny_path):
     assert counts["norm_out"] == 1 and counts["transformer_norms"] > 0
     kernel_pass.apply(unet, Config(kernels=("group_norm_silu",)))
     assert kernel_pass.placements(unet) == counts  # idempotent: nothing wrapped twice
-    assert {id(p) for p in unet.parameters()} >= {id(unet.conv_norm_out.weight)}
     g = torch.Generator().manual_seed(0)
     sample = torch.randn(2, 4, 8, 8, generator=g).contiguous(memory_format=torch.channels_last)
     states = torch.randn(2, 77, unet.config.cross_attention_dim, generator=g)
@@ -160,6 +161,21 @@ def test_pass_swaps_every_resnet_block_and_keeps_the_unet_output(tiny_path):
         got = unet(sample, 500, states).sample
         want = reference(sample, 500, states).sample
     assert relative_error(got, want) < 1e-5
+
+
+def test_pass_keeps_every_parameter_object_under_its_name(tiny_path):
+    # Compiled code, CUDA graphs and in-place LoRA merges hold the parameters the pipeline loaded: the
+    # fused modules must read those very tensors, not copies, and the state dict keeps its names.
+    unet = UNet2DConditionModel.from_pretrained(tiny_path, subfolder="unet").eval()
+    unet.to(memory_format=torch.channels_last)
+    before = dict(unet.named_parameters())
+    kernel_pass.apply(unet, Config(kernels=("group_norm_silu",)))
+    assert kernel_pass.placements(unet)["norm_out"] == 1
+    after = dict(unet.named_parameters())
+    assert after.keys() == before.keys()
+    assert all(after[name] is parameter for name, parameter in before.items())
+    assert isinstance(unet.conv_norm_out, kernel_pass.FusedGroupNorm)
+    assert unet.conv_norm_out.weight is before["conv_norm_out.weight"]
 
 
 def test_pass_feeds_the_kernels_channels_last_after_linear_projection_transformers(tiny_sdxl_path, monkeypatch):
@@ -188,10 +204,31 @@ def test_pass_feeds_the_kernels_channels_last_after_linear_projection_transforme
     assert relative_error(got, want) < 1e-5
 
 
-def test_pass_is_off_on_cpu_and_for_float32(tiny_path):
-    unet = UNet2DConditionModel.from_pretrained(tiny_path, subfolder="unet")
-    assert not kernel_pass.applies(unet, Config(kernels=("group_norm_silu",)))
-    assert not kernel_pass.applies(unet, Config())
+class _ParameterOn(torch.nn.Module):
+    """A module whose first parameter claims a device and dtype: each guard of `applies` alone, without a GPU."""
+
+    def __init__(self, cuda: bool, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.claimed = types.SimpleNamespace(is_cuda=cuda, dtype=dtype)
+
+    def parameters(self, recurse: bool = True):
+        yield self.claimed
+
+
+@pytest.mark.parametrize(
+    "cuda, dtype, config, applies",
+    [
+        (True, torch.float16, Config(), True),
+        (True, torch.bfloat16, Config(), True),
+        (False, torch.float16, Config(), False),  # the device guard alone
+        (True, torch.float32, Config(), False),  # the dtype guard alone
+        (True, torch.float16, Config(kernels=()), False),
+        (True, torch.float16, Config(channels_last=False), False),
+    ],
+    ids=["cuda-fp16", "cuda-bf16", "cpu-fp16", "cuda-fp32", "no-kernels", "not-channels-last"],
+)
+def test_pass_applies_only_to_cuda_half_precision_channels_last(cuda, dtype, config, applies):
+    assert kernel_pass.applies(_ParameterOn(cuda, dtype), config) is applies
 
 
 def test_config_rejects_unknown_kernels():

@@ -17,26 +17,17 @@ from diffjet.errors import LoraError
 from diffjet.lora import forbid_diffusers_lora, load_lora, lora_scales, set_lora_scales, unload_lora
 from diffjet.passes import attention, inductor
 
-from .conftest import relative_error
+from .conftest import (
+    ATTENTION_BLOCK,
+    RANK,
+    TEXT_ENCODER_LAYERS,
+    UNET_LAYERS,
+    lora_factors,
+    peft_format,
+    relative_error,
+)
 
 TOL = 1e-4
-RANK = 4
-
-# Layers of the tiny UNet and CLIP text encoder the test LoRAs adapt: self- and cross-attention
-# projections (fused after compiling), a 1x1 and a 3x3 convolution, text-encoder projections and an MLP.
-_ATTENTION = "down_blocks.0.attentions.0.transformer_blocks.0"
-UNET_LAYERS = [
-    *(f"{_ATTENTION}.attn1.{p}" for p in ("to_q", "to_k", "to_v", "to_out.0")),
-    *(f"{_ATTENTION}.attn2.{p}" for p in ("to_q", "to_k", "to_v", "to_out.0")),
-    "up_blocks.1.attentions.1.transformer_blocks.0.attn1.to_v",
-    "down_blocks.0.attentions.0.proj_in",
-    "down_blocks.0.resnets.0.conv1",
-    "up_blocks.0.resnets.0.conv_shortcut",
-]
-TEXT_ENCODER_LAYERS = ["encoder.layers.0.self_attn.q_proj", "encoder.layers.0.self_attn.out_proj",
-                       "encoder.layers.1.mlp.fc1"]
-
-
 def load(path):
     pipe = DiffusionPipeline.from_pretrained(path)
     pipe.set_progress_bar_config(disable=True)
@@ -55,29 +46,6 @@ def compiled(path, dtype=None):
 def generate(pipe):
     return pipe("a photo of a cat", num_inference_steps=2, output_type="np",
                 generator=torch.Generator().manual_seed(0)).images
-
-
-def lora_factors(pipe, seed, layers=None):
-    """Random (down, up, alpha) per (component, layer path), shaped like the pipeline's layers."""
-    layers = layers or {"unet": UNET_LAYERS, "text_encoder": TEXT_ENCODER_LAYERS}
-    g = torch.Generator().manual_seed(seed)
-    factors = {}
-    for component, paths in layers.items():
-        for path in paths:
-            weight = getattr(pipe, component).get_submodule(path).weight
-            down = torch.randn(RANK, *weight.shape[1:], generator=g) / weight[0].numel() ** 0.5
-            up = torch.randn(weight.shape[0], RANK, *[1] * (weight.dim() - 2), generator=g)
-            factors[component, path] = (down, up, float(RANK) / 2)  # alpha/rank = 0.5
-    return factors
-
-
-def peft_format(factors):
-    """diffusers/PEFT keys (`unet.<layer>.lora_A.weight`); no alphas, so alpha = rank."""
-    state = {}
-    for (component, path), (down, up, _) in factors.items():
-        state[f"{component}.{path}.lora_A.weight"] = down
-        state[f"{component}.{path}.lora_B.weight"] = up
-    return state
 
 
 def diffusers_format(factors):
@@ -214,7 +182,7 @@ def test_load_lora_matches_diffusers_own_loader(tiny_path, fmt):
 def test_load_switch_and_unload_keep_weight_storage(tiny_path):
     pipe = compiled(tiny_path)
     before = pointers(pipe)
-    attn = pipe.unet.get_submodule(f"{_ATTENTION}.attn1")
+    attn = pipe.unet.get_submodule(f"{ATTENTION_BLOCK}.attn1")
     load_lora(pipe, peft_format(lora_factors(pipe, seed=1)), adapter_name="a")
     load_lora(pipe, kohya_format(lora_factors(pipe, seed=2)), adapter_name="b")
     set_lora_scales(pipe, {"a": 0.5})
@@ -227,7 +195,7 @@ def test_load_switch_and_unload_keep_weight_storage(tiny_path):
 
 def test_lora_reaches_the_fused_projection(tiny_path):
     pipe = compiled(tiny_path)
-    attn = pipe.unet.get_submodule(f"{_ATTENTION}.attn1")
+    attn = pipe.unet.get_submodule(f"{ATTENTION_BLOCK}.attn1")
     fused_before = attn.to_qkv.weight.detach().clone()
     load_lora(pipe, peft_format(lora_factors(pipe, seed=1)))
     rows = attn.to_q.weight.shape[0]
@@ -401,7 +369,7 @@ def test_pipeline_holding_peft_lora_layers_is_refused(tiny_path):
 
 # --- errors -------------------------------------------------------------------------------------
 
-_Q = f"unet.{_ATTENTION}.attn1.to_q"
+_Q = f"unet.{ATTENTION_BLOCK}.attn1.to_q"
 
 
 @pytest.mark.parametrize(
@@ -431,6 +399,21 @@ def test_bad_lora_raises_lora_error_and_changes_nothing(tiny_path, state, messag
         load_lora(pipe, state)
     assert lora_scales(pipe) == {}
     assert all(torch.equal(w, original[n]) for n, w in weights(pipe).items())
+
+
+@pytest.mark.parametrize("scale", ["abc", "0.5", None, True, float("nan"), float("inf")],
+                         ids=["text", "number-as-text", "none", "bool", "nan", "inf"])
+def test_a_scale_that_is_not_a_finite_number_raises_lora_error_and_changes_nothing(tiny_path, scale):
+    pipe = compiled(tiny_path)
+    original = weights(pipe)
+    with pytest.raises(LoraError, match="scale of a LoRA must be a finite number"):
+        load_lora(pipe, peft_format(lora_factors(pipe, seed=1)), scale=scale)
+    assert lora_scales(pipe) == {} and all(torch.equal(w, original[n]) for n, w in weights(pipe).items())
+    load_lora(pipe, peft_format(lora_factors(pipe, seed=1)), scale=0.5, adapter_name="a")
+    merged = weights(pipe)
+    with pytest.raises(LoraError, match="scale of LoRA 'a' must be a finite number"):
+        set_lora_scales(pipe, {"a": scale})
+    assert lora_scales(pipe) == {"a": 0.5} and all(torch.equal(w, merged[n]) for n, w in weights(pipe).items())
 
 
 def _fail_once_after(monkeypatch, layers):

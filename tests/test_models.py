@@ -23,7 +23,7 @@ from transformers import CLIPTokenizer
 import diffjet.models
 import diffjet.models.building
 import diffjet.models.loading
-from diffjet.errors import ModelNotFoundError, OutputError
+from diffjet.errors import ModelLoadError, ModelNotFoundError, OutputError
 from diffjet.models import (
     PRESETS,
     Preset,
@@ -34,6 +34,7 @@ from diffjet.models import (
     load_pipeline,
     resolve,
 )
+from diffjet.models import manifest
 from diffjet.models.architectures import ARCHITECTURES
 from diffjet.models.random_weights import fill_random_weights
 
@@ -384,6 +385,95 @@ def test_resolve_passes_hub_ids_through():
 def test_resolve_rejects_unknown_names_listing_presets(model):
     with pytest.raises(ModelNotFoundError, match="tiny.*sdxl"):
         resolve(model)
+
+
+def _flip_bytes(path: pathlib.Path) -> None:
+    data = bytearray(path.read_bytes())
+    for i in range(len(data) // 2, len(data) // 2 + 64):
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _truncate(path: pathlib.Path) -> None:
+    os.truncate(path, path.stat().st_size // 2)
+
+
+def _hashes(folder: pathlib.Path) -> dict[str, str]:
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != manifest.MANIFEST)
+    return {str(p.relative_to(folder)): manifest._sha256(p) for p in files}
+
+
+DAMAGE = {
+    "flipped-vae-bytes": (lambda f: _flip_bytes(f / "vae" / "diffusion_pytorch_model.safetensors"), "SHA-256"),
+    "truncated-unet": (lambda f: _truncate(f / "unet" / "diffusion_pytorch_model.safetensors"), "bytes"),
+    "missing-scheduler": (lambda f: (f / "scheduler" / "scheduler_config.json").unlink(), "is missing"),
+    "no-manifest": (lambda f: (f / manifest.MANIFEST).unlink(), "no manifest"),
+}
+
+
+@pytest.fixture(scope="module")
+def built_cache(tmp_path_factory) -> pathlib.Path:
+    """A cache holding the tiny preset, built once; tests copy it (mtimes kept, so the manifest holds)."""
+    cache = tmp_path_factory.mktemp("built-cache")
+    resolve("tiny", cache_dir=cache)
+    return cache
+
+
+def _cache_copy(built_cache: pathlib.Path, tmp_path: pathlib.Path, monkeypatch) -> pathlib.Path:
+    import shutil
+
+    shutil.copytree(built_cache, tmp_path / "cache")
+    monkeypatch.setenv("DIFFJET_CACHE_DIR", str(tmp_path / "cache"))
+    return pathlib.Path(resolve("tiny"))
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_a_damaged_preset_in_the_cache_is_rebuilt_with_one_warning(built_cache, tmp_path, monkeypatch, caplog, damage):
+    folder = _cache_copy(built_cache, tmp_path, monkeypatch)
+    built = _hashes(folder)
+    harm, reason = DAMAGE[damage]
+    harm(folder)
+    with caplog.at_level("WARNING", logger="diffjet"):
+        assert resolve("tiny") == str(folder)
+    (warning,) = [r for r in caplog.records if r.name.startswith("diffjet")]
+    assert "rebuilding" in warning.getMessage() and reason in warning.getMessage() and "tiny" in warning.getMessage()
+    assert _hashes(folder) == built and manifest.damage(folder) is None
+    assert [p.name for p in folder.parent.iterdir()] == [folder.name], "the damaged copy is gone"
+
+
+def test_an_unchanged_preset_is_not_hashed_at_load(built_cache, tmp_path, monkeypatch):
+    folder = _cache_copy(built_cache, tmp_path, monkeypatch)
+    hashed = []
+    sha256 = manifest._sha256
+    monkeypatch.setattr(manifest, "_sha256", lambda path: hashed.append(path.name) or sha256(path))
+    monkeypatch.setattr(diffjet.models.loading, "build", lambda *a, **k: pytest.fail("rebuilt an intact preset"))
+    resolve("tiny")
+    assert hashed == []
+    # Touched, not changed (a copy that kept the bytes, a backup restored): hashed once, then trusted again.
+    weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
+    resolve("tiny")
+    assert hashed == [weights.name]
+    resolve("tiny")
+    assert hashed == [weights.name]
+
+
+@pytest.mark.parametrize("index", ["{}", "[]", '{"_class_name": 3}', "{not json"])
+def test_a_model_index_that_names_no_pipeline_is_refused(tmp_path, index):
+    (tmp_path / "model_index.json").write_text(index)
+    with pytest.raises(ModelLoadError, match="model_index.json") as error:
+        resolve(str(tmp_path))
+    assert "\n" not in str(error.value)
+
+
+def test_a_damaged_local_folder_gives_one_line(tiny_folders, tmp_path):
+    import shutil
+
+    folder = shutil.copytree(tiny_folders["tiny"], tmp_path / "tiny")
+    _truncate(folder / "unet" / "diffusion_pytorch_model.safetensors")
+    with pytest.raises(ModelLoadError, match="cannot load .*tiny.*damaged") as error:
+        load_pipeline(str(folder))
+    assert "\n" not in str(error.value)
 
 
 def test_load_pipeline_of_unreachable_hub_id_says_what_works_offline(tmp_path, monkeypatch):

@@ -2,73 +2,27 @@
 
 import json
 import os
+import pathlib
 import subprocess
 import sys
-import textwrap
 
 import pytest
 import torch
-from diffusers.models.resnet import ResnetBlock2D
 
 from diffjet.runtime import precompiled
 from diffjet.runtime.compile_cache import FUNCTION, CompileCache
 from diffjet.runtime.precompiled import Precompiler
 
+from .precompiled_blocks import block_and_inputs, fused_and_inputs
+
+ROOT = pathlib.Path(__file__).parents[1]
 pytestmark = pytest.mark.skipif(not precompiled.supported("inductor"),
                                 reason="this torch cannot save compiled functions")
-
-BLOCK = textwrap.dedent(
-    """
-    import torch
-    from diffusers.models.resnet import ResnetBlock2D
-
-    def block_and_inputs():
-        torch.manual_seed(0)
-        block = ResnetBlock2D(in_channels=32, out_channels=32, temb_channels=64, groups=8).eval()
-        return block, torch.randn(1, 32, 16, 16), torch.randn(1, 64)
-
-    class Outer(torch.nn.Module):  # a block inside a module, for diffjet's GroupNorm+SiLU kernel pass
-
-        def __init__(self, block):
-            super().__init__()
-            self.block = block
-
-        def forward(self, x, temb):
-            return self.block(x, temb)
-
-    def fused_and_inputs():
-        from diffjet import Config
-        from diffjet.passes import kernels
-
-        block, x, temb = block_and_inputs()
-        outer = kernels.apply(Outer(block), Config(kernels=("group_norm_silu",)))
-        assert kernels.placements(outer)["resnet_blocks"] == 1
-        return outer, x, temb
-    """
-)
-exec(BLOCK)  # defines block_and_inputs, shared with the new process below
-
-LOADER = BLOCK + textwrap.dedent(
-    """
-    import json, sys
-    from torch._dynamo.utils import counters
-    from diffjet.runtime.precompiled import Precompiler
-
-    block, x, temb = fused_and_inputs() if sys.argv[2] == "fused" else block_and_inputs()
-    if sys.argv[2] == "plain-small":
-        x = x[..., :8, :8]
-    function = Precompiler(block).load(open(sys.argv[1], "rb").read())
-    with torch.no_grad():
-        out = function(x, temb)
-        error = (out - block(x, temb)).abs().max().item()
-    print(json.dumps({"error": error, "dynamo_frames": sum(counters["frames"].values())}))
-    """
-)
 
 
 @pytest.fixture(scope="module")
 def compiled():
-    block, x, temb = block_and_inputs()  # noqa: F821 - from BLOCK
+    block, x, temb = block_and_inputs()
     function, data = Precompiler(block).compile((x, temb), {})
     return block, x, temb, function, data
 
@@ -96,7 +50,7 @@ def test_a_new_process_loads_it_without_tracing(compiled, tmp_path):
 def test_blocks_with_the_kernel_pass_are_saved_and_loaded_too(tmp_path):
     # The pass once patched `forward` onto each block instance: Dynamo's guards on such a method cannot
     # be saved, so every process fell back to tracing (found on the GPU with the tiny preset).
-    outer, x, temb = fused_and_inputs()  # noqa: F821 - from BLOCK
+    outer, x, temb = fused_and_inputs()
     function, data = Precompiler(outer).compile((x, temb), {})
     with torch.no_grad():
         torch.testing.assert_close(function(x, temb), outer(x, temb), rtol=1e-5, atol=1e-5)
@@ -109,7 +63,7 @@ def test_a_module_whose_instance_forward_cannot_be_saved_is_precompiled_all_the_
     # to precompile (SDXL on the H100). A lock stands in for the graph here.
     import threading
 
-    block, x, temb = block_and_inputs()  # noqa: F821 - from BLOCK
+    block, x, temb = block_and_inputs()
 
     class Runner:
         def __init__(self, fn):
@@ -132,8 +86,8 @@ def _load_in_a_new_process(data: bytes, which: str, tmp_path) -> None:
     path = tmp_path / FUNCTION
     path.write_bytes(data)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    proc = subprocess.run([sys.executable, "-c", LOADER, str(path), which], capture_output=True, text=True,
-                          env=env, timeout=300)
+    proc = subprocess.run([sys.executable, "-m", "tests.precompiled_blocks", str(path), which], capture_output=True,
+                          text=True, env=env, cwd=ROOT, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["error"] < 1e-5

@@ -196,7 +196,7 @@ def test_each_shape_compiles_and_captures_once():
 def test_lora_switch_neither_recompiles_nor_recaptures():
     import numpy as np
 
-    from .test_lora import lora_factors, peft_format
+    from .conftest import lora_factors, peft_format
 
     pipe = _tiny_compiled()
 

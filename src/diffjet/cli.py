@@ -1,24 +1,40 @@
 """The `diffjet` command: `generate`, `bench`, `verify`, `compile`, `cache`.
 
-Bad input never ends in a traceback: every `DiffjetError` becomes one line on stderr and exit code 2;
-`verify` exits 1 when the compiled pipeline breaks the lossless rule.
+Bad input never ends in a traceback: every argument and output path is checked before any work, and
+every `DiffjetError` becomes one line on stderr and exit code 2; `verify` exits 1 when the compiled
+pipeline breaks the lossless rule. torch and diffusers are imported inside the commands, so that
+`diffjet --help` answers at once.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import logging
+import math
 import os
 import shlex
 import sys
+import tempfile
+import traceback
 from pathlib import Path
 from typing import Any, Sequence
 
+from . import console
 from .bench.recipes import COMPILERS, DIFFJET, SCHEDULERS
 from .errors import CacheError, ConfigError, DeviceError, DiffjetError, OutputError
-from .runtime.files import write_atomically as _write_atomically
+from .runtime.files import write_atomically
 
+#: The seeds `torch.Generator.manual_seed` takes without a sign: 64 bits.
+MAX_SEED = 2**64 - 1
+
+
+def _write_atomically(target: Path, write) -> None:
+    """Write an output file; a write that fails after the checks (a full disk, a folder removed meanwhile)
+    is one line too, after the results were printed."""
+    try:
+        write_atomically(target, write)
+    except OSError as error:
+        raise OutputError(f"cannot write {target} ({error.strerror or error}); the results are printed above") from error
 
 
 # -- validation --------------------------------------------------------------------------------
@@ -34,6 +50,18 @@ def _size(name: str, value: int | None) -> int | None:
     return value
 
 
+def _seed(value: int) -> int:
+    if not 0 <= value <= MAX_SEED:
+        raise ConfigError(f"--seed must be a whole number from 0 to {MAX_SEED}, got {value}")
+    return value
+
+
+def _finite(name: str, value: float) -> float:
+    if not math.isfinite(value):
+        raise ConfigError(f"{name} must be a finite number, got {value}")
+    return value
+
+
 def _device(requested: str) -> str:
     import torch
 
@@ -45,15 +73,28 @@ def _device(requested: str) -> str:
 
 
 def _writable_file(path: str, suffixes: tuple[str, ...]) -> Path:
+    """`path` as an output file, checked by creating (and removing) a file beside it: permissions, a
+    read-only or special file system, a folder in its place all show now, not after the work."""
     target = Path(path)
     if target.suffix.lower() not in suffixes:
         raise OutputError(f"{path}: the output file must end in {' or '.join(suffixes)}")
+    if target.is_dir():
+        raise OutputError(f"{path} is a folder; name a file to write")
     parent = target.parent if str(target.parent) else Path(".")
     if not parent.is_dir():
         raise OutputError(f"{path}: folder {parent} does not exist")
-    if not os.access(parent, os.W_OK) or (target.exists() and not os.access(target, os.W_OK)):
+    if target.exists() and not os.access(target, os.W_OK):
         raise OutputError(f"{path}: not writable")
+    _probe_folder(parent, path)
     return target
+
+
+def _probe_folder(folder: Path, shown: str) -> None:
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".diffjet-probe-"):
+            pass
+    except OSError as error:
+        raise OutputError(f"{shown}: cannot write in {folder} ({error.strerror or error})") from None
 
 
 def _compilers(text: str) -> list[str]:
@@ -85,6 +126,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     native_h, native_w = _native_size(model)
     height = _size("--height", args.height) or native_h
     width = _size("--width", args.width) or native_w
+    _seed(args.seed)
+    _finite("--guidance", args.guidance)
     out = _writable_file(args.out, (".png",))
 
     from PIL.PngImagePlugin import PngInfo
@@ -145,17 +188,24 @@ def cmd_bench(args: argparse.Namespace) -> int:
     batch = _positive("--batch", args.batch)
     repeats = _positive("--repeats", args.repeats)
     _positive("--unet-repeats", args.unet_repeats)
+    _positive("--warmup", args.warmup)
+    if args.timeout is not None and not args.timeout > 0:
+        raise ConfigError(f"--timeout must be a positive number of seconds, got {args.timeout}")
     _size("--height", args.height)
     _size("--width", args.width)
+    _seed(args.seed)
     sizes = _resolutions(args.resolutions) if args.resolutions else None
     json_path = _writable_file(args.json, (".json",)) if args.json else None
     plot_path = _writable_file(args.plot, (".png",)) if args.plot else None
 
-    from .models import resolve
+    from .models import PRESETS, resolve
 
+    # An unknown model fails now, once, not in every worker; folders and hub ids are checked before any
+    # preset is built.
+    for model in sorted(models, key=lambda m: m in PRESETS):
+        resolve(model)
     specs = []
     for model in models:
-        resolve(model)  # unknown model: fail now, once, not in every worker
         native_h, native_w = _native_size(model)
         height, width = args.height or native_h or 512, args.width or native_w or 512
         for compiler in compilers:
@@ -165,6 +215,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
                      height=height, width=width, batch=batch, seed=args.seed, warmup=args.warmup,
                      repeats=repeats, unet_repeats=args.unet_repeats, time_warm_start=not args.skip_warm_start)
             )
+    if device == "cpu" and any(c in DIFFJET for c in compilers):
+        print("diffjet: note: CPU timings only show that bench works: on a CPU diffjet applies channels-last "
+              "and fused attention alone (no half precision, Inductor, kernels or CUDA graphs); time it on a GPU",
+              file=sys.stderr)
     with tqdm(total=len(specs), desc="bench", unit="variant", file=sys.stderr) as bar:
         def progress(result: dict[str, Any]) -> None:
             bar.set_postfix_str(f"{result['model']}/{result['compiler']}")
@@ -178,6 +232,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(f"wrote {json_path}")
     if plot_path:
         _write_atomically(plot_path, lambda h: bench.plot(runs, h))
+        print(f"wrote {plot_path}")
     return 1 if any("error" in r for r in runs) else 0
 
 
@@ -227,16 +282,18 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
     device = _device(args.device)
     model = args.model or _default_model(device)
-    steps = _positive("--steps", args.steps or (30 if device == "cuda" else 4))
+    steps = _positive("--steps", args.steps if args.steps is not None else (30 if device == "cuda" else 4))
     native_h, native_w = _native_size(model)
     height = _size("--height", args.height) or native_h
     width = _size("--width", args.width) or native_w
+    _seed(args.seed)
+    _finite("--lora-scale", args.lora_scale)
     json_path = _writable_file(args.json, (".json",)) if args.json else None
+    if args.lora and args.lora != "random" and not os.path.exists(args.lora):
+        raise ConfigError(f"--lora: no such file or folder: {args.lora}")
     from .models import resolve
 
     path = resolve(model)
-    if args.lora and args.lora != "random" and not os.path.exists(args.lora):
-        raise ConfigError(f"--lora: no such file or folder: {args.lora}")
     from .bench import recipes
 
     config = recipes.DIFFJET[_fast_or(args)]()
@@ -269,6 +326,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
                   "compiler": _fast_or(args), "lora": args.lora, "lora_scale": args.lora_scale if args.lora else None,
                   "steps": steps, "passed": verdict.passed if verdict.lossy is None else None, **asdict(verdict)}
         _write_atomically(json_path, lambda h: h.write((json.dumps(record, indent=2) + "\n").encode()))
+        print(f"wrote {json_path}")
     c = verdict.candidate
     if verdict.lossy is not None:
         if not c.finite:
@@ -303,6 +361,16 @@ def _resolutions(text: str) -> list[tuple[int, int]]:
     return sizes
 
 
+def _batches(text: str) -> list[int]:
+    try:
+        batches = [int(b) for b in text.split(",") if b.strip()]
+    except ValueError:
+        raise ConfigError(f"--batch: {text!r} is not a comma-separated list of whole numbers (e.g. 1,2)") from None
+    if not batches:
+        raise ConfigError("--batch: give at least one number of images per prompt")
+    return [_positive("--batch", b) for b in batches]
+
+
 def cmd_compile(args: argparse.Namespace) -> int:
     import time
 
@@ -316,7 +384,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     if _device(args.device) != "cuda":
         raise DeviceError("diffjet compile builds GPU kernels, and no CUDA GPU is visible here")
     sizes = _resolutions(args.resolutions)
-    batches = [_positive("--batch", int(b)) for b in args.batch.split(",") if b.strip()]
+    batches = _batches(args.batch)
     from .runtime.compile_cache import open_cache
 
     target = open_cache(args.cache)  # refuses an unsafe folder before any work
@@ -392,7 +460,8 @@ def cmd_cache(args: argparse.Namespace) -> int:
 # -- entry point -------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffjet", description="Fast, faithful Stable Diffusion pipelines.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log what diffjet does")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="log what diffjet does, and show the third-party lines hidden by default")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def common(p: argparse.ArgumentParser, steps_default: int | None) -> None:
@@ -473,10 +542,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     args.command_line = "diffjet " + shlex.join(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
     try:
-        return args.func(args)
+        with console.terminal(args.verbose):
+            return args.func(args)
     except DiffjetError as exc:
+        if args.verbose and exc.__cause__ is not None:
+            traceback.print_exception(exc.__cause__)
         print(f"diffjet: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -15,10 +15,11 @@ KNOWN_COMPONENTS = ("unet", "controlnet", "vae", "text_encoder", "text_encoder_2
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "keep": None}
 _ATTENTION = ("sdpa-fused-qkv", "keep")
 _COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
+#: `torch.compile` backends: Inductor, and the two that tests use to trace without compiling.
+_BACKENDS = ("inductor", "eager", "aot_eager")
 #: diffjet's Triton kernels (`diffjet/kernels/`) that `Config.kernels` may name.
 KNOWN_KERNELS = ("group_norm_silu", "geglu")
-#: The kernels on by default: those measured faster than Inductor's own code on the H100 (README, "Triton
-#: kernels").
+#: The kernels on by default: those measured faster than Inductor's own code on the H100 (docs/kernels.md).
 DEFAULT_KERNELS = ("group_norm_silu", "geglu")
 
 
@@ -87,7 +88,7 @@ class Config:
             "geglu" (both by default); `()` for none. Applied on CUDA to
             half-precision channels-last UNet, ControlNet and VAE only.
         compile_mode: "default" or "max-autotune-no-cudagraphs" (much longer compilation).
-        backend: the `torch.compile` backend; "inductor" except in tests ("eager", "aot_eager").
+        backend: the `torch.compile` backend: "inductor", or "eager" / "aot_eager" (tests: traced, not compiled).
         cuda_graphs: capture each component call per input signature into a CUDA graph.
         max_graphs: how many input signatures each component keeps captured (least recently used goes).
         graph_memory_gib: a cap on the device memory each component's graphs hold. With a cap, every graph
@@ -134,6 +135,8 @@ class Config:
             raise ConfigError(f"attention must be one of {list(_ATTENTION)}, got {self.attention!r}")
         if self.compile_mode not in _COMPILE_MODES:
             raise ConfigError(f"compile_mode must be one of {list(_COMPILE_MODES)}, got {self.compile_mode!r}")
+        if self.backend not in _BACKENDS:
+            raise ConfigError(f"backend must be one of {list(_BACKENDS)}, got {self.backend!r}")
         for field_name in ("components", "inductor"):
             value = getattr(self, field_name)
             if isinstance(value, str) or not isinstance(value, (tuple, list)):

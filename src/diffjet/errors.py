@@ -17,6 +17,10 @@ class ModelNotFoundError(DiffjetError):
     """`--model` names no preset, no local diffusers folder and no reachable hub id."""
 
 
+class ModelLoadError(DiffjetError):
+    """A model folder exists but cannot be loaded: a broken `model_index.json`, damaged or missing weights."""
+
+
 class DeviceError(DiffjetError):
     """The requested device (for example CUDA) is not available on this machine."""
 

@@ -127,6 +127,7 @@ def load_lora(
     to a layer of this pipeline with matching shapes. Weight storage never moves, so compiled code and
     CUDA graphs see the new weights at once. Works on compiled and plain pipelines alike.
     """
+    scale = _scale(scale, adapter_name)
     state = _state(pipe)
     if adapter_name is None:
         adapter_name = next(f"default_{i}" for i in itertools.count() if f"default_{i}" not in state.adapters)
@@ -141,7 +142,7 @@ def load_lora(
             state.base[key] = _host_copy(weight)
         at_base.add(key)
     undo = _registry_undo(state)
-    state.adapters[adapter_name] = _Adapter(float(scale), _to_weight_devices(pipe, layers))
+    state.adapters[adapter_name] = _Adapter(scale, _to_weight_devices(pipe, layers))
     _merge(pipe, state, layers, at_base, undo=undo)
     return adapter_name
 
@@ -165,10 +166,11 @@ def set_lora_scales(pipe: Any, scales: Mapping[str, float]) -> None:
     """Set the scale of each named adapter (0 turns one off and keeps it loaded); others keep theirs."""
     state = _state(pipe)
     _check_known(state, scales)
+    scales = {name: _scale(scale, name) for name, scale in scales.items()}  # all checked before any changes
     undo = _registry_undo(state)
     touched: set[tuple[str, str]] = set()
     for name, scale in scales.items():
-        state.adapters[name].scale = float(scale)
+        state.adapters[name].scale = scale
         touched.update(state.adapters[name].layers)
     _merge(pipe, state, touched, undo=undo)
 
@@ -376,6 +378,18 @@ def _state(pipe: Any) -> _LoraState:
         state = _LoraState()
         pipe._diffjet_lora = state
     return state
+
+
+def _scale(value: Any, adapter: str | None) -> float:
+    """A LoRA scale as a float: a finite number (not a string, not a bool)."""
+    try:
+        scale = float(value) if not isinstance(value, (str, bytes, bool)) else math.nan
+    except (TypeError, ValueError):
+        scale = math.nan
+    if not math.isfinite(scale):
+        who = f"LoRA {adapter!r}" if adapter else "a LoRA"
+        raise LoraError(f"the scale of {who} must be a finite number (such as 0.8), got {value!r}")
+    return scale
 
 
 def _check_known(state: _LoraState, names: Iterable[str]) -> None:

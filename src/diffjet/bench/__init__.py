@@ -18,9 +18,6 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
-
-from ..runtime.environment import package_version
 from . import recipes
 
 WEIGHTS_NOTE = "random (architecture-exact) for presets"
@@ -28,6 +25,10 @@ WEIGHTS_NOTE = "random (architecture-exact) for presets"
 
 def environment(device: str) -> dict[str, Any]:
     """Versions and device facts recorded with every result file."""
+    import torch
+
+    from ..runtime.environment import package_version
+
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     return {
         "device": name,

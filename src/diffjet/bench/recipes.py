@@ -2,13 +2,11 @@
 
 - `eager`: the pipeline as loaded (fp16 and diffusers' SDPA attention on a GPU).
 - `torch-compile`: the recipe of Diffusers' speed guide: channels-last UNet and VAE, fused QKV
-  projections, `conv_1x1_as_mm` and no epilogue fusion, `torch.compile` of the UNet and of `vae.decode`.
-  The guide asks for `max-autotune`; with only its GEMMs autotuned, the SD1.5 UNet was still compiling
-  after about 430 s on the H100 (bench/results/unet-step-sd15-autotune-mm-h100-2026-11-27.json), past what
-  one benchmark run may take, so the recipe uses `reduce-overhead` (Inductor plus CUDA-graph trees) and
-  records the mode in every run. The guide's coordinate-descent tuning is left out too: it nearly doubled
-  the SD1.5 UNet's first call (95.7 against 50.5 s) for no measurable speed
-  (bench/results/unet-step-sd15-cudnn-benchmark-cdt-h100-2026-11-27.json).
+  projections, `conv_1x1_as_mm` and no epilogue fusion, `torch.compile` of the UNet and of `vae.decode`,
+  in `reduce-overhead` mode (Inductor plus CUDA-graph trees), recorded in every run. The guide's
+  `max-autotune` did not finish compiling the SD1.5 UNet in 430 s on the H100
+  (bench/results/unet-step-sd15-autotune-mm-h100-2026-11-27.json), past what one benchmark run may take;
+  its coordinate-descent tuning is left out too (bench/NOTES.md §2b: longer compiles, no measurable speed).
 - `diffjet`: `diffjet.compile(pipe)` with the default (lossless) config, diffjet's Triton kernels included.
 - `diffjet-no-kernels`: the same without the Triton kernels of `diffjet/kernels/` (`Config(kernels=())`):
   Inductor's own code in their place, so that the kernels' effect is measured side by side.
@@ -25,8 +23,6 @@
 from __future__ import annotations
 
 from typing import Any
-
-import torch
 
 #: The diffjet variants, each as the function that makes its `Config`.
 DIFFJET = {
@@ -113,6 +109,8 @@ def _deepcache(pipe) -> dict[str, Any]:
 
 
 def _torch_compile(pipe) -> dict[str, Any]:
+    import torch
+
     mode = TORCH_COMPILE_MODE if pipe.device.type == "cuda" else "default"
     pipe.unet.to(memory_format=torch.channels_last)
     pipe.vae.to(memory_format=torch.channels_last)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from .. import console
 from ..models import control_inputs, load_pipeline
 from . import recipes
 from .harness import measure
@@ -174,9 +175,10 @@ def _dynamo_counts() -> dict[str, int]:
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.WARNING)
     spec = json.loads(sys.argv[1])
-    Path(sys.argv[2]).write_text(json.dumps(run(spec)))
+    with console.terminal(verbose=False):  # the last lines of stderr are the run's error, if it fails
+        result = run(spec)
+    Path(sys.argv[2]).write_text(json.dumps(result))
 
 
 if __name__ == "__main__":

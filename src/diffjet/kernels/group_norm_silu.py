@@ -13,11 +13,10 @@ Here every load is a contiguous run of whole pixel rows:
 
 Bytes moved: the input twice and the output once, plus C floats of partials per statistics program.
 
-`group_norm_silu` is an opaque `torch.library.custom_op` with a fake implementation: Inductor places one
-call in its graph and CUDA graphs capture its kernels. (As a `triton_op`, which Inductor traces into, the
-SD1.5 UNet did not finish compiling in 82 s where it otherwise takes 8.4 s:
-bench/results/unet-step-sd15-gn-silu-h200-2026-11-26.json.) On CPU, or for layouts the kernels do not
-take, it runs `reference`, plain PyTorch.
+`group_norm_silu` is an opaque `torch.library.custom_op` with a fake implementation, which Inductor places
+as one call in its graph: traced into as a `triton_op`, the SD1.5 UNet did not finish compiling in ten
+times its usual time (bench/results/unet-step-sd15-gn-silu-h200-2026-11-26.json). On CPU, or for layouts the kernels do
+not take, it runs `reference`, plain PyTorch.
 """
 
 from __future__ import annotations

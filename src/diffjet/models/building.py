@@ -20,6 +20,7 @@ import transformers
 from tqdm.auto import tqdm
 
 from diffjet.errors import OutputError
+from diffjet.models import manifest
 from diffjet.models.architectures import ARCHITECTURES, ModelSpec
 from diffjet.models.presets import get_preset
 from diffjet.models.progress_bars import hidden_progress_bars
@@ -49,7 +50,8 @@ def build(name: str, path: str | os.PathLike, *, progress: bool = False) -> path
     """Write preset `name` with deterministic random weights as a diffusers folder at `path`.
 
     The folder appears at `path` complete or not at all: it is written beside `path` under a
-    temporary name and renamed at the end. `path` must not exist or be an empty folder.
+    temporary name and renamed at the end, with a manifest of its files (`manifest.py`). `path` must
+    not exist or be an empty folder.
     `progress=True` shows a tqdm bar over components on stderr.
     """
     preset = get_preset(name)
@@ -88,6 +90,7 @@ def build(name: str, path: str | os.PathLike, *, progress: bool = False) -> path
             pipeline = pipeline_class(**components, scheduler=scheduler, **architecture.pipeline_options)
             pipeline.save_config(staging)
             bar.update()
+        manifest.write(staging)
         staging.rename(target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

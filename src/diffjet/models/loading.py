@@ -1,21 +1,25 @@
 """Turn a `--model` string (preset, local folder or hub id) into a loaded diffusers pipeline.
 
 Presets are built once into a cache folder and then loaded like any local diffusers folder, so a
-preset and a real checkpoint take the same `DiffusionPipeline.from_pretrained` path.
+preset and a real checkpoint take the same `DiffusionPipeline.from_pretrained` path. A preset whose
+files no longer match its manifest (`manifest.py`) is rebuilt, with a warning.
 """
 
+import json
 import logging
 import os
 import pathlib
 import re
 import shutil
+import uuid
 
 import diffusers
 import huggingface_hub
 import safetensors
 import torch
 
-from diffjet.errors import DeviceError, ModelNotFoundError, OutputError
+from diffjet.errors import DeviceError, ModelLoadError, ModelNotFoundError, OutputError
+from diffjet.models import manifest
 from diffjet.models.building import build
 from diffjet.models.presets import PRESETS
 from diffjet.models.progress_bars import hidden_progress_bars
@@ -40,19 +44,23 @@ def default_cache_dir() -> pathlib.Path:
 def resolve(model: str, *, cache_dir: str | os.PathLike | None = None) -> str:
     """The `from_pretrained` argument for `model`: a preset's built folder, a local folder or a hub id.
 
-    A preset is built under `cache_dir/models/<name>-v1` the first time and reused after.
-    Raises `ModelNotFoundError` for a path that is not a diffusers folder and for a name that is
-    neither a preset nor shaped like a hub id.
+    A preset is built under `cache_dir/models/<name>-v1` the first time and reused after (rebuilt if
+    damaged). Raises `ModelNotFoundError` for a path that is not a diffusers folder and for a name that
+    is neither a preset nor shaped like a hub id, and `ModelLoadError` for a folder whose
+    `model_index.json` names no pipeline.
     """
     if model in PRESETS:
         folder = pathlib.Path(cache_dir or default_cache_dir()).expanduser()
         folder = folder / "models" / f"{model}-v{PRESET_FORMAT_VERSION}"
         if not (folder / "model_index.json").is_file():
-            _build_into_cache(model, folder)
+            _build_into_cache(model, folder, "no model_index.json")
+        elif (problem := manifest.damage(folder)) is not None:
+            _build_into_cache(model, folder, problem)
         return str(folder)
 
     path = pathlib.Path(model).expanduser()
     if (path / "model_index.json").is_file():
+        _check_model_index(path)
         return str(path)
     if path.exists() or model.startswith((".", "/", "~")):
         raise ModelNotFoundError(f"{model} is not a diffusers folder (no model_index.json)")
@@ -79,28 +87,52 @@ def load_pipeline(
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise DeviceError(f"device {device!r} requested but CUDA is not available on this machine")
     path = resolve(model, cache_dir=cache_dir)
-    if dtype is None:
-        dtype = PRESETS[model].dtype if model in PRESETS else _dtype_on_disk(path)
     is_hub_id = not pathlib.Path(path).exists()
     try:
+        if dtype is None:
+            dtype = PRESETS[model].dtype if model in PRESETS else _dtype_on_disk(path)
         with hidden_progress_bars():
             pipeline = diffusers.DiffusionPipeline.from_pretrained(path, dtype=dtype)
-    except (OSError, huggingface_hub.errors.EntryNotFoundError) as error:
-        if not is_hub_id:
-            raise
-        raise ModelNotFoundError(
-            f"cannot load {model!r}: the Hugging Face Hub could not be reached or has no such model; "
-            f"offline, use a preset ({', '.join(PRESETS)}) or a local diffusers folder"
-        ) from error
+    except Exception as error:
+        if not is_hub_id:  # whatever a damaged folder makes diffusers or safetensors raise
+            raise _load_error(model, error) from error
+        if isinstance(error, (OSError, huggingface_hub.errors.EntryNotFoundError)):
+            raise ModelNotFoundError(
+                f"cannot load {model!r}: the Hugging Face Hub could not be reached or has no such model; "
+                f"offline, use a preset ({', '.join(PRESETS)}) or a local diffusers folder"
+            ) from error
+        raise
     return pipeline.to(device)
 
 
-def _build_into_cache(name: str, folder: pathlib.Path) -> None:
+def _load_error(model: str, error: Exception) -> ModelLoadError:
+    reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return ModelLoadError(f"cannot load {model}: {reason} (damaged or incomplete files? -v shows the whole error)")
+
+
+def _check_model_index(folder: pathlib.Path) -> None:
+    """A `model_index.json` that diffusers can start from: a JSON object naming the pipeline class."""
+    index_file = folder / "model_index.json"
+    try:
+        index = json.loads(index_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise ModelLoadError(f"{index_file} is not readable JSON ({error})") from None
+    if not isinstance(index, dict) or not isinstance(index.get("_class_name"), (str, list)):
+        raise ModelLoadError(f"{index_file} names no pipeline class (\"_class_name\"): not a diffusers pipeline folder")
+
+
+def _build_into_cache(name: str, folder: pathlib.Path, problem: str) -> None:
     if folder.exists():
-        # Only build() writes here and it renames complete folders into place, so this is a
-        # leftover of something else (a hand-made folder, a copy cut short); replace it.
-        logger.warning("replacing %s: it has no model_index.json", folder)
-        shutil.rmtree(folder)
+        # Only build() writes here and it renames complete folders into place, so this is damage or a
+        # leftover of something else (a hand-made folder, a copy cut short). Moved aside in one rename
+        # first, so that no process ever loads it half deleted.
+        logger.warning("preset %s in %s: %s; rebuilding it", name, folder, problem)
+        aside = folder.with_name(f".{folder.name}.old-{uuid.uuid4().hex[:8]}")
+        try:
+            folder.rename(aside)
+        except FileNotFoundError:  # another process moved it first
+            pass
+        shutil.rmtree(aside, ignore_errors=True)
     logger.info("building preset %s into %s (first use)", name, folder)
     try:
         build(name, folder)

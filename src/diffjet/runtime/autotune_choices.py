@@ -1,34 +1,22 @@
 """Inductor's autotuning choices for a compiled function's kernels, kept with its compile-cache entry.
 
-Inductor gives many of its kernels (reductions such as GroupNorm and LayerNorm, some pointwise ones)
-several launch configurations and picks one by timing them all at the kernel's first call. It writes the
-winner next to the kernel's source in its own cache directory (`<inductor cache>/<xx>/<key>.best_config`),
-and a process that finds that file launches the winner at once. A precompiled function
-(`precompiled.py`) carries Inductor's code and binaries but not these files, so a new process whose
-Inductor cache lacks them (a new machine or container, or a cleaned /tmp) timed every such kernel again
-during its first call: 139 kernels and 8.9 s of the SDXL warm start on the H100
-(bench/results/h100-2026-11-27-sdxl-kernels.json).
+Inductor times several launch configurations of many of its kernels at their first call and keeps the
+winner next to the kernel's source in its cache folder (`<inductor cache>/<xx>/<key>.best_config`). A
+precompiled function (`precompiled.py`) carries neither, so a new process without those files (a new
+machine or container, a cleaned /tmp) timed every such kernel again: 139 kernels and 8.9 s of the SDXL
+warm start on the H100 (bench/results/h100-2026-11-27-sdxl-kernels.json).
 
 So the runner notes which choices exist before it loads and warms up a function (`snapshot`), adds the
 ones the warm-up wrote to the entry (`collect`, under `inductor/` with the entry's size and SHA-256
-checks), and writes the entry's choices back before the next process loads the function (`restore`).
-A choice's file name is Inductor's key for it (kernel source hash and torch build), so a choice only ever
-applies to the kernel it was measured for; one Inductor cannot use makes it time the kernel again.
-
-Where a loaded function's kernels look for their choices: in the folder of the kernel's source *in the
-process that compiled it*, by absolute path (bench/results/autotune-choices-diagnosis-h100-2026-11-27.txt,
-torch 2.11). `restore` writes only into this process's own Inductor cache folder, never to a path an
-entry names: the cache must not let an entry write files elsewhere. So a process whose Inductor folder is
-the compiling process's (same path: same user and `TORCHINDUCTOR_CACHE_DIR`, as on the machine that
-compiled, or servers set up alike) finds every choice; one whose folder is elsewhere times those kernels
-again (4-9 s of an sd15 or SDXL warm start on the H100, bench/results/h100-2026-11-27-sdxl-kernels.json).
-The entry records the compiling process's folder
-(`ROOT`) so that `restore` can say which case it is. Only plain choice files are written, and none that
-exists is replaced.
-
-Choices that were already in Inductor's cache before the warm-up (written by an earlier process on the
-same machine) are not new and stay out of the entry; elsewhere those kernels are timed again, as they
-would be without diffjet.
+checks), and writes the entry's choices into this process's own Inductor cache folder before the next
+process loads the function (`restore`), never to a path an entry names: the cache must not let an entry
+write files elsewhere. A loaded function's kernels look for their choices by absolute path, in the
+compiling process's folder (bench/results/autotune-choices-diagnosis-h100-2026-11-27.txt), so only a
+process whose Inductor folder has that path (same user and `TORCHINDUCTOR_CACHE_DIR`) finds them; the
+entry records that folder (`ROOT`) so that `restore` can say which case it is. A choice's file name is
+Inductor's key for it (kernel source hash and torch build), so a choice only ever applies to the kernel it
+was measured for. Only plain choice files are written, none that exists is replaced, and choices an
+earlier process on the same machine wrote are not new and stay out of the entry.
 """
 
 from __future__ import annotations

@@ -1,15 +1,14 @@
 """CUDA-graph capture per input signature, with static buffers and one memory pool per device.
 
-A Stable Diffusion UNet step is a few hundred kernels; launched one by one from Python they leave the
+A Stable Diffusion UNet step is a few hundred kernels, and launched one by one from Python they leave the
 GPU idle (SD1.5 512², batch 2, H200: 24.6 ms eager in bench/results/h200-2026-11-26.json against 10.1 ms
 for the same kernels replayed from a graph in bench/results/unet-step-sd15-h200-2026-11-26.json).
 `CudaGraphRunner` captures a callable once per input signature (shapes, strides, dtypes, devices and
-non-tensor values of its arguments) and replays it afterwards.
+non-tensor values of its arguments) and replays it.
 
-Unlike torch.compile's `reduce-overhead` mode it keeps no per-call bookkeeping (a synchronous SD1.5 UNet
-call: 6.34 ms against 7.58 ms, bench/results/h200-2026-11-26.json) and it never hands out graph memory:
-inputs are copied into static buffers that live outside the pool, and every output tensor is cloned
-before it is returned, so the next replay cannot overwrite what the caller holds.
+Unlike torch.compile's `reduce-overhead` mode it keeps no per-call bookkeeping and never hands out graph
+memory: inputs are copied into static buffers that live outside the pool, and every output tensor is
+cloned before it is returned, so the next replay cannot overwrite what the caller holds.
 
 All graphs of a device share one memory pool unless a memory cap is set (see `CudaGraphRunner`). That
 is safe because graphs never run concurrently and every value that lives across a replay (static

@@ -8,22 +8,39 @@ written it: `folder_problem` checks the folder and every folder above it, as ssh
 from __future__ import annotations
 
 import os
+import secrets
 import stat
-import tempfile
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable
 
 
 def write_atomically(target: Path, write: Callable[[Any], Any]) -> None:
     """Write through a temporary file in the same folder and rename it over `target`: a reader sees the
-    whole file or none, and a failed write leaves nothing behind."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent or ".")
+    whole file or none, and a failed write leaves nothing behind.
+
+    The file gets the mode any new file would (0666 less the umask), or keeps the mode of the file it
+    replaces; `tempfile.mkstemp` alone would leave every output 0600."""
+    target = Path(target)
+    folder = target.parent
+    for _ in range(100):
+        tmp = folder / f".{target.name}.{secrets.token_hex(4)}.tmp"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the kernel applies the umask
+            break
+        except FileExistsError:
+            continue
+    else:
+        raise FileExistsError(f"no free temporary name beside {target}")
     try:
         with os.fdopen(fd, "wb") as handle:
+            try:
+                os.fchmod(handle.fileno(), stat.S_IMODE(os.stat(target).st_mode))
+            except FileNotFoundError:
+                pass
             write(handle)
         os.replace(tmp, target)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 

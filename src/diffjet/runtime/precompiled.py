@@ -1,10 +1,9 @@
 """Precompiled forwards: a module's forward traced and compiled once, saved whole, loaded without Dynamo.
 
 With only Inductor's artifacts cached, a new process still traces every component with Dynamo before the
-cache can answer: on the H100 the SD1.5 warm start's first image took 12.7 s that way, 5.4 s with
-precompiled functions (bench/results/warm-start-profile-sd15-h100-2026-11-26.json). `torch.compile(...).aot_compile` keeps the
-traced bytecode, the compiled graph and its guards as one serialisable function instead; loading it back
-takes about 2.5 s and its first call under a second (bench/results/aot-warm-start-sd15-h100-2026-11-26.json).
+cache can answer; `torch.compile(...).aot_compile` keeps the traced bytecode, the compiled graph and its
+guards as one serialisable function instead, which took the SD1.5 warm start's first image from 12.7 to
+5.4 s on the H100 (bench/results/warm-start-profile-sd15-h100-2026-11-26.json).
 
 What is compiled is `forward(module, *args, **kwargs)`, the module's class forward with the module as an
 argument (or any other function that takes the module first): parameters stay graph inputs read at each call, so in-place weight updates (LoRA merges) reach

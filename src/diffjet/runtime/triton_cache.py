@@ -1,16 +1,15 @@
 """Triton binaries compiled during a warm-up, kept with the compile-cache entry they belong to.
 
-A precompiled function (`precompiled.py`) holds Inductor's own kernels, but not what Triton compiles
-in-process at the first call: diffjet's kernels (`diffjet/kernels/`), launched as opaque ops, are
-compiled there, one binary per specialisation. A new process has an empty Triton cache of its own (or
-none that survives a container), so it compiled them again at every warm start: 13.5 s of the SD1.5
-UNet's warm-up with the GroupNorm kernel (bench/results/h100-2026-11-26-sd15-side-by-side.json).
+diffjet's kernels (`diffjet/kernels/`) run as opaque ops that Triton compiles in-process at their first
+call, outside the precompiled function (`precompiled.py`), so a new process compiled them again at every
+warm start: 13.5 s of the SD1.5 UNet's warm-up with the GroupNorm kernel
+(bench/results/h100-2026-11-26-sd15-side-by-side.json).
 
 So a runner warms up with Triton's cache pointed at a directory of its own (`scope`), seeded from the
-entry (`restore`), and adds what Triton wrote there to the entry (`collect`). The files travel under
-`triton/` inside the entry and so get its size and SHA-256 checks. Triton's group files
-(`__grp__*.json`) name their member files by absolute path; they are stored relative and written back
-with the new directory's path. A file Triton cannot use only makes it compile again.
+entry (`restore`), and adds what Triton wrote there to the entry (`collect`), under `triton/` with the
+entry's size and SHA-256 checks. Triton's group files (`__grp__*.json`) name their member files by
+absolute path; they are stored relative and written back with the new directory's path. A file Triton
+cannot use only makes it compile again.
 """
 
 from __future__ import annotations
