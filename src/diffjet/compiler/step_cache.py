@@ -106,9 +106,9 @@ class StepCachedUNet:
     `compile` turns each part function (`full`, `shallow`, ...: each its own code object, so Dynamo
     keeps one compiled graph per part) into its compiled form; `graph(name, part)` wraps a part, bound to
     the UNet, into what runs it (the CUDA-graph runner on a GPU). Outside a pipeline call (`begin` …
-    `end`), and for sizes that need explicit upsample sizes, every call runs the full path; inputs the
-    parts do not cover (T2I-Adapter residuals, GLIGEN) run diffusers' own forward. So a direct
-    `pipe.unet(...)` is never lossy.
+    `end`) every call runs the full path, so a direct `pipe.unet(...)` is never lossy; inputs the parts
+    do not cover (T2I-Adapter residuals, GLIGEN, sizes that need diffusers' explicit upsample sizes) run
+    diffusers' own forward.
     """
 
     def __init__(self, unet: nn.Module, settings: StepCache, *, compile: Callable[[Callable], Callable] | None = None,
@@ -182,14 +182,16 @@ class StepCachedUNet:
         total = getattr(self._pipeline() if self._pipeline else None, "_num_timesteps", None)
         must = (self._feature is None or step < s.first_full or self._since_full + 1 >= s.interval
                 or (isinstance(total, int) and step >= total - s.last_full))
-        if must or relative_l1(state["probe"], self._probe) >= s.threshold:
+        reuse = not must and relative_l1(state["probe"], self._probe) < s.threshold
+        if not reuse:
             self._feature = self.parts["deep"](state["h"], state["stack"], state["context"], state["pushed"])
             self._probe, self._since_full = state["probe"], 0
-            self.steps.append("full")
-            return self.parts["tail"](self._feature, state["stack"][: self.plan.fresh], state["context"])
         noise = self.parts["tail"](self._feature, state["stack"][: self.plan.fresh], state["context"])
-        self._since_full += 1
-        self._record(kwargs, noise)
+        if reuse:
+            self._since_full += 1
+            self._record(kwargs, noise)
+        else:
+            self.steps.append("full")
         return noise
 
     def _record(self, kwargs: dict, noise: torch.Tensor) -> None:
@@ -209,7 +211,3 @@ class StepCachedUNet:
                            "UNet's upsampling factor, run diffusers' own UNet forward, uncached")
             self._warned = True
         return covered
-
-    @property
-    def reused(self) -> int:
-        return self.steps.count("cached")
