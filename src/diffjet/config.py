@@ -29,7 +29,7 @@ class StepCache:
 
     Full steps run the whole UNet and keep the up path's input at skip branch `branch` (DeepCache's
     `cache_branch_id`: 0 is the shallowest); the steps between run only the layers above that branch and
-    take the rest from the last full step.
+    take the rest from the last full step. The defaults are DeepCache's published SD setting.
 
     Fields:
         interval: uniform mode (no threshold): every `interval`-th step is full, as DeepCache's
@@ -192,7 +192,7 @@ class Config:
         """Every lossy option where the device supports it (LOSSY: `diffjet verify` prints the cost):
         the step cache at DeepCache's published SD setting (full every 3 steps, branch 0), and fp8 GEMMs
         on GPUs that have them ("auto")."""
-        return cls(step_cache=StepCache(interval=3, branch=0), fp8="auto")
+        return cls(step_cache=StepCache(), fp8="auto")
 
     @classmethod
     def max_autotune(cls) -> "Config":

@@ -34,8 +34,6 @@ DIFFJET = {
     "diffjet-fp8": lambda: _config(fp8=True),
 }
 COMPILERS = ("eager", "torch-compile", *DIFFJET, "deepcache")
-#: DeepCache's published SD setting, for `diffjet-deepcache` and the `deepcache` package alike.
-DEEPCACHE_INTERVAL, DEEPCACHE_BRANCH = 3, 0
 TORCH_COMPILE_MODE = "reduce-overhead"
 SCHEDULERS = {
     "default": None,
@@ -83,7 +81,7 @@ def apply(pipe, compiler: str, cache_dir: str | None = None) -> dict[str, Any]:
 
 def lossy(compiler: str) -> bool:
     """Whether `compiler` trades fidelity for speed (its runs record what it costs)."""
-    return compiler in ("diffjet-fast", "diffjet-deepcache", "diffjet-fp8", "deepcache")
+    return compiler == "deepcache" or (compiler in DIFFJET and bool(DIFFJET[compiler]().lossy))
 
 
 def _config(preset: str = "lossless", **fields):
@@ -93,19 +91,22 @@ def _config(preset: str = "lossless", **fields):
 
 
 def _deepcache_setting():
+    """DeepCache's published SD setting (interval 3, branch 0: `StepCache`'s defaults), for
+    `diffjet-deepcache` and the `deepcache` package alike."""
     from ..config import StepCache
 
-    return StepCache(interval=DEEPCACHE_INTERVAL, branch=DEEPCACHE_BRANCH)
+    return StepCache()
 
 
 def _deepcache(pipe) -> dict[str, Any]:
     from DeepCache import DeepCacheSDHelper
 
+    setting = _deepcache_setting()
     helper = DeepCacheSDHelper(pipe=pipe)
-    helper.set_params(cache_interval=DEEPCACHE_INTERVAL, cache_branch_id=DEEPCACHE_BRANCH)
+    helper.set_params(cache_interval=setting.interval, cache_branch_id=setting.branch)
     helper.enable()
     pipe._deepcache_helper = helper  # keeps it alive with the pipeline
-    return {"deepcache": {"interval": DEEPCACHE_INTERVAL, "branch": DEEPCACHE_BRANCH, "on": "eager"}}
+    return {"deepcache": {"interval": setting.interval, "branch": setting.branch, "on": "eager"}}
 
 
 def _torch_compile(pipe) -> dict[str, Any]:
