@@ -217,12 +217,15 @@ def verify(
     half = torch.float16 if device.type == "cuda" else torch.float32
     results: dict[str, Any] = {}
 
-    def evaluate(dtype: torch.dtype, prepare: Callable[[Any], Any] | None, decode: bool) -> tuple:
+    def evaluate(dtype: torch.dtype, prepare: Callable[[Any], Any] | None, decode: bool | None) -> tuple:
+        """decode=None: decode only if the prepared pipeline is lossy (images are compared only then, and
+        decoding would compile the VAE for nothing)."""
         pipe = load(dtype)
         pipe.set_progress_bar_config(disable=True)
         if prepare is not None:
             pipe = prepare(pipe)
         options = list(getattr(getattr(pipe, "diffjet", None), "lossy", []))
+        decode = bool(options) if decode is None else decode
         reused = audit_reused_steps(pipe)
         run = lambda: final_outputs(pipe, prompt=prompt, steps=steps, height=height,  # noqa: E731
                                     width=width, seed=seed, decode=decode)
@@ -237,8 +240,8 @@ def verify(
 
     inputs, ref_unet, ref_latents, _, _, _ = evaluate(torch.float32, prepare_eager, decode=False)
     results["inputs"] = inputs
-    _, half_unet, half_latents, half_image, _, _ = evaluate(half, prepare_eager, decode=True)
-    _, unet, latents, image, options, reused = evaluate(half, compile_pipe, decode=True)
+    _, unet, latents, image, options, reused = evaluate(half, compile_pipe, decode=None)
+    _, half_unet, half_latents, half_image, _, _ = evaluate(half, prepare_eager, decode=bool(options))
     variants = []
     for name, u, lat in ((f"eager {str(half).removeprefix('torch.')}", half_unet, half_latents),
                          ("diffjet", unet, latents)):
