@@ -296,7 +296,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     path = resolve(model)
     from .bench import recipes
 
-    config = recipes.DIFFJET[_fast_or(args)]()
+    compiler = _fast_or(args)
+    config = recipes.DIFFJET[compiler]()
     compile_pipe, prepare_eager = (lambda pipe: diffjet.compile(pipe, config)), None
     if args.lora:
         compile_pipe, prepare_eager = _verify_lora_steps(args.lora, args.lora_scale, height, width, config)
@@ -312,7 +313,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         prepare_eager=prepare_eager,
     )
     with_lora = f", LoRA {args.lora} at scale {args.lora_scale}" if args.lora else ""
-    print(f"fidelity of {_fast_or(args)} on {model}{with_lora} ({device}, {steps} steps), "
+    print(f"fidelity of {compiler} on {model}{with_lora} ({device}, {steps} steps), "
           f"reference: {verdict.reference}")
     print(verdict.table())
     if verdict.lossy is not None:
@@ -323,7 +324,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         from . import bench
 
         record = {**bench.environment(device), "command": args.command_line, "model": model,
-                  "compiler": _fast_or(args), "lora": args.lora, "lora_scale": args.lora_scale if args.lora else None,
+                  "compiler": compiler, "lora": args.lora, "lora_scale": args.lora_scale if args.lora else None,
                   "steps": steps, "passed": verdict.passed if verdict.lossy is None else None, **asdict(verdict)}
         _write_atomically(json_path, lambda h: h.write((json.dumps(record, indent=2) + "\n").encode()))
         print(f"wrote {json_path}")

@@ -32,11 +32,6 @@ def serialize(pipe: Any) -> None:
         pipe.__class__ = _serialized(type(pipe))
 
 
-def lock(pipe: Any) -> threading.RLock | None:
-    """The pipeline's call lock, or None for a pipeline diffjet has not compiled."""
-    return getattr(pipe, "__dict__", {}).get(LOCK)
-
-
 def add_hook(pipe: Any, hook: Any) -> None:
     hooks = pipe.__dict__[HOOKS]
     if hook not in hooks:

@@ -86,11 +86,6 @@ def _tail(unet: nn.Module, plan: Plan, state: State, feature: torch.Tensor) -> t
     return unet_parts.epilogue(unet, state.h)
 
 
-def _bind(function: Callable, unet: nn.Module, plan: Plan) -> Callable:
-    """`function` with the UNet and the plan filled in."""
-    return functools.partial(function, unet, plan)
-
-
 def relative_l1(x: torch.Tensor, reference: torch.Tensor) -> float:
     """mean |x − reference| / mean |reference| (one host read)."""
     x, reference = x.float(), reference.float()
@@ -122,7 +117,7 @@ class StepCachedUNet:
         self.parts = {}
         for name in names:
             function = compile(functions[name]) if compile is not None else functions[name]
-            part = _bind(function, unet, self.plan)
+            part = functools.partial(function, unet, self.plan)
             self.parts[name] = graph(name, part) if graph is not None else part
         self.steps: list[str] = []  # "full" or "cached", one per UNet call of the current pipeline call
         # When set, called as audit(step, noise, full_noise) at every reused step, with the full UNet's

@@ -51,7 +51,6 @@ class Plan:
     head: int
     tail: int
     fresh: int
-    branch: int
 
 
 @dataclass
@@ -117,6 +116,7 @@ def plan(unet: nn.Module, branch: int, probe: bool = False) -> Plan:
     first_kept = len(unet.up_blocks[up_block].resnets) - 1 - level
     if first_kept < 0:
         raise ConfigError(f"step_cache branch {branch}: up block {up_block} has no layer {level} from its end")
+
     def skipped(layer: Layer) -> bool:  # in a shallow step, on the way down
         if layer.kind not in ("down", "downsample"):
             return True
@@ -129,7 +129,7 @@ def plan(unet: nn.Module, branch: int, probe: bool = False) -> Plan:
     fresh = 1 + sum(1 for layer in all_layers[:head] if layer.kind in ("down", "downsample"))
     if probe:
         head = max(head, all_layers.index(Layer("down", 0, 0)) + 1)
-    return Plan(all_layers, head, tail, fresh, branch)
+    return Plan(all_layers, head, tail, fresh)
 
 
 # -- running layers -----------------------------------------------------------------------------
