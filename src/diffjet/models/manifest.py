@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import pathlib
 
 from diffjet.runtime.files import write_atomically
