@@ -3,6 +3,7 @@ channels-last apply): merged in place, equal to the same deltas merged by hand i
 pipeline, undone bit for bit, and diffusers' own LoRA methods refused with a pointer to diffjet's."""
 
 import json
+import threading
 import types
 import warnings
 
@@ -191,6 +192,35 @@ def test_load_switch_and_unload_keep_weight_storage(tiny_path):
     unload_lora(pipe)
     assert pointers(pipe) == before
     assert attn.to_k.weight.data_ptr() == attn.to_qkv.weight[attn.to_q.weight.shape[0]:].data_ptr()
+
+
+@pytest.mark.parametrize("change", ["load", "scale", "unload"])
+def test_a_lora_change_from_another_thread_waits_for_the_running_call(tiny_path, change):
+    # A merge in the middle of a call would give an image made half with the old weights and half with
+    # the new ones. The change is asked for during the call's first step; the call must still equal one
+    # made entirely before it.
+    pipe = compiled(tiny_path)
+    load_lora(pipe, peft_format(lora_factors(pipe, seed=1)), adapter_name="a")
+    before = generate(pipe)
+    started, finished = threading.Event(), threading.Event()
+    actions = {"load": lambda: load_lora(pipe, peft_format(lora_factors(pipe, seed=2)), adapter_name="b"),
+               "scale": lambda: set_lora_scales(pipe, {"a": 0.0}),
+               "unload": lambda: unload_lora(pipe, "a")}
+    changer = threading.Thread(target=lambda: (actions[change](), finished.set()))
+
+    def on_step(pipe_, step, timestep, kwargs):
+        if step == 0:
+            changer.start()
+            started.set()
+            assert not finished.wait(0.5)  # still waiting for this call
+        return kwargs
+
+    during = pipe("a photo of a cat", num_inference_steps=2, output_type="np",
+                  generator=torch.Generator().manual_seed(0), callback_on_step_end=on_step).images
+    changer.join(timeout=60)
+    assert started.is_set() and finished.is_set()
+    assert abs(during - before).max() == 0
+    assert abs(generate(pipe) - before).max() > 1e-3  # and the change did take effect after the call
 
 
 def test_lora_reaches_the_fused_projection(tiny_path):

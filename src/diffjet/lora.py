@@ -27,6 +27,7 @@ and LoRAs of components other than the UNet and the text encoders raise `LoraErr
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import math
@@ -48,6 +49,7 @@ from diffusers.utils.state_dict_utils import (
 )
 from torch import nn
 
+from .compiler import calls
 from .errors import LoraError
 from .passes import fp8
 
@@ -128,6 +130,11 @@ def load_lora(
     CUDA graphs see the new weights at once. Works on compiled and plain pipelines alike.
     """
     scale = _scale(scale, adapter_name)
+    with _call_lock(pipe):
+        return _load(pipe, lora, scale, adapter_name, weight_name)
+
+
+def _load(pipe: Any, lora: Any, scale: float, adapter_name: str | None, weight_name: str | None) -> str:
     state = _state(pipe)
     if adapter_name is None:
         adapter_name = next(f"default_{i}" for i in itertools.count() if f"default_{i}" not in state.adapters)
@@ -152,32 +159,41 @@ def unload_lora(pipe: Any, adapter_name: str | None = None) -> None:
 
     Weights that no adapter touches any more get their original values back exactly.
     """
-    state = _state(pipe)
-    names = list(state.adapters) if adapter_name is None else [adapter_name]
-    _check_known(state, names)
-    undo = _registry_undo(state)
-    touched: set[tuple[str, str]] = set()
-    for name in names:
-        touched.update(state.adapters.pop(name).layers)
-    _merge(pipe, state, touched, undo=undo)
+    with _call_lock(pipe):
+        state = _state(pipe)
+        names = list(state.adapters) if adapter_name is None else [adapter_name]
+        _check_known(state, names)
+        undo = _registry_undo(state)
+        touched: set[tuple[str, str]] = set()
+        for name in names:
+            touched.update(state.adapters.pop(name).layers)
+        _merge(pipe, state, touched, undo=undo)
 
 
 def set_lora_scales(pipe: Any, scales: Mapping[str, float]) -> None:
     """Set the scale of each named adapter (0 turns one off and keeps it loaded); others keep theirs."""
-    state = _state(pipe)
-    _check_known(state, scales)
-    scales = {name: _scale(scale, name) for name, scale in scales.items()}  # all checked before any changes
-    undo = _registry_undo(state)
-    touched: set[tuple[str, str]] = set()
-    for name, scale in scales.items():
-        state.adapters[name].scale = scale
-        touched.update(state.adapters[name].layers)
-    _merge(pipe, state, touched, undo=undo)
+    with _call_lock(pipe):
+        state = _state(pipe)
+        _check_known(state, scales)
+        scales = {name: _scale(scale, name) for name, scale in scales.items()}  # all checked before any changes
+        undo = _registry_undo(state)
+        touched: set[tuple[str, str]] = set()
+        for name, scale in scales.items():
+            state.adapters[name].scale = scale
+            touched.update(state.adapters[name].layers)
+        _merge(pipe, state, touched, undo=undo)
 
 
 def lora_scales(pipe: Any) -> dict[str, float]:
     """The adapters merged into `pipe`, in loading order, with their scales."""
     return {name: adapter.scale for name, adapter in _state(pipe).adapters.items()}
+
+
+def _call_lock(pipe: Any) -> Any:
+    """A compiled pipeline's call lock: weights never change under a running call (a step callback may
+    still change them, the lock is re-entrant). Plain pipelines have none."""
+    lock = getattr(pipe, "__dict__", {}).get(calls.LOCK)
+    return lock if lock is not None else contextlib.nullcontext()
 
 
 def forbid_diffusers_lora(pipe: Any) -> None:
