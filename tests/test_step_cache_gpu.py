@@ -78,9 +78,6 @@ def test_uniform_step_cache_adds_no_host_sync():
     assert with_uniform <= base
 
 
-@pytest.mark.xfail(strict=True, reason="measured on an H200 (2026-12-01): 36 host syncs per 9-step call against "
-                   "8 without a step cache, about 3 per step where one read per decided step is the aim; "
-                   "the source is not found yet")
 def test_adaptive_step_cache_reads_one_number_per_decided_step():
     lossless = diffjet.compile(pipeline(), Config())
     adaptive = diffjet.compile(pipeline(), Config(step_cache=StepCache(interval=3, threshold=0.3)))
