@@ -101,3 +101,13 @@ def peft_format(factors):
         state[f"{component}.{path}.lora_A.weight"] = down
         state[f"{component}.{path}.lora_B.weight"] = up
     return state
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_path(_preset_cache, tmp_path_factory):
+    return build("tiny-flux", tmp_path_factory.mktemp("models") / "tiny-flux")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3_path(_preset_cache, tmp_path_factory):
+    return build("tiny-sd3", tmp_path_factory.mktemp("models") / "tiny-sd3")

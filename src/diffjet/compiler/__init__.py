@@ -185,7 +185,7 @@ def _dtype_rule(config: Config, modules: dict[str, nn.Module], on_cuda: bool) ->
         return "dtype kept (Config.dtype='keep')"
     resolved = config.for_pipeline(modules).dtype
     if config.dtype == "auto":
-        family = "a DiT pipeline (transformer)" if "transformer" in modules else "a UNet pipeline"
+        family = "a DiT pipeline" if "transformer" in modules else "a UNet pipeline"
         return f"{resolved} (Config.dtype='auto': {family})"
     return f"{resolved} (Config.dtype)"
 
