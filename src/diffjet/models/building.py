@@ -64,7 +64,8 @@ def build(name: str, path: str | os.PathLike, *, progress: bool = False) -> path
     staging.mkdir()
 
     started = time.perf_counter()
-    steps = len(architecture.models) + len(architecture.tokenizers) + len(architecture.t5_tokenizers) + 2  # + scheduler, model_index
+    tokenizers = len(architecture.tokenizers) + len(architecture.t5_tokenizers)
+    steps = len(architecture.models) + tokenizers + 2  # + scheduler, model_index
     try:
         bar = tqdm(total=steps, desc=f"building {name}", unit="component", disable=not progress)
         with hidden_progress_bars(), bar:
