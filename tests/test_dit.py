@@ -76,6 +76,12 @@ def test_t5_tokenizer_gives_ids_within_t5s_vocabulary_with_t5s_special_ids():
     assert 5 <= n <= 12 and all(2 < i < 32000 for i in ids[:n]) and set(ids[n + 1:]) == {0}
 
 
+def test_t5_embeddings_are_one_tied_tensor_as_published(compiled_pipe):
+    pipe, _ = compiled_pipe
+    t5 = pipe.text_encoder_2 if isinstance(pipe, FluxPipeline) else pipe.text_encoder_3
+    assert torch.equal(t5.shared.weight, t5.encoder.embed_tokens.weight)
+
+
 # --- compile on CPU -------------------------------------------------------------------------------------
 
 def load(path):
