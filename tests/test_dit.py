@@ -191,6 +191,16 @@ def test_compile_twice_changes_nothing(tiny_sd3_path):
     assert {k: id(v) for k, v in pipe.transformer.attn_processors.items()} == processors
 
 
+def test_unet_only_fast_modes_are_reported_off_on_a_dit(compiled_pipe):
+    pipe, _ = compiled_pipe
+    report = pipe.diffjet
+    try:
+        diffjet.compile(pipe, Config(step_cache=diffjet.StepCache()))
+        assert "step cache (UNets only so far)" in pipe.diffjet.off and pipe.diffjet.lossy == []
+    finally:
+        pipe.diffjet = report
+
+
 # --- dtype rule and cache keys ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize(("components", "dtype", "expected"), [

@@ -167,6 +167,11 @@ def compile_pipeline(pipe, config: Config) -> CompileReport:
                                               about={"model": getattr(pipe, "name_or_path", None)})
             report.runners[name] = target.forward
             applied.append("cuda_graphs")
+    if "transformer" in report.passes:
+        if config.step_cache is not None:
+            report.off.append("step cache (UNets only so far)")
+        if config.fp8 and not fp8_off:
+            report.off.append("fp8 (UNets and ControlNets only so far)")
     calls.serialize(pipe)
     if report.step_cache is not None:
         calls.add_hook(pipe, report.step_cache)

@@ -16,7 +16,7 @@ DiT joint attention (image and text tokens attend together) gets two fused proje
 the image stream and `to_added_qkv` over the text stream, again with the old weights as views.
 - Flux (`FluxAttention` with diffusers' `FluxAttnProcessor`): diffusers' own fused path, which the
   processor takes when `fused_projections` is set; diffusers' `fuse_qkv_projections` would copy the
-  weights instead (3.2 GB more for Flux.1's 57 blocks in bf16, and a LoRA merged into `to_q` would miss it).
+  weights instead (4.3 GB more for Flux.1's 57 blocks in bf16, and a LoRA merged into `to_q` would miss it).
 - SD3 (`Attention` with `JointAttnProcessor2_0`, joint or MMDiT-X's second, image-only attention):
   `FusedJointQKVAttnProcessor` below. diffusers' `FusedJointAttnProcessor2_0` drops the RMS norms of the
   queries and keys that SD 3.5 has (`qk_norm`) and needs text tokens, so it would change SD 3.5's output.
