@@ -10,9 +10,8 @@ import torch
 from .errors import ConfigError
 
 #: Components diffjet knows how to optimise, in the order it handles them.
-KNOWN_COMPONENTS = ("unet", "controlnet", "transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3")
-#: The denoisers: the component a pipeline calls at every step (a UNet, or a DiT's transformer).
-DENOISERS = ("unet", "transformer")
+KNOWN_COMPONENTS = ("unet", "controlnet", "transformer", "vae",
+                    "text_encoder", "text_encoder_2", "text_encoder_3")
 
 _DTYPES = {"auto": None, "float16": torch.float16, "bfloat16": torch.bfloat16, "keep": None}
 _ATTENTION = ("sdpa-fused-qkv", "keep")
