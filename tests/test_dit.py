@@ -201,6 +201,22 @@ def test_unet_only_fast_modes_are_reported_off_on_a_dit(compiled_pipe):
         pipe.diffjet = report
 
 
+def test_flux_lora_changes_the_compiled_output_and_unloads_bit_for_bit(compiled_pipe):
+    from .test_lora_flux import peft_lora
+
+    pipe, eager_latents = compiled_pipe
+    if not isinstance(pipe, FluxPipeline):
+        pytest.skip("LoRA on DiTs: Flux only")
+    weights = {n: p.detach().clone() for n, p in pipe.transformer.named_parameters()}
+    diffjet.load_lora(pipe, peft_lora(pipe, 0), adapter_name="a")
+    try:
+        assert relative_error(generate(pipe, output_type="latent").images, eager_latents) > 1e-2
+    finally:
+        diffjet.unload_lora(pipe)
+    assert all(torch.equal(p, weights[n]) for n, p in pipe.transformer.named_parameters())
+    assert relative_error(generate(pipe, output_type="latent").images, eager_latents) < TOL
+
+
 # --- dtype rule and cache keys ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize(("components", "dtype", "expected"), [

@@ -1,5 +1,6 @@
 """LoRA on the Flux transformer: `diffjet.load_lora` merges in place what diffusers' own loader (PEFT layers,
-then `fuse_lora`) computes, for diffusers/ai-toolkit keys and for kohya's BFL-named keys."""
+then `fuse_lora`) computes, for diffusers/ai-toolkit keys and for kohya's BFL-named keys (-m slow; the
+default run checks a load and an exact unload, in test_dit.py)."""
 
 import warnings
 
@@ -68,18 +69,6 @@ def compiled_flux(tiny_flux_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         return diffjet.compile(pipe), latents(pipe)
-
-
-def test_flux_lora_changes_the_compiled_output_and_unloads_bit_for_bit(compiled_flux):
-    pipe, base = compiled_flux
-    weights = {n: p.detach().clone() for n, p in pipe.transformer.named_parameters()}
-    diffjet.load_lora(pipe, peft_lora(pipe, 0), adapter_name="a")
-    try:
-        assert relative_error(latents(pipe), base) > 1e-2
-    finally:
-        diffjet.unload_lora(pipe)
-    assert all(torch.equal(p, weights[n]) for n, p in pipe.transformer.named_parameters())
-    assert torch.equal(latents(pipe), base)
 
 
 @pytest.mark.slow
