@@ -217,7 +217,33 @@ def test_flux_lora_changes_the_compiled_output_and_unloads_bit_for_bit(compiled_
     assert relative_error(generate(pipe, output_type="latent").images, eager_latents) < TOL
 
 
-# --- dtype rule and cache keys ---------------------------------------------------------------------------
+# --- dtype rule, scheduler and cache keys -----------------------------------------------------------------
+
+@pytest.mark.parametrize(("model", "dtype"), [("flux-dev", torch.bfloat16), ("sd35-medium", torch.bfloat16),
+                                              ("tiny-sd3", torch.bfloat16), ("sdxl", torch.float16),
+                                              ("owner/unknown-model", torch.float16)])
+def test_half_precision_of_a_model_is_bfloat16_for_dits(model, dtype):
+    from diffjet.models import half_precision
+
+    assert half_precision(model) == dtype
+
+
+def test_half_precision_of_a_folder_follows_its_model_index(tiny_flux_path, tiny_path):
+    from diffjet.models import half_precision
+
+    assert (half_precision(str(tiny_flux_path)), half_precision(str(tiny_path))) == (torch.bfloat16, torch.float16)
+
+
+def test_flow_matching_pipelines_keep_their_euler_and_refuse_sd_schedulers(compiled_pipe):
+    from diffjet.bench.recipes import set_scheduler
+    from diffjet.errors import ConfigError
+
+    pipe, _ = compiled_pipe
+    scheduler = pipe.scheduler
+    set_scheduler(pipe, "euler")
+    assert pipe.scheduler is scheduler
+    with pytest.raises(ConfigError, match="flow-matching"):
+        set_scheduler(pipe, "dpm++")
 
 @pytest.mark.parametrize(("components", "dtype", "expected"), [
     (("transformer", "vae"), "auto", "bfloat16"), (("unet", "vae"), "auto", "float16"),
