@@ -217,6 +217,16 @@ def test_flux_lora_changes_the_compiled_output_and_unloads_bit_for_bit(compiled_
     assert relative_error(generate(pipe, output_type="latent").images, eager_latents) < TOL
 
 
+def test_a_unet_lora_on_flux_is_refused_as_another_kind_of_model(compiled_pipe):
+    from diffjet.errors import LoraError
+
+    pipe, _ = compiled_pipe
+    if not isinstance(pipe, FluxPipeline):
+        pytest.skip("LoRA on DiTs: Flux only")
+    with pytest.raises(LoraError, match="another kind of model"):
+        diffjet.load_lora(pipe, {"unet.conv_in.lora_A.weight": torch.zeros(4, 4)})
+
+
 # --- dtype rule, scheduler and cache keys -----------------------------------------------------------------
 
 @pytest.mark.parametrize(("model", "dtype"), [("flux-dev", torch.bfloat16), ("sd35-medium", torch.bfloat16),

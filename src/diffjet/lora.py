@@ -58,7 +58,8 @@ from .compiler import calls
 from .errors import LoraError
 from .passes import fp8
 
-#: The pipeline components a LoRA may adapt, named as the prefixes of its keys.
+#: The pipeline components a LoRA may adapt, named as the prefixes of its keys: a pipeline's denoiser (the UNet,
+#: or a DiT's transformer: `_adaptable`) and its CLIP text encoders.
 LORA_COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2")
 
 # diffusers' key tables, in the order that turns every format its loaders accept into PEFT's
@@ -237,9 +238,9 @@ def _read_lora(pipe: Any, lora: Any, weight_name: str | None) -> dict[tuple[str,
     alphas: dict[tuple[str, str], float] = {}
     for key, value in [*state_dict.items(), *(network_alphas or {}).items()]:
         component, _, rest = key.partition(".")
-        if component not in LORA_COMPONENTS or not rest:
+        if component not in _adaptable(pipe) or not rest:
             raise LoraError(
-                f"LoRA key {key!r} names no component diffjet can adapt ({', '.join(LORA_COMPONENTS)}); "
+                f"LoRA key {key!r} names no component diffjet can adapt ({', '.join(_adaptable(pipe))}); "
                 "is it a LoRA for another kind of model?"
             )
         if not isinstance(getattr(pipe, component, None), nn.Module):
@@ -273,6 +274,12 @@ def _read_lora(pipe: Any, lora: Any, weight_name: str | None) -> dict[tuple[str,
     if not layers:
         raise LoraError("the LoRA holds no lora_A/lora_B (lora_down/lora_up) weights")
     return layers
+
+
+def _adaptable(pipe: Any) -> tuple[str, ...]:
+    """The components a LoRA for this kind of pipeline may adapt: its denoiser and the CLIP text encoders."""
+    denoiser = "transformer" if getattr(pipe, "transformer", None) is not None else "unet"
+    return tuple(c for c in LORA_COMPONENTS if c == denoiser or c.startswith("text_encoder"))
 
 
 def _lora_state_dict(pipe: Any, lora: Any, weight_name: str | None) -> tuple[dict, dict | None, dict | None]:
