@@ -6,6 +6,7 @@ import signal
 import socket
 import sys
 import threading
+from typing import Any
 
 from ..errors import ConfigError, DiffjetError
 from .settings import ServeSettings
@@ -30,25 +31,37 @@ def url(sock: socket.socket) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
+def make_server(app: Any, access_log: bool = False) -> Any:
+    """A uvicorn server for `app` (from `build_app`) that, once told to stop, stops waiting for batches to
+    fill: the requests in flight, which it waits for, are answered at once."""
+    import uvicorn
+
+    service = app.state.service
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets: Any = None) -> None:
+            service.batcher.close()
+            await super().shutdown(sockets)
+
+    # Graceful shutdown waits for every request in flight; each is bounded by --timeout.
+    return Server(uvicorn.Config(app, log_level="warning", access_log=access_log, timeout_graceful_shutdown=None,
+                                 lifespan="on"))
+
+
 def run(settings: ServeSettings, sock: socket.socket, access_log: bool = False) -> None:
     """Serve until SIGTERM or SIGINT; then finish the accepted requests and return.
 
     Prints the address at once and `ready` once every served shape is warm. Raises `DiffjetError` when
     the pipeline cannot be loaded or warmed (the server stops then)."""
-    import uvicorn
-
     from .app import build_app
 
-    server: uvicorn.Server | None = None
+    server: Any = None
 
     def stop(error: BaseException) -> None:
         server.should_exit = True  # noticed by uvicorn's main loop within a tenth of a second
 
     app = build_app(settings, on_failure=stop)
-    # Graceful shutdown waits for every request in flight; each is bounded by --timeout.
-    config = uvicorn.Config(app, log_level="warning", access_log=access_log, timeout_graceful_shutdown=None,
-                            lifespan="on")
-    server = uvicorn.Server(config)
+    server = make_server(app, access_log=access_log)
     worker = app.state.service.worker
     sizes = ", ".join(f"{w}x{h}" for w, h in settings.sizes)
     print(f"diffjet serve: {url(sock)} ({settings.model_name}; warming {sizes} at batch 1-{settings.max_batch}; "
