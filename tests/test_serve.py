@@ -187,3 +187,17 @@ def test_metrics_count_requests_by_route_and_status(server):
     assert m['diffjet_requests_total{route="/v1/images/generations",status="422"}'] >= 1
     assert m['diffjet_memory_bytes{kind="host_peak"}'] > 0
     assert "diffjet_batch_images_bucket{le=\"4.0\"}" in m
+
+
+def test_a_chunked_body_is_capped_as_it_streams(server):
+    import socket
+
+    chunk = b'{"prompt": "' + b"x" * 3000
+    with socket.create_connection((server.host, int(server.port)), timeout=30) as sock:
+        sock.sendall(f"POST {OPENAI} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     "Transfer-Encoding: chunked\r\n\r\n".encode())
+        for _ in range(2):  # 6000 bytes in two chunks, no Content-Length: the cap is 4096
+            sock.sendall(f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n")
+        sock.sendall(b"0\r\n\r\n")
+        status_line = sock.recv(4096).split(b"\r\n")[0]
+    assert b" 413 " in status_line
