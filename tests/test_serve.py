@@ -201,3 +201,25 @@ def test_a_chunked_body_is_capped_as_it_streams(server):
         sock.sendall(b"0\r\n\r\n")
         status_line = sock.recv(4096).split(b"\r\n")[0]
     assert b" 413 " in status_line
+
+
+def test_the_page_in_headless_chromium_generates_and_shows_the_image(server, served_pipe, tmp_path):
+    import base64
+    import re
+    import shutil
+    import subprocess
+
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("Chromium is not installed (Debian: apt-get install chromium)")
+    # ?go=1 fills the form from the query and submits it, as a person pressing Generate; the virtual time
+    # budget lets the page's requests finish before the DOM is printed.
+    url = f"{server.url}/?prompt=a+red+cube&seed=3&steps=2&go=1"
+    dom = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", f"--user-data-dir={tmp_path}",
+                          "--virtual-time-budget=30000", "--dump-dom", url],
+                         capture_output=True, text=True, timeout=120).stdout
+    status = re.search(r'<p id="status"[^>]*>([^<]*)</p>', dom).group(1)
+    assert "seed 3" in status and "64x64, 2 steps" in status
+    src = re.search(r'<img id="image"[^>]*src="data:image/png;base64,([^"]+)"', dom).group(1)
+    shown = pixels(base64.b64encode(base64.b64decode(src)).decode())
+    assert np.abs(shown - alone(served_pipe, "a red cube", 3)).max() <= 1
