@@ -104,6 +104,30 @@ def test_warm_up_calls_every_served_size_at_every_batch_size_before_ready(served
     assert calls == [(64, 64, b, False) for b in (1, 2, 3)] + [(32, 64, b, False) for b in (1, 2, 3)]
 
 
+def test_a_batch_size_that_was_not_warmed_runs_padded_to_one_that_was(served_pipe, tiny_path, monkeypatch):
+    from diffjet.serve.metrics import Metrics
+
+    sizes_called = []
+    real_call = PipelineWorker._call
+
+    def spy(self, key, prompts, negative, seeds):
+        sizes_called.append(len(prompts))
+        return real_call(self, key, prompts, negative, seeds)
+
+    monkeypatch.setattr(PipelineWorker, "_call", spy)
+    settings = settings_for(tiny_path, max_batch=4, batch_sizes=(4,))
+    assert settings.warm_batches == [1, 4]
+    batcher = Batcher(4, 0.0, 16)
+    job = Job(3)
+    batcher.submit([Item(K1, "padded", "", 20 + i, job, i) for i in range(3)])
+    worker = PipelineWorker(settings, batcher, Metrics(4), load=lambda s: served_pipe).start()
+    images = job.future.result(DEADLINE_S)
+    worker.stop(DEADLINE_S)
+    assert sizes_called == [4] and [i.batch_images for i in images] == [3, 3, 3]
+    for i, image in enumerate(images):
+        assert np.abs(np.round(image.pixels * 255) - alone(served_pipe, "padded", 20 + i)).max() <= 1
+
+
 # -- the queue: full, disconnects, timeouts ---------------------------------------------------------------
 def test_a_full_queue_answers_429_with_retry_after_and_a_client_that_leaves_is_dropped(served_pipe, tiny_path):
     with running(settings_for(tiny_path, queue=4, **WINDOW), served_pipe) as client:
@@ -230,6 +254,8 @@ SERVE = ["serve", "--model", "tiny", "--device", "cpu"]
 
 @pytest.mark.parametrize("extra, message", [
     (["--max-batch", "0"], "--max-batch must be at least 1"),
+    (["--batch-sizes", "2,9"], "--batch-sizes must be from 1 to --max-batch"),
+    (["--batch-sizes", "2,x"], "--batch-sizes: '2,x' is not"),
     (["--queue", "0"], "--queue must be at least 1"),
     (["--resolutions", "65x64"], "multiple of 8"),
     (["--resolutions", "4096x4096"], "above the cap"),

@@ -362,14 +362,14 @@ def _resolutions(text: str) -> list[tuple[int, int]]:
     return sizes
 
 
-def _batches(text: str) -> list[int]:
+def _batches(text: str, option: str = "--batch") -> list[int]:
     try:
         batches = [int(b) for b in text.split(",") if b.strip()]
     except ValueError:
-        raise ConfigError(f"--batch: {text!r} is not a comma-separated list of whole numbers (e.g. 1,2)") from None
+        raise ConfigError(f"{option}: {text!r} is not a comma-separated list of whole numbers (e.g. 1,2)") from None
     if not batches:
-        raise ConfigError("--batch: give at least one number of images per prompt")
-    return [_positive("--batch", b) for b in batches]
+        raise ConfigError(f"{option}: give at least one batch size")
+    return [_positive(option, b) for b in batches]
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
@@ -479,6 +479,7 @@ def _serve_settings(args: argparse.Namespace, device: str, model: str):
     return ServeSettings(
         model=model, model_name=model, sizes=tuple(sizes), device=device, compiler=args.compiler,
         lora_dir=Path(args.lora_dir) if args.lora_dir else None, max_batch=args.max_batch,
+        batch_sizes=tuple(_batches(args.batch_sizes, "--batch-sizes")) if args.batch_sizes else (),
         max_wait_ms=_finite("--max-wait-ms", args.max_wait_ms), queue=args.queue,
         allow_new_sizes=args.allow_new_sizes, max_pixels=args.max_pixels,
         timeout_s=_finite("--timeout", args.timeout), default_steps=args.steps, max_steps=args.max_steps,
@@ -611,6 +612,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--port", type=int, default=8000, help="0: a free port (printed)")
     srv.add_argument("--api-key-file", help="file whose first line is the bearer token requests must send")
     srv.add_argument("--max-batch", type=int, default=4, help="images per pipeline call")
+    srv.add_argument("--batch-sizes", help="comma-separated batch sizes to warm and run (default: every size up "
+                     "to --max-batch); fewer sizes, fewer compiles at start")
     srv.add_argument("--max-wait-ms", type=float, default=20.0, help="how long a batch waits to fill")
     srv.add_argument("--queue", type=int, default=64, help="images that may wait; beyond, 429 with Retry-After")
     srv.add_argument("--timeout", type=float, default=300.0, help="seconds a request may take before 504")

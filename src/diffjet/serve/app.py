@@ -283,7 +283,7 @@ def build_app(settings: ServeSettings, *, load: Callable[[ServeSettings], Any] =
             "diffjet": {"sizes": _sizes(settings), "allow_new_sizes": settings.allow_new_sizes,
                         "max_pixels": settings.max_pixels, "default_steps": settings.default_steps,
                         "max_steps": settings.max_steps, "max_images": settings.max_images,
-                        "max_batch": settings.max_batch, "schedulers": list(SCHEDULERS),
+                        "batch_sizes": settings.warm_batches, "schedulers": list(SCHEDULERS),
                         "samplers": list(A1111_SAMPLERS), "loras": sorted(service.worker.loras)},
         }]}
 
@@ -301,7 +301,7 @@ def build_app(settings: ServeSettings, *, load: Callable[[ServeSettings], Any] =
             "created": int(time.time()),
             "data": [{"b64_json": data, "seed": image.seed, "batch_images": image.batch_images}
                      for data, image in zip(encoded, images)],
-            "diffjet": {**parameters, "seconds": round(time.monotonic() - start, 4),
+            "diffjet": {**parameters, "pid": os.getpid(), "seconds": round(time.monotonic() - start, 4),
                         "run_s": round(max(i.run_s for i in images), 4)},
         }
 

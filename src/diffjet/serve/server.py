@@ -64,7 +64,8 @@ def run(settings: ServeSettings, sock: socket.socket, access_log: bool = False) 
     server = make_server(app, access_log=access_log)
     worker = app.state.service.worker
     sizes = ", ".join(f"{w}x{h}" for w, h in settings.sizes)
-    print(f"diffjet serve: {url(sock)} ({settings.model_name}; warming {sizes} at batch 1-{settings.max_batch}; "
+    print(f"diffjet serve: {url(sock)} ({settings.model_name}; warming {sizes} at batch "
+          f"{','.join(map(str, settings.warm_batches))}; "
           "GET /healthz says when ready)", flush=True)
 
     def announce() -> None:

@@ -35,6 +35,7 @@ class ServeSettings:
     compiler: str = "diffjet"
     lora_dir: Path | None = None
     max_batch: int = 4
+    batch_sizes: tuple[int, ...] = ()  # the batch sizes warmed and run; () = every size from 1 to max_batch
     max_wait_ms: float = 20.0
     queue: int = 64
     allow_new_sizes: bool = False
@@ -57,6 +58,9 @@ class ServeSettings:
         for name, option in _COUNTS.items():
             if getattr(self, name) < 1:
                 raise ConfigError(f"{option} must be at least 1, got {getattr(self, name)}")
+        if self.batch_sizes and not all(1 <= b <= self.max_batch for b in self.batch_sizes):
+            raise ConfigError(f"--batch-sizes must be from 1 to --max-batch ({self.max_batch}), got "
+                              f"{','.join(map(str, self.batch_sizes))}")
         if self.default_steps > self.max_steps:
             raise ConfigError(f"--steps ({self.default_steps}) is above --max-steps ({self.max_steps})")
         if not 0 <= self.max_wait_ms <= 10_000:
@@ -67,6 +71,11 @@ class ServeSettings:
             raise ConfigError("the API key is empty")
         if self.lora_dir is not None and not Path(self.lora_dir).is_dir():
             raise ConfigError(f"--lora-dir: {self.lora_dir} is not a folder")
+
+    @property
+    def warm_batches(self) -> list[int]:
+        """The batch sizes the worker warms and the batcher forms (1 always among them)."""
+        return sorted(set(self.batch_sizes) | {1}) if self.batch_sizes else list(range(1, self.max_batch + 1))
 
     @property
     def loras(self) -> dict[str, Path]:

@@ -117,11 +117,11 @@ class PipelineWorker:
         self._switch_loras(())
 
     def _warm_up(self) -> None:
-        """Each served size at each batch size from 1 to max_batch (each is a shape a request can meet, and
+        """Each served size at each batch size the batcher forms (each is a shape a request can meet, and
         its first call compiles and captures), then each LoRA of `--lora-dir` loaded and unloaded once, so
         that one that does not fit the model fails now."""
         for width, height in self.settings.sizes:
-            for batch in range(1, self.settings.max_batch + 1):
+            for batch in self.settings.warm_batches:
                 start = time.perf_counter()
                 key = BatchKey(width, height, WARM_UP_STEPS, WARM_UP_GUIDANCE, "default", False)
                 self._call(key, ["warm-up"] * batch, None, list(range(batch)))
@@ -140,8 +140,12 @@ class PipelineWorker:
             self.metrics.queue_seconds.observe(start - item.enqueued)
         try:
             self._switch_loras(key.loras)
-            negative = [i.negative_prompt for i in batch] if key.negative_prompt else None
-            images = self._call(key, [i.prompt for i in batch], negative, [i.seed for i in batch])
+            # A batch size that was not warmed runs as the next one that was, the last image repeated (and
+            # its copies thrown away): a wasted slot costs less than a compile in the middle of serving.
+            size = min(b for b in self.settings.warm_batches if b >= len(batch))
+            padded = batch + batch[-1:] * (size - len(batch))
+            negative = [i.negative_prompt for i in padded] if key.negative_prompt else None
+            images = self._call(key, [i.prompt for i in padded], negative, [i.seed for i in padded])
         except Exception as error:  # noqa: BLE001 - the batch's requests get it; the worker goes on
             logger.error("batch of %d (%s) failed: %s", len(batch), key, error, exc_info=True)
             self.metrics.errors.inc()
