@@ -31,7 +31,7 @@ class Metrics:
                                ["reason"], registry=registry)
         self.lora_switches = Counter("diffjet_lora_switches", "Changes of the merged LoRA set", registry=registry)
         self.memory = Gauge("diffjet_memory_bytes", "Memory after the last batch: host_peak (peak resident set "
-                            "size), cuda (allocated), cuda_peak (peak allocated)", ["kind"], registry=registry)
+                            "size), cuda (allocated), cuda_reserved (held by the caching allocator), cuda_peak (peak allocated)", ["kind"], registry=registry)
 
     def record_memory(self, device: str) -> None:
         """Host peak RSS and, on CUDA, allocated and peak allocated bytes."""
@@ -40,6 +40,7 @@ class Metrics:
             import torch
 
             self.memory.labels("cuda").set(torch.cuda.memory_allocated())
+            self.memory.labels("cuda_reserved").set(torch.cuda.memory_reserved())
             self.memory.labels("cuda_peak").set(torch.cuda.max_memory_allocated())
 
     def text(self) -> bytes:
