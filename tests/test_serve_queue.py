@@ -12,9 +12,11 @@ import numpy as np
 import pytest
 
 from tests.serving import DEADLINE_S, alone, pixels, running, settings_for
+from tests.test_cli import no_work  # noqa: F401 - a fixture
 
 pytest.importorskip("fastapi", reason="diffjet[serve] is not installed")
 
+import diffjet  # noqa: E402
 from diffjet import cli  # noqa: E402
 from diffjet.serve.batcher import Batcher, BatchKey, Item, Job, QueueFull  # noqa: E402
 from diffjet.serve.worker import PipelineWorker  # noqa: E402
@@ -230,23 +232,16 @@ def test_with_an_api_key_every_route_but_health_needs_the_bearer_token(served_pi
 
 # -- the command's argument checks ------------------------------------------------------------------------
 @pytest.fixture
-def no_model(monkeypatch):
-    """Loading a model or starting a server, recorded and refused: a check after them shows as a call."""
-    import diffjet.models
+def no_model(no_work, monkeypatch):
+    """`no_work` (loading or resolving a model, recorded and refused), and starting a server too."""
     import diffjet.serve.server
 
-    calls = []
+    def run(*args, **kwargs):
+        no_work.append("run")
+        raise diffjet.errors.DiffjetError("the server started before the arguments were checked")
 
-    def refuse(name):
-        def work(*args, **kwargs):
-            calls.append(name)
-            raise diffjet.errors.DiffjetError(f"{name} started before the arguments were checked")
-        return work
-
-    monkeypatch.setattr(diffjet.models, "resolve", refuse("resolve"))
-    monkeypatch.setattr(diffjet.models, "load_pipeline", refuse("load_pipeline"))
-    monkeypatch.setattr(diffjet.serve.server, "run", refuse("run"))
-    return calls
+    monkeypatch.setattr(diffjet.serve.server, "run", run)
+    return no_work
 
 
 SERVE = ["serve", "--model", "tiny", "--device", "cpu"]
