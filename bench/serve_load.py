@@ -358,6 +358,11 @@ def main(argv: list[str] | None = None) -> int:
     if base and base["images_per_s"]:
         report["speedup_vs_one_client"] = {f"{r['clients']} clients, {r['replicas'] or 1} replica(s)":
                                            round(r["images_per_s"] / base["images_per_s"], 3) for r in runs}
+    if args.ray:
+        one = {r["clients"]: r["images_per_s"] for r in runs if r["replicas"] == 1}
+        report["speedup_vs_one_replica"] = {f"{r['clients']} clients, {r['replicas']} replicas":
+                                            round(r["images_per_s"] / one[r["clients"]], 3)
+                                            for r in runs if one.get(r["clients"])}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {out}")

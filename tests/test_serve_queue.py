@@ -184,12 +184,18 @@ def test_health_is_503_until_warm_and_requests_made_meanwhile_are_served_after(s
 
 
 def test_a_pipeline_that_fails_to_load_shows_in_health_and_stops_the_server(tiny_path):
-    failures = []
+    failures, release = [], threading.Event()
 
     def broken(settings):
+        assert release.wait(DEADLINE_S)
         raise RuntimeError("CUDA out of memory")
 
     with running(settings_for(tiny_path), None, load=broken, on_failure=failures.append) as client:
+        threads, queued = post_in_threads(client, [{"prompt": "queued while loading"}])
+        client.wait_for(lambda m: m["diffjet_queue_images"] == 1, "a request queued while loading")
+        release.set()
+        join(threads)
+        assert queued[0].status == 503 and "CUDA out of memory" in queued[0].json["error"]["message"]
         client.app.state.service.worker._thread.join(DEADLINE_S)
         health = client.get("/healthz")
         assert health.status == 503 and health.json == {"status": "failed", "error": "CUDA out of memory"}

@@ -121,6 +121,8 @@ class Service:
                 return result.result()
             except BatchFailed as failed:
                 raise ApiError(500, str(failed)) from None
+            except Exception as failed:  # noqa: BLE001 - the worker failed to start after this was queued
+                raise ApiError(503, f"the pipeline failed to load: {failed}") from None
         dropped = self.batcher.cancel(job)
         if gone in done:
             self.metrics.dropped.labels("disconnect").inc(dropped)

@@ -126,8 +126,13 @@ class PipelineWorker:
                 key = BatchKey(width, height, WARM_UP_STEPS, WARM_UP_GUIDANCE, "default", False)
                 self._call(key, ["warm-up"] * batch, None, list(range(batch)))
                 logger.info("warm: %dx%d, batch %d (%.1f s)", width, height, batch, time.perf_counter() - start)
+        from ..errors import LoraError
+
         for name in self.loras:
-            self._switch_loras(((name, 1.0),))
+            try:
+                self._switch_loras(((name, 1.0),))
+            except LoraError as error:
+                raise LoraError(f"--lora-dir: {name}.safetensors does not fit {self.settings.model_name}: {error}") from error
         self._switch_loras(())
 
     def _run_batch(self, batch: list[Item]) -> None:
