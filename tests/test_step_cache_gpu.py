@@ -67,15 +67,24 @@ def test_compiled_parts_capture_once_per_shape_then_replay(settings):
     assert all(r.stats.eager_calls == 0 for r in pipe.diffjet.runners.values())
 
 
-def test_uniform_step_cache_adds_no_host_sync_and_adaptive_one_read_per_decided_step():
+def test_uniform_step_cache_adds_no_host_sync():
     lossless = diffjet.compile(pipeline(), Config())
     uniform = diffjet.compile(pipeline(), Config(step_cache=StepCache(interval=3)))
-    adaptive = diffjet.compile(pipeline(), Config(step_cache=StepCache(interval=3, threshold=0.3)))
-    for pipe in (lossless, uniform, adaptive):
+    for pipe in (lossless, uniform):
         generate(pipe)  # compile and capture first
-    base, with_uniform, with_adaptive = syncs(lossless), syncs(uniform), syncs(adaptive)
+    base, with_uniform = syncs(lossless), syncs(uniform)
+    print(f"host syncs per call: lossless {base}, uniform {with_uniform}")
+    # The shallow steps skip diffusers' forward and may sync less than the full UNet; never more.
+    assert with_uniform <= base
+
+
+def test_adaptive_step_cache_reads_one_number_per_decided_step():
+    lossless = diffjet.compile(pipeline(), Config())
+    adaptive = diffjet.compile(pipeline(), Config(step_cache=StepCache(interval=3, threshold=0.3)))
+    for pipe in (lossless, adaptive):
+        generate(pipe)
+    base, with_adaptive = syncs(lossless), syncs(adaptive)
     steps = adaptive.diffjet.step_cache.steps
-    print(f"host syncs per call: lossless {base}, uniform {with_uniform}, adaptive {with_adaptive} ({steps})")
-    assert with_uniform == base
+    print(f"host syncs per call: lossless {base}, adaptive {with_adaptive} ({steps})")
     forced = 2 + 1  # first_full and last_full: no reading; every other step reads one number
     assert 0 < with_adaptive - base <= STEPS - forced

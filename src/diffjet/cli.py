@@ -9,6 +9,7 @@ commands, so that `diffjet --help` answers at once.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -220,9 +221,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
               "and fused attention alone (no half precision, Inductor, kernels or CUDA graphs); time it on a GPU",
               file=sys.stderr)
     with tqdm(total=len(specs), desc="bench", unit="variant", file=sys.stderr) as bar:
-        def progress(result: dict[str, Any]) -> None:
-            bar.set_postfix_str(f"{result['model']}/{result['compiler']}")
+        def progress(runs: list[dict[str, Any]]) -> None:
+            bar.set_postfix_str(f"{runs[-1]['model']}/{runs[-1]['compiler']}")
             bar.update()
+            if json_path and len(runs) < len(specs):  # a run stopped part-way keeps what it measured
+                partial = {**bench.environment(device), "command": args.command_line, "runs": runs,
+                           "incomplete": True}
+                with contextlib.suppress(OSError):
+                    write_atomically(json_path, lambda h: h.write((json.dumps(partial, indent=2) + "\n").encode()))
 
         runs = bench.run_bench(specs, on_result=progress, timeout=args.timeout)
     report = {**bench.environment(device), "command": args.command_line, "runs": runs}

@@ -97,9 +97,10 @@ def run_variant(spec: dict[str, Any], timeout: float | None = None,
 
 def run_bench(
     specs: list[dict[str, Any]],
-    on_result: Callable[[dict[str, Any]], None] | None = None,
+    on_result: Callable[[list[dict[str, Any]]], None] | None = None,
     timeout: float | None = None,
 ) -> list[dict]:
+    """Each spec in a worker process of its own; `on_result` gets the runs so far after each spec."""
     runs = []
     for spec in specs:
         if spec["compiler"] in recipes.DIFFJET and spec["device"] == "cuda" and spec.get("time_warm_start", True):
@@ -109,7 +110,7 @@ def run_bench(
         result = result if isinstance(result, list) else [result]
         runs.extend(result)
         if on_result is not None:
-            on_result(result[0])
+            on_result(runs)
     return runs
 
 

@@ -198,7 +198,10 @@ def _step_cache(pipe, unet: nn.Module, config: Config, cache: CompileCache | Non
             # Inductor's artifacts only: a part takes the plan besides the UNet, so it is not precompiled.
             store = WarmStartStore(cache, parts, name=f"unet.{part}",
                                    about={"model": getattr(pipe, "name_or_path", None)})
-        runner = _runner(f"unet.{part}", unet, fn, config, store, _STEP_ARGS["unet"])
+        # Only the parts that take the UNet's arguments get the timestep as a graph input; `deep` and `tail`
+        # take the skip-connection stack in that position, whose entry indices must stay Python ints.
+        tensor_args = ("timestep",) if part in step_cache.UNET_ARGUMENT_PARTS else ()
+        runner = _runner(f"unet.{part}", unet, fn, config, store, tensor_args)
         report.runners[f"unet.{part}"] = runner
         return runner
 

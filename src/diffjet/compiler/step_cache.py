@@ -86,6 +86,11 @@ def _tail(unet: nn.Module, plan: Plan, state: State, feature: torch.Tensor) -> t
     return unet_parts.epilogue(unet, state.h)
 
 
+#: The parts called with the UNet's own arguments (`timestep` among them); `deep` and `tail` take
+#: intermediate state instead.
+UNET_ARGUMENT_PARTS = ("full", "shallow", "head")
+
+
 def relative_l1(x: torch.Tensor, reference: torch.Tensor) -> float:
     """mean |x − reference| / mean |reference| (one host read)."""
     x, reference = x.float(), reference.float()
