@@ -111,3 +111,28 @@ def tiny_flux_path(_preset_cache, tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_sd3_path(_preset_cache, tmp_path_factory):
     return build("tiny-sd3", tmp_path_factory.mktemp("models") / "tiny-sd3")
+
+
+# -- serving (test_serve*.py) ----------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def served_pipe(tiny_path):
+    """The tiny pipeline as `diffjet serve` loads it (compiled, float32 on the CPU), shared by the test
+    servers, one at a time: a worker leaves it with its own scheduler and no LoRA merged."""
+    from diffjet.serve.settings import ServeSettings
+    from diffjet.serve.worker import load_served_pipeline
+
+    return load_served_pipeline(ServeSettings(model=str(tiny_path), sizes=((64, 64),)))
+
+
+@pytest.fixture(scope="session")
+def lora_dir(served_pipe, tmp_path_factory):
+    """Two rank-4 LoRAs for the tiny pipeline, `style` and `ink`, and a file that is no LoRA name."""
+    from safetensors.torch import save_file
+
+    from diffjet.models import random_lora
+
+    folder = tmp_path_factory.mktemp("loras")
+    for name, seed in (("style", 1), ("ink", 2)):
+        save_file(random_lora(served_pipe, seed=seed, rank=4, strength=0.5), str(folder / f"{name}.safetensors"))
+    (folder / "notes.txt").write_text("not a LoRA")
+    return folder

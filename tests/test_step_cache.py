@@ -117,8 +117,12 @@ def test_full_part_is_the_whole_unet_at_every_branch(paths, name):
 
 @pytest.mark.parametrize(
     "name, branch, interval",
-    [("tiny", 0, 3), ("tiny", 1, 2), ("tiny", 3, 3), ("tiny-sdxl", 0, 3), ("tiny-sdxl", 4, 4),
-     ("tiny-2-layers", 1, 3), ("tiny-2-layers", 3, 2), ("tiny-controlnet", 0, 3)],
+    # DeepCache's default setting on each architecture (and two layers per block) in the default run; other
+    # branches and intervals under -m slow (they add about 25 s).
+    [("tiny", 0, 3), ("tiny-sdxl", 0, 3), ("tiny-controlnet", 0, 3), ("tiny-2-layers", 1, 3),
+     pytest.param("tiny", 1, 2, marks=pytest.mark.slow), pytest.param("tiny", 3, 3, marks=pytest.mark.slow),
+     pytest.param("tiny-sdxl", 4, 4, marks=pytest.mark.slow),
+     pytest.param("tiny-2-layers", 3, 2, marks=pytest.mark.slow)],
 )
 def test_uniform_step_cache_gives_the_deepcache_packages_latents(paths, name, branch, interval):
     reference = pipeline(paths, name)

@@ -1,9 +1,9 @@
-"""The `diffjet` command: `generate`, `bench`, `verify`, `compile`, `cache`.
+"""The `diffjet` command: `generate`, `bench`, `verify`, `compile`, `cache`, `serve`.
 
 Bad input never ends in a traceback: every argument and output path is checked before any work, and
 every `DiffjetError` becomes one line on stderr and exit code 2; `verify` exits 1 when the compiled
-pipeline breaks the lossless rule. torch and diffusers are imported inside the commands, so that
-`diffjet --help` answers at once.
+pipeline breaks the lossless rule. torch, diffusers and the server's libraries are imported inside the
+commands, so that `diffjet --help` answers at once.
 """
 
 from __future__ import annotations
@@ -369,14 +369,14 @@ def _resolutions(text: str) -> list[tuple[int, int]]:
     return sizes
 
 
-def _batches(text: str) -> list[int]:
+def _batches(text: str, option: str = "--batch") -> list[int]:
     try:
         batches = [int(b) for b in text.split(",") if b.strip()]
     except ValueError:
-        raise ConfigError(f"--batch: {text!r} is not a comma-separated list of whole numbers (e.g. 1,2)") from None
+        raise ConfigError(f"{option}: {text!r} is not a comma-separated list of whole numbers (e.g. 1,2)") from None
     if not batches:
-        raise ConfigError("--batch: give at least one number of images per prompt")
-    return [_positive("--batch", b) for b in batches]
+        raise ConfigError(f"{option}: give at least one batch size")
+    return [_positive(option, b) for b in batches]
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
@@ -465,6 +465,82 @@ def cmd_cache(args: argparse.Namespace) -> int:
     return 1 if broken else 0
 
 
+# -- serve -------------------------------------------------------------------------------------
+def _serve_settings(args: argparse.Namespace, device: str, model: str):
+    """`ServeSettings` from the options, every check done; the model is not resolved yet."""
+    from .serve.settings import ServeSettings, is_loopback, read_api_key
+
+    api_key = read_api_key(args.api_key_file) if args.api_key_file else None
+    if not is_loopback(args.host) and api_key is None:
+        raise ConfigError(f"--host {args.host} takes requests from other machines: give --api-key-file too "
+                          "(a bearer token every request must send)")
+    if not 0 <= args.port <= 65535:
+        raise ConfigError(f"--port must be from 0 to 65535, got {args.port}")
+    if args.resolutions:
+        sizes = _resolutions(args.resolutions)
+    else:
+        height, width = _native_size(model)
+        sizes = [(width or 512, height or 512)]
+    if args.ray:
+        _ray_options(args)
+    return ServeSettings(
+        model=model, model_name=model, sizes=tuple(sizes), device=device, compiler=args.compiler,
+        lora_dir=Path(args.lora_dir) if args.lora_dir else None, max_batch=args.max_batch,
+        batch_sizes=tuple(_batches(args.batch_sizes, "--batch-sizes")) if args.batch_sizes else (),
+        max_wait_ms=_finite("--max-wait-ms", args.max_wait_ms), queue=args.queue,
+        allow_new_sizes=args.allow_new_sizes, max_pixels=args.max_pixels,
+        timeout_s=_finite("--timeout", args.timeout), default_steps=args.steps, max_steps=args.max_steps,
+        max_images=args.max_images, max_body_bytes=args.max_body_kib * 1024, api_key=api_key,
+    )
+
+
+def _ray_options(args: argparse.Namespace) -> None:
+    _positive("--replicas", args.replicas)
+    low, high = args.min_replicas, args.max_replicas
+    if (low is None) != (high is None):
+        raise ConfigError("--min-replicas and --max-replicas go together (autoscaling bounds)")
+    if low is not None and not 0 <= low <= high or high is not None and high < 1:
+        raise ConfigError(f"autoscaling bounds: need 0 <= --min-replicas <= --max-replicas and at least 1 "
+                          f"replica at most, got {low} and {high}")
+    import importlib.util
+
+    if importlib.util.find_spec("ray") is None:
+        raise ConfigError("--ray needs Ray Serve: pip install 'diffjet[ray]'")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    device = _device(args.device)
+    model = args.model or _default_model(device)
+    settings = _serve_settings(args, device, model)
+    from .models import PRESETS, resolve
+    from .serve import server
+
+    sock = None if args.ray else server.bind(args.host, args.port)
+    path = resolve(model)  # a preset is built on first use; an unknown model is one line
+    if not args.resolutions and model not in PRESETS:
+        settings = dataclasses.replace(settings, sizes=(_folder_native_size(path),))
+    settings = dataclasses.replace(settings, model=path)
+    if args.ray:
+        from .serve import ray as ray_serve
+
+        ray_serve.run(settings, args.host, args.port, replicas=args.replicas, min_replicas=args.min_replicas,
+                      max_replicas=args.max_replicas, gpus_per_replica=1 if device == "cuda" else 0)
+    else:
+        server.run(settings, sock, access_log=args.verbose)
+    return 0
+
+
+def _folder_native_size(path: str) -> tuple[int, int]:
+    """(width, height) a diffusers folder's UNet was trained at (its sample size × 8); 512² when not known."""
+    try:
+        side = json.loads((Path(path) / "unet" / "config.json").read_text())["sample_size"] * 8
+    except (OSError, ValueError, KeyError, TypeError):
+        return 512, 512
+    return (side, side) if isinstance(side, int) else (512, 512)
+
+
 # -- entry point -------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffjet", description="Fast, faithful Stable Diffusion pipelines.")
@@ -530,6 +606,35 @@ def build_parser() -> argparse.ArgumentParser:
     cac.add_argument("--cache", help="compile cache folder (default: $DIFFJET_CACHE_DIR/compile or ~/.cache/diffjet/compile)")
     cac.add_argument("--max-gib", type=float, help="prune: the size to keep the cache within")
     cac.set_defaults(func=cmd_cache)
+
+    srv = sub.add_parser("serve", help="an HTTP image service (OpenAI and AUTOMATIC1111 APIs) with batching")
+    srv.add_argument("--model", help="preset, diffusers folder or hub id (default: sd15 on a GPU, tiny on a CPU)")
+    srv.add_argument("--resolutions", help="WIDTHxHEIGHT list served and warmed before ready; the first is the "
+                                           "default (default: the model's native size)")
+    srv.add_argument("--allow-new-sizes", action="store_true", help="also take sizes off the list (each compiles "
+                     "on its first request)")
+    srv.add_argument("--max-pixels", type=int, default=1536 * 1536, help="cap on width x height")
+    srv.add_argument("--lora-dir", help="folder of NAME.safetensors LoRAs that requests may name")
+    srv.add_argument("--host", default="127.0.0.1", help="address to listen on; another than loopback needs --api-key-file")
+    srv.add_argument("--port", type=int, default=8000, help="0: a free port (printed)")
+    srv.add_argument("--api-key-file", help="file whose first line is the bearer token requests must send")
+    srv.add_argument("--max-batch", type=int, default=4, help="images per pipeline call")
+    srv.add_argument("--batch-sizes", help="comma-separated batch sizes to warm and run (default: every size up "
+                     "to --max-batch); fewer sizes, fewer compiles at start")
+    srv.add_argument("--max-wait-ms", type=float, default=20.0, help="how long a batch waits to fill")
+    srv.add_argument("--queue", type=int, default=64, help="images that may wait; beyond, 429 with Retry-After")
+    srv.add_argument("--timeout", type=float, default=300.0, help="seconds a request may take before 504")
+    srv.add_argument("--steps", type=int, default=30, help="steps of a request that gives none")
+    srv.add_argument("--max-steps", type=int, default=150)
+    srv.add_argument("--max-images", type=int, default=10, help="images per request (n, batch_size)")
+    srv.add_argument("--max-body-kib", type=int, default=64, help="cap on a request body")
+    srv.add_argument("--compiler", choices=("eager", *DIFFJET), default="diffjet")
+    srv.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
+    srv.add_argument("--ray", action="store_true", help="serve on Ray Serve: one replica per GPU, same HTTP API")
+    srv.add_argument("--replicas", type=int, default=1, help="with --ray: replicas (one GPU each)")
+    srv.add_argument("--min-replicas", type=int, help="with --ray: autoscaling lower bound")
+    srv.add_argument("--max-replicas", type=int, help="with --ray: autoscaling upper bound")
+    srv.set_defaults(func=cmd_serve)
 
     ver = sub.add_parser("verify", help="check that diffjet's output equals eager within the lossless rule")
     common(ver, None)
