@@ -217,6 +217,19 @@ def test_flux_lora_changes_the_compiled_output_and_unloads_bit_for_bit(compiled_
     assert relative_error(generate(pipe, output_type="latent").images, eager_latents) < TOL
 
 
+def test_random_flux_lora_adapts_every_block_linear_but_the_fused_projections(compiled_pipe):
+    from diffjet.models import lora_layers, random_lora
+
+    pipe, _ = compiled_pipe
+    if not isinstance(pipe, FluxPipeline):
+        pytest.skip("LoRA on DiTs: Flux only")
+    paths = lora_layers(pipe)["transformer"]
+    assert "transformer_blocks.0.attn.add_q_proj" in paths and "single_transformer_blocks.0.proj_mlp" in paths
+    assert not any(p.endswith(("to_qkv", "to_added_qkv")) for p in paths)
+    diffjet.load_lora(pipe, random_lora(pipe, rank=2))
+    diffjet.unload_lora(pipe)
+
+
 def test_a_unet_lora_on_flux_is_refused_as_another_kind_of_model(compiled_pipe):
     from diffjet.errors import LoraError
 
