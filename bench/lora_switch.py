@@ -3,8 +3,9 @@
     python bench/lora_switch.py --model sd15,sdxl --json lora-switch.json
     python bench/lora_switch.py --model sdxl --compiler diffjet-fast   # with the lossy fast modes on
 
-Per model: load the preset in float16 on CUDA, `diffjet.compile` it (Inductor on the UNet, CUDA graphs on
-every component), generate once at the native size, then:
+Per model: load the preset in its half precision on CUDA (float16; bfloat16 for flux-dev), `diffjet.compile`
+it (Inductor on the UNet or Flux's transformer, CUDA graphs on every component), generate once at the native
+size, then:
 - `first_load_ms`: `diffjet.load_lora(pipe, A)` from a .safetensors file, the first time (base weights are
   copied to pinned host memory then);
 - `switch_ms`: `unload_lora(A)` + `load_lora(B)` from the file, alternating A → B → A … with a generation
@@ -13,7 +14,9 @@ every component), generate once at the native size, then:
 - recompiles (Dynamo's unique graphs) and new captures across all switches, which must be 0;
 - that each switch changes the UNet's output and that B after A equals B loaded alone (same bits).
 LoRAs are `diffjet.models.random_lora` (rank 16 by default, every attention, feed-forward and transformer
-projection of the UNet plus the text encoders' attention and MLP: a kohya "full" LoRA), saved in float16.
+projection of the UNet plus the text encoders' attention and MLP: a kohya "full" LoRA; for Flux every Linear of
+its blocks, as ai-toolkit trains), saved in the model's half precision. `adapted_unet_weights` counts the
+denoiser's (UNet or transformer).
 Every duration is wall time with the GPU synchronised before and after.
 """
 
@@ -52,20 +55,23 @@ def run_model(model: str, rank: int, switches: int, folder: Path, device: str = 
 
     import diffjet
     from diffjet.bench.recipes import DIFFJET
-    from diffjet.models import load_pipeline, lora_layers, random_lora
+    from diffjet.models import half_precision, load_pipeline, lora_layers, random_lora
+    from diffjet.quality import denoiser
 
-    pipe = load_pipeline(model, device=device, dtype=torch.float16 if device == "cuda" else torch.float32)
+    half = half_precision(model)
+    pipe = load_pipeline(model, device=device, dtype=half if device == "cuda" else torch.float32)
     pipe.set_progress_bar_config(disable=True)
+    step = "unet" if getattr(pipe, "unet", None) is not None else "transformer"
     # The VAE is left uncompiled (still graphed): a switch's cost does not depend on it.
     config = DIFFJET[compiler]()
-    diffjet.compile(pipe, config.replace(inductor=("unet",), cache=False) if device == "cuda" else config)
+    diffjet.compile(pipe, config.replace(inductor=(step,), cache=False) if device == "cuda" else config)
     files = {}
     for name, seed in (("a", 1), ("b", 2)):
-        state = {k: v.half() for k, v in random_lora(pipe, seed=seed, rank=rank).items()}
+        state = {k: v.to(half) for k, v in random_lora(pipe, seed=seed, rank=rank).items()}
         files[name] = folder / f"{model}-{name}.safetensors"
         save_file(state, files[name])
     in_memory = {name: load_file(path) for name, path in files.items()}
-    unet_weights = sum(pipe.unet.get_submodule(p).weight.numel() for p in lora_layers(pipe)["unet"])
+    unet_weights = sum(denoiser(pipe).get_submodule(p).weight.numel() for p in lora_layers(pipe)[step])
     all_weights = sum(getattr(pipe, c).get_submodule(p).weight.numel()
                       for c, paths in lora_layers(pipe).items() for p in paths)
 

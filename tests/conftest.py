@@ -103,6 +103,16 @@ def peft_format(factors):
     return state
 
 
+@pytest.fixture(scope="session")
+def tiny_flux_path(_preset_cache, tmp_path_factory):
+    return build("tiny-flux", tmp_path_factory.mktemp("models") / "tiny-flux")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3_path(_preset_cache, tmp_path_factory):
+    return build("tiny-sd3", tmp_path_factory.mktemp("models") / "tiny-sd3")
+
+
 # -- serving (test_serve*.py) ----------------------------------------------------------------------------
 @pytest.fixture(scope="session")
 def served_pipe(tiny_path):

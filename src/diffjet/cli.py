@@ -134,9 +134,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from PIL.PngImagePlugin import PngInfo
 
     from .bench import recipes
-    from .models import control_inputs, load_pipeline
+    from .models import control_inputs, half_precision, load_pipeline
 
-    dtype = torch.float16 if device == "cuda" else torch.float32
+    dtype = half_precision(model) if device == "cuda" else torch.float32
     pipe = load_pipeline(model, device=device, dtype=dtype)
     recipes.set_scheduler(pipe, args.scheduler)
     compiler = _fast_or(args)
@@ -284,7 +284,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     import diffjet
 
     from . import quality
-    from .models import load_pipeline
+    from .models import half_precision, load_pipeline
 
     device = _device(args.device)
     model = args.model or _default_model(device)
@@ -317,6 +317,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         seed=args.seed,
         compile_pipe=compile_pipe,
         prepare_eager=prepare_eager,
+        half=half_precision(model),
     )
     with_lora = f", LoRA {args.lora} at scale {args.lora_scale}" if args.lora else ""
     print(f"fidelity of {compiler} on {model}{with_lora} ({device}, {steps} steps), "
@@ -386,7 +387,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
     import diffjet
 
-    from .models import load_pipeline
+    from .models import half_precision, load_pipeline
 
     if _device(args.device) != "cuda":
         raise DeviceError("diffjet compile builds GPU kernels, and no CUDA GPU is visible here")
@@ -399,7 +400,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
         raise CacheError(f"compile cache {target.directory} is {target.read_only_reason}; give --cache a folder "
                          "this user can write")
     model = args.model or "sd15"
-    pipe = load_pipeline(model, device="cuda", dtype=torch.float16)
+    pipe = load_pipeline(model, device="cuda", dtype=half_precision(model))
     pipe.set_progress_bar_config(disable=True)
     diffjet.compile(pipe, diffjet.Config(cache_dir=args.cache))
     cache = pipe.diffjet.cache
@@ -548,8 +549,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     def common(p: argparse.ArgumentParser, steps_default: int | None) -> None:
-        p.add_argument("--model", help="preset (tiny, tiny-sdxl, sd15, sd21, sdxl), diffusers folder or hub id "
-                                       "(default: sd15 on a GPU, tiny on a CPU)")
+        p.add_argument("--model", help="preset (tiny, tiny-sdxl, sd15, sd21, sdxl, flux-dev, sd35-medium, ...), "
+                                       "diffusers folder or hub id (default: sd15 on a GPU, tiny on a CPU)")
         p.add_argument("--prompt", default="an astronaut riding a horse on mars, highly detailed")
         p.add_argument("--steps", type=int, default=steps_default)
         p.add_argument("--height", type=int, help="pixels, a multiple of 8 (default: the model's native size)")

@@ -10,9 +10,10 @@ import torch
 from .errors import ConfigError
 
 #: Components diffjet knows how to optimise, in the order it handles them.
-KNOWN_COMPONENTS = ("unet", "controlnet", "vae", "text_encoder", "text_encoder_2")
+KNOWN_COMPONENTS = ("unet", "controlnet", "transformer", "vae",
+                    "text_encoder", "text_encoder_2", "text_encoder_3")
 
-_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "keep": None}
+_DTYPES = {"auto": None, "float16": torch.float16, "bfloat16": torch.bfloat16, "keep": None}
 _ATTENTION = ("sdpa-fused-qkv", "keep")
 _COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
 #: `torch.compile` backends: Inductor, and the two that tests use to trace without compiling.
@@ -75,15 +76,20 @@ class Config:
     """Options of `diffjet.compile`. The default is lossless (DESIGN.md's fidelity rule).
 
     Fields:
-        dtype: "float16" (default), "bfloat16", or "keep" (leave the pipeline's dtype alone). Applied on
-            CUDA only. A VAE that declares `force_upcast` stays float32 under "float16", as diffusers runs it.
+        dtype: "auto" (default): the half precision a pipeline's family is published and run in, float16
+            for UNet pipelines (SD 1.x, 2.x, XL), bfloat16 for DiT pipelines, those with a `transformer`
+            (Flux, SD3: bf16 checkpoints, and a T5 encoder that overflows in float16); `pipe.diffjet.dtype`
+            says which. "float16" or "bfloat16": that one for every pipeline; "keep": the pipeline's own.
+            Applied on CUDA only. A VAE that declares `force_upcast` stays float32 under float16 in a
+            pipeline that upcasts it (SDXL), as diffusers runs it.
         tf32: allow TF32 for the float32 matrix work that is left (e.g. SDXL's float32 VAE). This sets
             PyTorch's process-wide `torch.backends.{cuda.matmul,cudnn}.allow_tf32` flags.
         channels_last: convolution weights and activations in NHWC.
         attention: "sdpa-fused-qkv" (one QKV projection, PyTorch SDPA) or "keep" (the pipeline's own).
         components: the pipeline components diffjet touches; others are left alone and reported.
-        inductor: the components compiled with Inductor (`torch.compile`). Text encoders run once per
-            image, so by default they get CUDA graphs but no compile time.
+        inductor: the components compiled with Inductor (`torch.compile`): by default the denoisers
+            (UNet, transformer), ControlNet and VAE. Text encoders run once per image, so by default they
+            get CUDA graphs but no compile time.
         kernels: diffjet's Triton kernels to put in (`passes/kernels.py`): "group_norm_silu" and
             "geglu" (both by default); `()` for none. Applied on CUDA to
             half-precision channels-last UNet, ControlNet and VAE only.
@@ -111,12 +117,12 @@ class Config:
             supported, otherwise off and said so in `CompileReport.off`.
     """
 
-    dtype: str = "float16"
+    dtype: str = "auto"
     tf32: bool = True
     channels_last: bool = True
     attention: str = "sdpa-fused-qkv"
     components: tuple[str, ...] = KNOWN_COMPONENTS
-    inductor: tuple[str, ...] = ("unet", "controlnet", "vae")
+    inductor: tuple[str, ...] = ("unet", "controlnet", "transformer", "vae")
     kernels: tuple[str, ...] = DEFAULT_KERNELS
     compile_mode: str = "default"
     backend: str = "inductor"
@@ -165,7 +171,14 @@ class Config:
 
     @property
     def torch_dtype(self) -> torch.dtype | None:
+        """The precision asked for; None for "keep", and for "auto", which `for_pipeline` settles."""
         return _DTYPES[self.dtype]
+
+    def for_pipeline(self, components: dict) -> "Config":
+        """This config with "auto" settled for a pipeline of these components (see `dtype`)."""
+        if self.dtype != "auto":
+            return self
+        return self.replace(dtype="bfloat16" if "transformer" in components else "float16")
 
     @property
     def lossy(self) -> list[str]:
@@ -179,7 +192,8 @@ class Config:
     # -- named presets -----------------------------------------------------------------------
     @classmethod
     def lossless(cls) -> "Config":
-        """fp16, channels-last, fused-QKV SDPA, Inductor on UNet/ControlNet/VAE, CUDA graphs (the default)."""
+        """fp16 (bf16 for DiTs), channels-last, fused-QKV SDPA, Inductor on the denoiser, ControlNet and VAE, CUDA
+        graphs (the default)."""
         return cls()
 
     @classmethod

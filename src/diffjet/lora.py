@@ -22,7 +22,11 @@ Formats are those diffusers' `lora_state_dict` reads: diffusers/PEFT keys (`unet
 `….lora.down/up`, the old `to_q_lora`), kohya (`lora_unet_…`, `lora_te_…`, SDXL's `lora_te1_/lora_te2_`
 and sgm block names, with `.alpha`). diffusers' own converters and key tables turn them into module names.
 Linear and Conv2d layers are supported, 1×1 and k×k kohya conv LoRA included; DoRA, LoHa/LoKr, LoRA biases
-and LoRAs of components other than the UNet and the text encoders raise `LoraError`.
+and LoRAs of components other than the UNet, the Flux transformer and the text encoders raise `LoraError`.
+
+Flux: whatever `FluxPipeline.lora_state_dict` reads (diffusers/PEFT `transformer.…` keys as ai-toolkit writes
+them, kohya's `lora_unet_double_blocks_…`/`single_blocks_…` with BFL's fused qkv and linear1 layers, which
+diffusers splits into to_q/to_k/to_v and the single blocks' projections, XLabs, …). SD3 LoRAs: not yet.
 """
 
 from __future__ import annotations
@@ -39,7 +43,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from diffusers.loaders import StableDiffusionLoraLoaderMixin
+from diffusers.loaders import FluxLoraLoaderMixin, StableDiffusionLoraLoaderMixin
+from diffusers.models.attention import AttentionModuleMixin
 from diffusers.models.attention_processor import Attention
 from diffusers.utils.state_dict_utils import (
     DIFFUSERS_OLD_TO_PEFT,
@@ -53,8 +58,9 @@ from .compiler import calls
 from .errors import LoraError
 from .passes import fp8
 
-#: The pipeline components a LoRA may adapt, named as the prefixes of its keys.
-LORA_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+#: The pipeline components a LoRA may adapt, named as the prefixes of its keys: a pipeline's denoiser (the UNet,
+#: or a DiT's transformer: `_adaptable`) and its CLIP text encoders.
+LORA_COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2")
 
 # diffusers' key tables, in the order that turns every format its loaders accept into PEFT's
 # `<module>.lora_A.weight` / `<module>.lora_B.weight`. The UNet and the CLIP text encoders name the same
@@ -232,9 +238,9 @@ def _read_lora(pipe: Any, lora: Any, weight_name: str | None) -> dict[tuple[str,
     alphas: dict[tuple[str, str], float] = {}
     for key, value in [*state_dict.items(), *(network_alphas or {}).items()]:
         component, _, rest = key.partition(".")
-        if component not in LORA_COMPONENTS or not rest:
+        if component not in _adaptable(pipe) or not rest:
             raise LoraError(
-                f"LoRA key {key!r} names no component diffjet can adapt ({', '.join(LORA_COMPONENTS)}); "
+                f"LoRA key {key!r} names no component diffjet can adapt ({', '.join(_adaptable(pipe))}); "
                 "is it a LoRA for another kind of model?"
             )
         if not isinstance(getattr(pipe, component, None), nn.Module):
@@ -270,6 +276,12 @@ def _read_lora(pipe: Any, lora: Any, weight_name: str | None) -> dict[tuple[str,
     return layers
 
 
+def _adaptable(pipe: Any) -> tuple[str, ...]:
+    """The components a LoRA for this kind of pipeline may adapt: its denoiser and the CLIP text encoders."""
+    denoiser = "transformer" if getattr(pipe, "transformer", None) is not None else "unet"
+    return tuple(c for c in LORA_COMPONENTS if c == denoiser or c.startswith("text_encoder"))
+
+
 def _lora_state_dict(pipe: Any, lora: Any, weight_name: str | None) -> tuple[dict, dict | None, dict | None]:
     if isinstance(lora, Mapping):
         lora = dict(lora)  # diffusers' kohya converter pops keys from the dict it is given
@@ -286,6 +298,10 @@ def _lora_state_dict(pipe: Any, lora: Any, weight_name: str | None) -> tuple[dic
     loader = getattr(type(pipe), "lora_state_dict", StableDiffusionLoraLoaderMixin.lora_state_dict)
     unet = getattr(pipe, "unet", None)
     kwargs = {"unet_config": unet.config} if unet is not None else {}
+    if getattr(pipe, "transformer", None) is not None:
+        if not isinstance(pipe, FluxLoraLoaderMixin):
+            raise LoraError(f"diffjet.load_lora takes Flux LoRAs among the DiTs so far, not {type(pipe).__name__}'s")
+        kwargs["return_alphas"] = True  # Flux's loader returns the alphas only when asked
     try:
         state_dict, network_alphas, metadata = loader(
             lora, weight_name=weight_name, return_lora_metadata=True, **kwargs
@@ -429,7 +445,8 @@ def _weight_views(pipe: Any, key: tuple[str, str]) -> list[torch.Tensor]:
     if parent is None:
         return [weight]
     modules = parent._modules  # plain dict lookups: this runs for every layer on every switch
-    for fused_name, parts in (("to_qkv", ("to_q", "to_k", "to_v")), ("to_kv", ("to_k", "to_v"))):
+    for fused_name, parts in (("to_qkv", ("to_q", "to_k", "to_v")), ("to_kv", ("to_k", "to_v")),
+                              ("to_added_qkv", ("add_q_proj", "add_k_proj", "add_v_proj"))):
         fused = modules.get(fused_name)
         if fused is None or name not in parts:
             continue
@@ -454,12 +471,13 @@ def _located(pipe: Any, key: tuple[str, str]) -> tuple[nn.Module, Attention | No
 
 
 def _locate(pipe: Any, key: tuple[str, str]) -> tuple[nn.Module, Attention | None, str]:
-    """Layer `key`'s module, its parent when that is an `Attention` (which may hold fused projections), its name."""
+    """Layer `key`'s module, its parent when that is an attention module (which may hold fused projections), its
+    name."""
     component, path = key
     root = getattr(pipe, component)
     parent_path, _, name = path.rpartition(".")
     parent = root.get_submodule(parent_path) if parent_path else root
-    return root.get_submodule(path), parent if isinstance(parent, Attention) else None, name
+    return root.get_submodule(path), parent if isinstance(parent, (Attention, AttentionModuleMixin)) else None, name
 
 
 def _fingerprint(weight: torch.Tensor) -> tuple:

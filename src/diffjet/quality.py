@@ -120,15 +120,21 @@ def bound(baseline_error: float) -> float:
     return max(LOSSLESS_FACTOR * baseline_error, FLOAT32_FLOOR)
 
 
+def denoiser(pipe) -> torch.nn.Module:
+    """The module a pipeline calls at every step: its UNet, or a DiT pipeline's transformer. `unet_error` and
+    `unet_ms` in results are this module's, whichever it is."""
+    return pipe.unet if getattr(pipe, "unet", None) is not None else pipe.transformer
+
+
 def record_unet_inputs(pipe, run: Callable[[], Any]) -> tuple[tuple, dict]:
-    """Run `run()` and return (args, kwargs) of the first UNet call, cloned."""
+    """Run `run()` and return (args, kwargs) of the first denoiser call (`denoiser`), cloned."""
     seen: dict[str, Any] = {}
 
     def hook(module, args, kwargs):
         if not seen:
             seen["inputs"] = pytree.tree_map_only(torch.Tensor, torch.clone, (args, kwargs))
 
-    handle = pipe.unet.register_forward_pre_hook(hook, with_kwargs=True)
+    handle = denoiser(pipe).register_forward_pre_hook(hook, with_kwargs=True)
     try:
         run()
     finally:
@@ -137,20 +143,21 @@ def record_unet_inputs(pipe, run: Callable[[], Any]) -> tuple[tuple, dict]:
 
 
 def unet_output(pipe, inputs: tuple[tuple, dict]) -> torch.Tensor:
-    """The UNet's noise prediction for `inputs`, cast to the UNet's dtype and device.
+    """The denoiser's (`denoiser`) noise prediction for `inputs`, cast to its dtype and device.
 
-    The timestep (a 0-d tensor) keeps its dtype, as in the pipeline's own calls (the scheduler's float32
-    timesteps): a float16 one would be a new input signature for a compiled UNet, compiled only for this
-    check."""
-    dtype, device = pipe.unet.dtype, pipe.unet.device
+    Timesteps (a 0-d tensor for a UNet, one per image for a DiT) and a DiT's guidance keep their dtype, as
+    in the pipeline's own calls (the scheduler's float32 values): a half-precision one would be a new input
+    signature for a compiled denoiser, compiled only for this check."""
+    model = denoiser(pipe)
+    dtype, device = model.dtype, model.device
 
     def cast(x: torch.Tensor) -> torch.Tensor:
-        return x.to(device=device, dtype=dtype if x.is_floating_point() and x.dim() > 0 else x.dtype)
+        return x.to(device=device, dtype=dtype if x.is_floating_point() and x.dim() > 1 else x.dtype)
 
     args, kwargs = pytree.tree_map_only(torch.Tensor, cast, inputs)
     kwargs = {**kwargs, "return_dict": False}
     with torch.no_grad():
-        return pipe.unet(*args, **kwargs)[0].float()
+        return model(*args, **kwargs)[0].float()
 
 
 def final_outputs(pipe, *, prompt: str, steps: int, height: int, width: int, seed: int,
@@ -205,8 +212,9 @@ def verify(
     seed: int,
     compile_pipe: Callable[[Any], Any],
     prepare_eager: Callable[[Any], Any] | None = None,
+    half: torch.dtype = torch.float16,
 ) -> Verdict:
-    """Eager float32 reference, eager half precision (float32 again on CPU), then the compiled pipeline.
+    """Eager float32 reference, eager `half` precision (float32 again on CPU), then the compiled pipeline.
 
     `load(dtype)` returns a fresh pipeline on `device`; `compile_pipe(pipe)` compiles it, and
     `prepare_eager(pipe)`, when given, readies both eager pipelines the same way (e.g. loads a LoRA with
@@ -214,7 +222,7 @@ def verify(
     reference's cached outputs. When the compiled pipeline is lossy (`pipe.diffjet.lossy`), the verdict
     also holds its `LossyCost`.
     """
-    half = torch.float16 if device.type == "cuda" else torch.float32
+    half = half if device.type == "cuda" else torch.float32
     results: dict[str, Any] = {}
 
     def evaluate(dtype: torch.dtype, prepare: Callable[[Any], Any] | None, decode: bool | None) -> tuple:

@@ -8,8 +8,8 @@
   holds the whole step (UNet, guidance, scheduler, Python) and nothing before or after the loop.
   Median over the timed runs, min and max kept.
 - `e2e_s`: prompt to decoded PIL image, host clock around a synchronised call. Median.
-- `unet_ms`: the UNet alone on the inputs of its first call in the loop, CUDA events around each call,
-  median over `unet_repeats` calls.
+- `unet_ms`: the denoiser alone (the UNet, or a DiT pipeline's transformer: `quality.denoiser`) on the
+  inputs of its first call in the loop, CUDA events around each call, median over `unet_repeats` calls.
 - `peak_mem_gib`: `torch.cuda.max_memory_allocated` over the whole process.
 On a CPU the same quantities are taken with the host clock.
 """
@@ -24,7 +24,7 @@ from typing import Any, Callable
 import torch
 
 from ..models import control_inputs
-from ..quality import record_unet_inputs
+from ..quality import denoiser, record_unet_inputs
 
 
 @dataclass
@@ -142,10 +142,11 @@ def measure(
             rates.append((steps - 1) / clock.seconds(step_marks[0], step_marks[-1]))
 
     unet_times = []
+    step_module = denoiser(pipe)
     with torch.no_grad():
         for _ in range(unet_repeats):
             begin = clock.mark()
-            pipe.unet(*unet_args, **unet_kwargs)
+            step_module(*unet_args, **unet_kwargs)
             unet_times.append(clock.seconds(begin, clock.mark()) * 1000.0)
 
     if not rates:  # one step: the loop rate is the inverse of the whole-call time

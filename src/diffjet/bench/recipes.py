@@ -3,7 +3,11 @@
 - `eager`: the pipeline as loaded (fp16 and diffusers' SDPA attention on a GPU).
 - `torch-compile`: the recipe of Diffusers' speed guide: channels-last UNet and VAE, fused QKV
   projections, `conv_1x1_as_mm` and no epilogue fusion, `torch.compile` of the UNet and of `vae.decode`,
-  in `reduce-overhead` mode (Inductor plus CUDA-graph trees), recorded in every run. The guide's
+  in `reduce-overhead` mode (Inductor plus CUDA-graph trees), recorded in every run. For a DiT pipeline
+  the same with the transformer in the UNet's place (fullgraph, no channels-last: it has no convolutions
+  but its patch embedding), as diffusers' Flux and SD3 speed-up posts do; QKV fused by diffusers'
+  `fuse_qkv_projections` only where that computes the same attention (Flux; not SD 3.5, whose QK norms
+  diffusers' fused SD3 processor leaves out), recorded as `fused_qkv`. The guide's
   `max-autotune` did not finish compiling the SD1.5 UNet in 430 s on the H100
   (bench/results/unet-step-sd15-autotune-mm-h100-2026-11-27.json), past what one benchmark run may take;
   its coordinate-descent tuning is left out too (bench/NOTES.md §2b: longer compiles, no measurable speed).
@@ -51,7 +55,16 @@ def set_scheduler(pipe, name: str) -> None:
 
     The protocol times Euler: PNDM (SD1.5's published default) indexes a CPU table with a GPU timestep
     every step, a host sync that puts the pipeline's Python time between every two UNet calls.
+    Flow-matching pipelines (Flux, SD3) run their own Euler (`FlowMatchEulerDiscreteScheduler`), kept for
+    "euler" and "default"; the SD schedulers do not apply to them.
     """
+    if type(pipe.scheduler).__name__.startswith("FlowMatch"):
+        if name not in ("default", "euler"):
+            from ..errors import ConfigError
+
+            raise ConfigError(f"--scheduler {name}: {type(pipe).__name__} is a flow-matching pipeline; "
+                              "use euler or default (its FlowMatchEulerDiscreteScheduler)")
+        return
     class_name = SCHEDULERS[name]
     if class_name is not None:
         import diffusers
@@ -113,13 +126,23 @@ def _torch_compile(pipe) -> dict[str, Any]:
     import torch
 
     mode = TORCH_COMPILE_MODE if pipe.device.type == "cuda" else "default"
-    pipe.unet.to(memory_format=torch.channels_last)
+    transformer = getattr(pipe, "transformer", None)
+    fused_qkv = True
+    if transformer is None:
+        pipe.unet.to(memory_format=torch.channels_last)
+        pipe.fuse_qkv_projections()
+    else:
+        fused_qkv = getattr(transformer.config, "qk_norm", None) is None
+        if fused_qkv:
+            transformer.fuse_qkv_projections()
     pipe.vae.to(memory_format=torch.channels_last)
-    pipe.fuse_qkv_projections()
     # The guide's flags are process-wide Inductor settings; each variant runs in its own process.
     config = torch._inductor.config
     config.conv_1x1_as_mm = True
     config.epilogue_fusion = False
-    pipe.unet = torch.compile(pipe.unet, mode=mode, fullgraph=True)
+    if transformer is None:
+        pipe.unet = torch.compile(pipe.unet, mode=mode, fullgraph=True)
+    else:
+        pipe.transformer = torch.compile(transformer, mode=mode, fullgraph=True)
     pipe.vae.decode = torch.compile(pipe.vae.decode, mode=mode, fullgraph=True)
-    return {"compile_mode": mode}
+    return {"compile_mode": mode, "fused_qkv": fused_qkv}

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from .. import console
-from ..models import control_inputs, load_pipeline
+from ..models import control_inputs, half_precision, load_pipeline
 from . import recipes
 from .harness import measure
 
@@ -31,7 +31,7 @@ def run(spec: dict) -> list[dict] | dict:
     so is its it/s next to the first pass's.
     """
     device = torch.device(spec["device"])
-    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    dtype = half_precision(spec["model"]) if device.type == "cuda" else torch.float32
     pipe = load_pipeline(spec["model"], device=str(device), dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     recipes.set_scheduler(pipe, spec.get("scheduler", "euler"))

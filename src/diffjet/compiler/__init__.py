@@ -3,8 +3,12 @@
 | component | precision | channels-last | attention | Inductor | CUDA graph |
 | --- | --- | --- | --- | --- | --- |
 | unet, controlnet | yes | yes | yes | if in `Config.inductor` | forward |
+| transformer (Flux, SD3) | yes (bfloat16 under "auto") | no: token sequences | fused joint QKV | if in `Config.inductor` | forward |
 | vae | yes (float32 where an SDXL-family pipeline would upcast it) | yes | yes | decoder, if in `Config.inductor` | decoder |
-| text_encoder(_2) | yes | no 4-D weights | diffusers' SDPA already | if in `Config.inductor` | forward |
+| text_encoder(_2, _3) | yes | no 4-D weights | diffusers' SDPA already | if in `Config.inductor` | forward |
+
+`Config.dtype="auto"` is settled per pipeline (`Config.for_pipeline`): bfloat16 where there is a
+`transformer`, float16 otherwise; `CompileReport.dtype` says which and why.
 
 With `Config.fp8` (lossy, opt-in), the UNet's and ControlNet's GEMMs go fp8 (`passes/fp8.py`) after the
 attention pass and before the kernels. A device without fp8 refuses `fp8=True` before anything changes, and
@@ -42,7 +46,10 @@ _warned_cache: set[str] = set()  # compile-cache problems already reported in th
 # Arguments that change between calls without being device tensors: the timestep (a number for some
 # schedulers) and ControlNet's conditioning scale (a float, or one per net). As device tensors they are
 # graph inputs; as Python values each new one would compile and capture a graph of its own.
-_STEP_ARGS = {"unet": (1, "timestep"), "controlnet": (1, "timestep", "conditioning_scale")}
+# A DiT's guidance (Flux.1-dev's distilled guidance scale) is a device tensor already; named here all the same,
+# so that a caller passing a number still gets one graph for every value.
+_STEP_ARGS = {"unet": (1, "timestep"), "controlnet": (1, "timestep", "conditioning_scale"),
+              "transformer": (3, "timestep", "guidance")}
 
 
 @dataclass
@@ -51,6 +58,7 @@ class CompileReport:
 
     device: str
     config: Config
+    dtype: str = ""  # the precision the components run in, and why (Config.dtype "auto" settled)
     passes: dict[str, list[str]] = field(default_factory=dict)  # component -> passes applied
     left_alone: dict[str, str] = field(default_factory=dict)  # component -> why
     off: list[str] = field(default_factory=list)  # what the device or config turned off
@@ -60,7 +68,7 @@ class CompileReport:
     step_cache: step_cache.StepCachedUNet | None = None
 
     def summary(self) -> str:
-        lines = [f"diffjet on {self.device}:"]
+        lines = [f"diffjet on {self.device}, {self.dtype}:"]
         lines += [f"  LOSSY: {what}" for what in self.lossy]
         lines += [f"  {name}: {', '.join(p) or 'nothing'}" for name, p in self.passes.items()]
         lines += [f"  left alone: {name} ({why})" for name, why in self.left_alone.items()]
@@ -83,7 +91,8 @@ def compile_pipeline(pipe, config: Config) -> CompileReport:
         raise TypeError(f"{type(pipe).__name__} has no torch modules to compile")
     device = _device_of(next(iter(modules.values())))
     on_cuda = device.type == "cuda"
-    report = CompileReport(device=str(device), config=config)
+    report = CompileReport(device=str(device), config=config, dtype=_dtype_rule(config, modules, on_cuda))
+    config = config.for_pipeline(modules)
     fp8_off = fp8.unsupported(device) if config.fp8 else None
     if fp8_off and config.fp8 is True:
         raise DeviceError(f"{fp8_off}; use Config(fp8='auto') to run fp8 only where it is supported")
@@ -125,7 +134,8 @@ def compile_pipeline(pipe, config: Config) -> CompileReport:
                 precision.pin_float32(module)
             precision.apply(module, config)
             applied.append(f"precision({str(next(module.parameters()).dtype).removeprefix('torch.')})")
-        if config.channels_last and any(p.dim() == 4 for p in module.parameters()):
+        # A DiT's one convolution is its patch embedding; its activations are token sequences, not images.
+        if config.channels_last and name != "transformer" and any(p.dim() == 4 for p in module.parameters()):
             memory_format.apply(module, config)
             applied.append("channels_last")
         if config.attention != "keep" and not name.startswith("text_encoder"):
@@ -157,6 +167,11 @@ def compile_pipeline(pipe, config: Config) -> CompileReport:
                                               about={"model": getattr(pipe, "name_or_path", None)})
             report.runners[name] = target.forward
             applied.append("cuda_graphs")
+    if "transformer" in report.passes:
+        if config.step_cache is not None:
+            report.off.append("step cache (UNets only so far)")
+        if config.fp8 and not fp8_off:
+            report.off.append("fp8 (UNets and ControlNets only so far)")
     calls.serialize(pipe)
     if report.step_cache is not None:
         calls.add_hook(pipe, report.step_cache)
@@ -165,6 +180,19 @@ def compile_pipeline(pipe, config: Config) -> CompileReport:
         logger.warning("diffjet left these components as they are (eager): %s", ", ".join(unknown))
     logger.info("%s", report.summary())
     return report
+
+
+def _dtype_rule(config: Config, modules: dict[str, nn.Module], on_cuda: bool) -> str:
+    """What `CompileReport.dtype` says: the precision the components run in, and where it comes from."""
+    if not on_cuda:
+        return "the pipeline's own (half precision is for CUDA)"
+    if config.dtype == "keep":
+        return "dtype kept (Config.dtype='keep')"
+    resolved = config.for_pipeline(modules).dtype
+    if config.dtype == "auto":
+        family = "a DiT pipeline" if "transformer" in modules else "a UNet pipeline"
+        return f"{resolved} (Config.dtype='auto': {family})"
+    return f"{resolved} (Config.dtype)"
 
 
 def _open_cache(config: Config, report: CompileReport) -> CompileCache | None:

@@ -12,7 +12,7 @@ the real CLIP tokenizer, written as a normal diffusers folder and loaded back wi
 
 from diffjet.models.building import build, count_parameters
 from diffjet.models.control_image import control_image, control_inputs
-from diffjet.models.loading import load_pipeline, resolve
+from diffjet.models.loading import half_precision, load_pipeline, resolve
 from diffjet.models.presets import PRESETS, Preset, get_preset
 from diffjet.models.random_lora import lora_layers, random_lora
 from diffjet.models.tokenizer import clip_tokenizer
@@ -26,6 +26,7 @@ __all__ = [
     "control_inputs",
     "count_parameters",
     "get_preset",
+    "half_precision",
     "load_pipeline",
     "lora_layers",
     "random_lora",

@@ -1,7 +1,8 @@
 """The component configs of every preset, copied from the published `config.json` files.
 
 Full-size presets repeat the published configs of runwayml/stable-diffusion-v1-5,
-stabilityai/stable-diffusion-2-1 and stabilityai/stable-diffusion-xl-base-1.0 key for key (minus
+stabilityai/stable-diffusion-2-1, stabilityai/stable-diffusion-xl-base-1.0, black-forest-labs/FLUX.1-dev and
+-schnell and stabilityai/stable-diffusion-3.5-medium key for key (minus
 `_class_name`, `_diffusers_version` and keys that only name files), so a preset folder loads into
 the same modules, with the same shapes and the same numerics, as the real checkpoint.
 `tests/test_models.py` pins the parameter counts of the real checkpoints.
@@ -12,7 +13,7 @@ CPU runs in milliseconds.
 """
 
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -21,11 +22,14 @@ from diffusers import (
     ControlNetModel,
     DDIMScheduler,
     EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    FluxTransformer2DModel,
     PNDMScheduler,
+    SD3Transformer2DModel,
     UNet2DConditionModel,
 )
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
-from transformers import CLIPTextModel, CLIPTextModelWithProjection
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, T5EncoderModel
 
 from diffjet.models.tokenizer import EOS_TOKEN
 
@@ -49,7 +53,8 @@ class ModelSpec:
 class Architecture:
     """Everything in a preset's diffusers folder except weight values.
 
-    `models` is in build order; `tokenizers` maps each tokenizer component to its pad token;
+    `models` is in build order; `tokenizers` maps each CLIP tokenizer component to its pad token;
+    `t5_tokenizers` maps each T5 tokenizer component to its `model_max_length`;
     `pipeline_options` are the pipeline's own registered config values (model_index.json).
     """
 
@@ -58,6 +63,7 @@ class Architecture:
     scheduler_config: Mapping[str, Any]
     tokenizers: Mapping[str, str]
     pipeline_options: Mapping[str, Any]
+    t5_tokenizers: Mapping[str, int] = field(default_factory=dict)
 
 
 _SD_DOWN_BLOCKS = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")
@@ -430,5 +436,190 @@ ARCHITECTURES.update(
         "tiny-sdxl-controlnet": _with_controlnet(ARCHITECTURES["tiny-sdxl"], TINY_SDXL_CONTROLNET),
         "sd15-controlnet": _with_controlnet(ARCHITECTURES["sd15"], SD15_CONTROLNET),
         "sdxl-controlnet": _with_controlnet(ARCHITECTURES["sdxl"], SDXL_CONTROLNET),
+    }
+)
+
+
+# --- DiT presets: Flux.1 and Stable Diffusion 3.5 ---------------------------------------------------------
+
+# google/t5-v1_1-xxl encoder, as in black-forest-labs/FLUX.1-dev text_encoder_2/config.json and
+# stabilityai/stable-diffusion-3.5-medium text_encoder_3/config.json (4,762,310,656 parameters).
+T5_XXL = {
+    "d_ff": 10240,
+    "d_kv": 64,
+    "d_model": 4096,
+    "decoder_start_token_id": 0,
+    "dense_act_fn": "gelu_new",
+    "dropout_rate": 0.1,
+    "eos_token_id": 1,
+    "feed_forward_proj": "gated-gelu",
+    "initializer_factor": 1.0,
+    "is_encoder_decoder": True,
+    "is_gated_act": True,
+    "layer_norm_epsilon": 1e-06,
+    "num_decoder_layers": 24,
+    "num_heads": 64,
+    "num_layers": 24,
+    "pad_token_id": 0,
+    "relative_attention_max_distance": 128,
+    "relative_attention_num_buckets": 32,
+    "tie_word_embeddings": False,
+    "vocab_size": 32128,
+}
+# T5's tokenizers: FLUX.1-dev's tokenizer_2 and SD 3.5's tokenizer_3 say model_max_length 512.
+T5_MAX_LENGTH = 512
+
+# black-forest-labs/FLUX.1-dev transformer/config.json; `axes_dims_rope` is the class default, which the
+# published file leaves out. FLUX.1-schnell's differs only in `guidance_embeds` (it is guidance-distilled).
+FLUX_DEV_TRANSFORMER = {
+    "attention_head_dim": 128,
+    "axes_dims_rope": [16, 56, 56],
+    "guidance_embeds": True,
+    "in_channels": 64,
+    "joint_attention_dim": 4096,
+    "num_attention_heads": 24,
+    "num_layers": 19,
+    "num_single_layers": 38,
+    "patch_size": 1,
+    "pooled_projection_dim": 768,
+}
+FLUX_SCHNELL_TRANSFORMER = {**FLUX_DEV_TRANSFORMER, "guidance_embeds": False}
+
+# black-forest-labs/FLUX.1-dev vae/config.json (the same in -schnell): 16 latent channels, no quant convs.
+FLUX_VAE = {
+    **SD15_VAE,
+    "force_upcast": True,
+    "latent_channels": 16,
+    "sample_size": 1024,
+    "scaling_factor": 0.3611,
+    "shift_factor": 0.1159,
+    "use_post_quant_conv": False,
+    "use_quant_conv": False,
+}
+
+# black-forest-labs/FLUX.1-dev and -schnell scheduler/scheduler_config.json.
+FLUX_DEV_SCHEDULER = {
+    "base_image_seq_len": 256,
+    "base_shift": 0.5,
+    "max_image_seq_len": 4096,
+    "max_shift": 1.15,
+    "num_train_timesteps": 1000,
+    "shift": 3.0,
+    "use_dynamic_shifting": True,
+}
+FLUX_SCHNELL_SCHEDULER = {**FLUX_DEV_SCHEDULER, "shift": 1.0, "use_dynamic_shifting": False}
+
+# stabilityai/stable-diffusion-3.5-medium transformer/config.json: MMDiT-X, self-attention added to the
+# image stream of the first 13 blocks, RMS-normed queries and keys.
+SD35_MEDIUM_TRANSFORMER = {
+    "attention_head_dim": 64,
+    "caption_projection_dim": 1536,
+    "dual_attention_layers": list(range(13)),
+    "in_channels": 16,
+    "joint_attention_dim": 4096,
+    "num_attention_heads": 24,
+    "num_layers": 24,
+    "out_channels": 16,
+    "patch_size": 2,
+    "pooled_projection_dim": 2048,
+    "pos_embed_max_size": 384,
+    "qk_norm": "rms_norm",
+    "sample_size": 128,
+}
+# stabilityai/stable-diffusion-3.5-medium vae/config.json.
+SD35_VAE = {**FLUX_VAE, "scaling_factor": 1.5305, "shift_factor": 0.0609}
+# stabilityai/stable-diffusion-3.5-medium scheduler/scheduler_config.json.
+SD35_SCHEDULER = {"num_train_timesteps": 1000, "shift": 3.0}
+
+# Tiny DiT twins: every class and code path of the full-size ones (joint and single-stream blocks, guidance
+# embedding, RoPE; MMDiT-X's dual attention and QK norms; T5 with relative positions, a 16-channel VAE
+# without quant convs) at CPU sizes. The T5 keeps its 32128-token vocabulary so that the tokenizer fits.
+TINY_T5 = {
+    **T5_XXL,
+    "d_ff": 37,
+    "d_kv": 8,
+    "d_model": 32,
+    "num_decoder_layers": 2,
+    "num_heads": 4,
+    "num_layers": 2,
+}
+TINY_DIT_VAE = {**TINY_VAE, **{k: FLUX_VAE[k] for k in ("latent_channels", "scaling_factor", "shift_factor",
+                                                          "use_post_quant_conv", "use_quant_conv")}}
+TINY_FLUX_TRANSFORMER = {
+    "attention_head_dim": 16,
+    "axes_dims_rope": [4, 6, 6],  # sums to the head size, as 16 + 56 + 56 = 128
+    "guidance_embeds": True,
+    "in_channels": 64,  # 2×2 patches of 16 latent channels, as full size
+    "joint_attention_dim": 32,  # the tiny T5's width
+    "num_attention_heads": 2,
+    "num_layers": 1,
+    "num_single_layers": 1,
+    "patch_size": 1,
+    "pooled_projection_dim": 32,  # the tiny CLIP's width
+}
+# SD3 pads the two CLIP encoders' concatenated states (32 + 32 wide here, 768 + 1280 full size) to T5's width.
+TINY_SD3_T5 = {**TINY_T5, "d_model": 64}
+TINY_SD3_TRANSFORMER = {
+    "attention_head_dim": 8,
+    "caption_projection_dim": 32,
+    "dual_attention_layers": [0],
+    "in_channels": 16,
+    "joint_attention_dim": 64,
+    "num_attention_heads": 4,
+    "num_layers": 2,
+    "out_channels": 16,
+    "patch_size": 2,
+    "pooled_projection_dim": 64,  # the two CLIP projections, concatenated
+    "pos_embed_max_size": 16,
+    "qk_norm": "rms_norm",
+    "sample_size": 8,
+}
+
+_FLUX_TOKENIZERS = {"tokenizer": EOS_TOKEN}
+_SD3_TOKENIZERS = {"tokenizer": EOS_TOKEN, "tokenizer_2": "!"}
+
+
+def _flux(transformer: Mapping[str, Any], vae: Mapping[str, Any], clip: Mapping[str, Any], t5: Mapping[str, Any],
+          scheduler: Mapping[str, Any]) -> Architecture:
+    return Architecture(
+        models={
+            "transformer": ModelSpec(FluxTransformer2DModel, transformer),
+            "vae": ModelSpec(AutoencoderKL, vae),
+            "text_encoder": ModelSpec(CLIPTextModel, clip),
+            "text_encoder_2": ModelSpec(T5EncoderModel, t5),
+        },
+        scheduler_class=FlowMatchEulerDiscreteScheduler,
+        scheduler_config=scheduler,
+        tokenizers=_FLUX_TOKENIZERS,
+        t5_tokenizers={"tokenizer_2": T5_MAX_LENGTH},
+        pipeline_options={},
+    )
+
+
+def _sd3(transformer: Mapping[str, Any], vae: Mapping[str, Any], clip_l: Mapping[str, Any],
+         clip_g: Mapping[str, Any], t5: Mapping[str, Any]) -> Architecture:
+    return Architecture(
+        models={
+            "transformer": ModelSpec(SD3Transformer2DModel, transformer),
+            "vae": ModelSpec(AutoencoderKL, vae),
+            "text_encoder": ModelSpec(CLIPTextModelWithProjection, clip_l),
+            "text_encoder_2": ModelSpec(CLIPTextModelWithProjection, clip_g),
+            "text_encoder_3": ModelSpec(T5EncoderModel, t5),
+        },
+        scheduler_class=FlowMatchEulerDiscreteScheduler,
+        scheduler_config=SD35_SCHEDULER,
+        tokenizers=_SD3_TOKENIZERS,
+        t5_tokenizers={"tokenizer_3": T5_MAX_LENGTH},
+        pipeline_options={},
+    )
+
+
+ARCHITECTURES.update(
+    {
+        "tiny-flux": _flux(TINY_FLUX_TRANSFORMER, TINY_DIT_VAE, TINY_CLIP_TEXT, TINY_T5, FLUX_DEV_SCHEDULER),
+        "flux-dev": _flux(FLUX_DEV_TRANSFORMER, FLUX_VAE, CLIP_L_TEXT, T5_XXL, FLUX_DEV_SCHEDULER),
+        "flux-schnell": _flux(FLUX_SCHNELL_TRANSFORMER, FLUX_VAE, CLIP_L_TEXT, T5_XXL, FLUX_SCHNELL_SCHEDULER),
+        "tiny-sd3": _sd3(TINY_SD3_TRANSFORMER, TINY_DIT_VAE, TINY_CLIP_TEXT, TINY_OPENCLIP_TEXT, TINY_SD3_T5),
+        "sd35-medium": _sd3(SD35_MEDIUM_TRANSFORMER, SD35_VAE, CLIP_L_TEXT, OPENCLIP_BIGG_TEXT, T5_XXL),
     }
 )

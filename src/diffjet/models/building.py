@@ -25,7 +25,7 @@ from diffjet.models.architectures import ARCHITECTURES, ModelSpec
 from diffjet.models.presets import get_preset
 from diffjet.models.progress_bars import hidden_progress_bars
 from diffjet.models.random_weights import fill_random_weights
-from diffjet.models.tokenizer import clip_merges, clip_tokenizer, clip_vocab
+from diffjet.models.tokenizer import clip_merges, clip_tokenizer, clip_vocab, t5_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +64,8 @@ def build(name: str, path: str | os.PathLike, *, progress: bool = False) -> path
     staging.mkdir()
 
     started = time.perf_counter()
-    steps = len(architecture.models) + len(architecture.tokenizers) + 2  # + scheduler, model_index
+    tokenizers = len(architecture.tokenizers) + len(architecture.t5_tokenizers)
+    steps = len(architecture.models) + tokenizers + 2  # + scheduler, model_index
     try:
         bar = tqdm(total=steps, desc=f"building {name}", unit="component", disable=not progress)
         with hidden_progress_bars(), bar:
@@ -78,6 +79,11 @@ def build(name: str, path: str | os.PathLike, *, progress: bool = False) -> path
             for component, pad_token in architecture.tokenizers.items():
                 bar.set_postfix_str(component)
                 components[component] = _save_tokenizer(pad_token, staging / component)
+                bar.update()
+            for component, max_length in architecture.t5_tokenizers.items():
+                bar.set_postfix_str(component)
+                components[component] = t5_tokenizer(max_length)
+                components[component].save_pretrained(staging / component)
                 bar.update()
             bar.set_postfix_str("scheduler")
             scheduler = architecture.scheduler_class.from_config(dict(architecture.scheduler_config))
@@ -108,6 +114,10 @@ def _build_model(spec: ModelSpec, key: str, dtype: torch.dtype, folder: pathlib.
     # every dtype cast, even for models that have none.
     torch.nn.Module.to(model, dtype)
     model.to_empty(device="cpu")
+    if isinstance(model, transformers.PreTrainedModel):
+        # `to_empty` gives every module its own new tensor, which unties tied weights (T5's `shared` and
+        # `encoder.embed_tokens`): tie them again, as the published checkpoints are.
+        model.tie_weights()
     fill_random_weights(model, key)
     model.eval()
     if isinstance(model, transformers.PreTrainedModel):

@@ -33,6 +33,8 @@ PRESET_FORMAT_VERSION = 1
 # The Hub's repo id shape: "owner/name", letters, digits, "-", "_" and ".".
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 
+_DIT_PIPELINES = ("FluxPipeline", "StableDiffusion3Pipeline")
+
 _SAFETENSORS_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
 
 
@@ -103,6 +105,20 @@ def load_pipeline(
             ) from error
         raise
     return pipeline.to(device)
+
+
+def half_precision(model: str) -> torch.dtype:
+    """The half precision `model` (see `resolve`, but nothing is built) runs in on a GPU: bfloat16 for DiT
+    pipelines (a `transformer` in its model_index.json: Flux, SD3, published in bf16, with a T5 encoder that
+    overflows in float16), float16 for the others and for hub ids, which are not looked up."""
+    if model in PRESETS:
+        return torch.bfloat16 if PRESETS[model].pipeline_class in _DIT_PIPELINES else torch.float16
+    index = pathlib.Path(model).expanduser() / "model_index.json"
+    try:
+        is_dit = "transformer" in json.loads(index.read_text(encoding="utf-8"))
+    except (OSError, ValueError, TypeError):
+        is_dit = False
+    return torch.bfloat16 if is_dit else torch.float16
 
 
 def _load_error(model: str, error: Exception) -> ModelLoadError:

@@ -12,8 +12,8 @@ class Preset:
     """A Stable Diffusion architecture that diffjet can build offline with random weights.
 
     `height` and `width` are the native resolution the real model was trained at, the resolution
-    benchmarks use; `dtype` is the dtype written to disk (float16 like the published fp16
-    checkpoints, float32 for the tiny CPU presets).
+    benchmarks use; `dtype` is the dtype written to disk (float16 like the published fp16 SD
+    checkpoints, bfloat16 like the published Flux and SD 3.5 ones, float32 for the tiny CPU presets).
     """
 
     name: str
@@ -99,6 +99,47 @@ PRESETS: dict[str, Preset] = {
             width=1024,
             dtype=torch.float16,
             description="sdxl with diffusers/controlnet-canny-sdxl-1.0's architecture, random weights",
+        ),
+        # DiT pipelines: a transformer denoiser, T5 beside CLIP; stored in bfloat16, as they are published.
+        Preset(
+            name="tiny-flux",
+            pipeline_class="FluxPipeline",
+            height=64,
+            width=64,
+            dtype=torch.float32,
+            description="Flux pipeline classes at toy sizes (CLIP + T5, joint and single-stream blocks)",
+        ),
+        Preset(
+            name="tiny-sd3",
+            pipeline_class="StableDiffusion3Pipeline",
+            height=64,
+            width=64,
+            dtype=torch.float32,
+            description="SD3 pipeline classes at toy sizes (two CLIPs + T5, MMDiT-X blocks)",
+        ),
+        Preset(
+            name="flux-dev",
+            pipeline_class="FluxPipeline",
+            height=1024,
+            width=1024,
+            dtype=torch.bfloat16,
+            description="black-forest-labs/FLUX.1-dev architecture, random weights, placeholder T5 tokenizer",
+        ),
+        Preset(
+            name="flux-schnell",
+            pipeline_class="FluxPipeline",
+            height=1024,
+            width=1024,
+            dtype=torch.bfloat16,
+            description="black-forest-labs/FLUX.1-schnell architecture, random weights, placeholder T5 tokenizer",
+        ),
+        Preset(
+            name="sd35-medium",
+            pipeline_class="StableDiffusion3Pipeline",
+            height=1024,
+            width=1024,
+            dtype=torch.bfloat16,
+            description="stabilityai/stable-diffusion-3.5-medium architecture, random weights, placeholder T5 tokenizer",
         ),
     )
 }

@@ -58,9 +58,17 @@ def _random_value(
     return _uniform(param.shape, 0.02, generator)
 
 
-def _recomputed_buffer(buffer_name: str, buffer: torch.Tensor) -> torch.Tensor:
+def _recomputed_buffer(module: nn.Module, buffer_name: str, buffer: torch.Tensor) -> torch.Tensor:
     if buffer_name == "position_ids":  # CLIP: arange(max_position_embeddings), shape (1, n)
         return torch.arange(buffer.shape[-1]).expand(buffer.shape)
+    if buffer_name == "pos_embed" and type(module).__name__ == "PatchEmbed":
+        # SD3's fixed 2-D sin-cos position table over pos_embed_max_size² patches, shape (1, n², dim).
+        from diffusers.models.embeddings import get_2d_sincos_pos_embed
+
+        grid = math.isqrt(buffer.shape[1])
+        table = get_2d_sincos_pos_embed(buffer.shape[-1], grid, base_size=module.base_size,
+                                        interpolation_scale=module.interpolation_scale, output_type="pt")
+        return table.float().unsqueeze(0)
     raise NotImplementedError(
         f"no rule to recompute buffer {buffer_name!r} of shape {tuple(buffer.shape)}; "
         "add one to diffjet.models.random_weights"
@@ -82,4 +90,4 @@ def fill_random_weights(model: nn.Module, key: str) -> None:
             generator = torch.Generator().manual_seed(tensor_seed(f"{key}/{prefix}{param_name}"))
             param.copy_(_random_value(module, param_name, param, generator))
         for buffer_name, buffer in module.named_buffers(recurse=False):
-            buffer.copy_(_recomputed_buffer(buffer_name, buffer))
+            buffer.copy_(_recomputed_buffer(module, buffer_name, buffer))

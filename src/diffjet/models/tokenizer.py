@@ -10,6 +10,7 @@ published `tokenizer/vocab.json` of the Stable Diffusion repositories.
 import functools
 import gzip
 import importlib.metadata
+import math
 
 import transformers
 
@@ -90,3 +91,36 @@ def clip_tokenizer(pad_token: str = EOS_TOKEN) -> transformers.CLIPTokenizer:
         pad_token=pad_token,
         model_max_length=MODEL_MAX_LENGTH,
     )
+
+
+# -- T5 ------------------------------------------------------------------------------------------------
+# T5's real tokenizer is a SentencePiece model (`spiece.model`) that no package here ships, so the T5
+# tokenizer of the DiT presets is a stand-in: a SentencePiece-style Unigram tokenizer with T5's layout of
+# ids (0 <pad>, 1 </s>, 2 <unk>, 32000 pieces in all, then the 100 <extra_id_*> sentinels: 32100 ids within
+# the encoder's 32128-row embedding) and T5's pre-tokenizing, post-processing and padding, whose pieces are
+# CLIP's BPE tokens (a word-final token becomes a "▁"-prefixed piece). A prompt gets ids of the same kind and
+# about the same count as with the real one, but not the same ids: tokenizer ≠ architecture, and with random
+# weights the ids carry no meaning anyway.
+T5_PIECES = 32000
+T5_EXTRA_IDS = 100
+_T5_SPECIAL = ("<pad>", "</s>", "<unk>")
+
+
+@functools.cache
+def t5_pieces() -> tuple[tuple[str, float], ...]:
+    """The stand-in T5 vocabulary as (piece, score) pairs, in id order; scores favour earlier (commoner) merges."""
+    pieces: dict[str, float] = {token: 0.0 for token in _T5_SPECIAL}
+    for token, rank in clip_vocab().items():
+        if len(pieces) == T5_PIECES:
+            break
+        if token in (BOS_TOKEN, EOS_TOKEN):
+            continue
+        piece = "▁" + token.removesuffix("</w>") if token.endswith("</w>") else token
+        pieces.setdefault(piece, -math.log(rank + 2))
+    return tuple(pieces.items())
+
+
+def t5_tokenizer(model_max_length: int) -> transformers.T5Tokenizer:
+    """The stand-in T5 tokenizer described above (ids within T5's vocabulary; not T5's own ids)."""
+    return transformers.T5Tokenizer(vocab=list(t5_pieces()), extra_ids=T5_EXTRA_IDS,
+                                    model_max_length=model_max_length)

@@ -1,0 +1,57 @@
+"""DiT pipelines on the GPU (marked `gpu`; skipped without CUDA): bfloat16 by default, Inductor and one CUDA
+graph per shape for the transformer with the timestep and guidance as graph inputs, the fidelity rule."""
+
+import pytest
+import torch
+
+import diffjet
+from diffjet.models import load_pipeline
+from diffjet.quality import verify
+
+pytestmark = pytest.mark.gpu
+
+STEPS = 3
+
+
+def run(pipe, **kwargs):
+    return pipe("a photo of a cat", num_inference_steps=STEPS, height=64, width=64, max_sequence_length=32,
+                output_type="latent", generator=torch.Generator().manual_seed(0), **kwargs).images
+
+
+@pytest.mark.parametrize("model", ["tiny-flux", "tiny-sd3"])
+def test_dit_runs_bfloat16_and_every_step_replays_one_graph(model):
+    pipe = load_pipeline(model, device="cuda", dtype=torch.bfloat16)
+    pipe.set_progress_bar_config(disable=True)
+    diffjet.compile(pipe, diffjet.Config(cache=False))
+    assert pipe.diffjet.dtype == "bfloat16 (Config.dtype='auto': a DiT pipeline)"
+    assert pipe.transformer.dtype == torch.bfloat16
+    assert pipe.diffjet.passes["transformer"] == ["precision(bfloat16)", "fused_qkv_sdpa", "inductor(default)",
+                                                  "cuda_graphs"]
+    for guidance in (3.5, 5.0):  # Flux.1-dev's distilled guidance: a graph input, not a new graph
+        run(pipe, guidance_scale=guidance)
+    stats = pipe.diffjet.runners["transformer"].stats
+    calls = 2 * STEPS  # one transformer call a step (SD3 batches its CFG pair into one)
+    assert stats.captures == 1 and stats.eager_calls == 0 and stats.replays == calls
+
+
+@pytest.mark.parametrize("model", ["tiny-flux", "tiny-sd3"])
+def test_dit_fidelity_rule_holds(model):
+    verdict = verify(
+        lambda dtype: load_pipeline(model, device="cuda", dtype=dtype),
+        device=torch.device("cuda"), prompt="an astronaut riding a horse", steps=8,
+        height=64, width=64, seed=0, compile_pipe=diffjet.compile, half=torch.bfloat16,
+    )
+    print(verdict.table())
+    assert verdict.passed
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["flux-dev", "sd35-medium"])
+def test_full_size_dit_fidelity_rule_holds(model):
+    verdict = verify(
+        lambda dtype: load_pipeline(model, device="cuda", dtype=dtype),
+        device=torch.device("cuda"), prompt="an astronaut riding a horse", steps=28,
+        height=1024, width=1024, seed=0, compile_pipe=diffjet.compile, half=torch.bfloat16,
+    )
+    print(verdict.table())
+    assert verdict.passed
