@@ -51,14 +51,15 @@ class BatchFailed(Exception):
 
 
 def load_served_pipeline(settings: ServeSettings) -> Any:
-    """The pipeline as `diffjet serve` runs it: loaded on its device (float16 on CUDA), compiled with
+    """The pipeline as `diffjet serve` runs it: loaded on its device (on CUDA in its family's half
+    precision: float16 for UNets, bfloat16 for DiTs), compiled with
     `settings.compiler`, progress bars off."""
     import torch
 
     from ..bench import recipes
-    from ..models import load_pipeline
+    from ..models import half_precision, load_pipeline
 
-    dtype = torch.float16 if settings.device.startswith("cuda") else torch.float32
+    dtype = half_precision(settings.model) if settings.device.startswith("cuda") else torch.float32
     pipe = load_pipeline(settings.model, device=settings.device, dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     recipes.apply(pipe, settings.compiler)
