@@ -57,7 +57,7 @@ VARIANTS = {
 
 
 def category(kernel: str) -> str:
-    """The issue's categories, from a CUDA kernel's name (cuDNN, cuBLAS/nvjet, Inductor's Triton names).
+    """The profile's categories, from a CUDA kernel's name (cuDNN, cuBLAS/nvjet, Inductor's Triton names).
 
     Inductor names a fused kernel after every op it holds (`triton_per_fused_add_clone_…_group_norm_silu`):
     a kernel with a norm in it is normalisation, other reductions too, templates are GEMMs, and the rest of

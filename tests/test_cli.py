@@ -372,6 +372,7 @@ def test_warm_start_worker_feeds_a_control_image_to_controlnet_presets():
                for line in result["warm_start_log"]), result["warm_start_log"]
 
 
+@pytest.mark.slow  # several seconds; CI runs it in its -m slow step
 def test_bench_diffjet_no_kernels_variant_records_its_passes(tmp_path, capsys):
     path = tmp_path / "bench.json"
     code, _, _ = run(["bench", *FAST, "--compiler", "diffjet-no-kernels", "--repeats", "1", "--unet-repeats", "1",

@@ -42,10 +42,20 @@ def toward_zero(t: torch.Tensor) -> torch.Tensor:
     return (t.float().contiguous().view(torch.int32) & -65536).view(torch.float32)
 
 
-@pytest.mark.parametrize("blocks", BLOCKS, ids=["default-tiles", "small-tiles"])
-@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, (*s[0], s[1], s[2]))))
+def _cases():
+    """Every shape × dtype × bias × tiles; the 154-token shape with small tiles (a few seconds each under
+    the interpreter) runs once in the default run (fp16, bias) and in all four forms under -m slow."""
+    for shape in SHAPES:
+        for dtype, dtype_id in ((torch.float16, "fp16"), (torch.bfloat16, "bf16")):
+            for bias, bias_id in ((True, "bias"), (False, "no-bias")):
+                for blocks, blocks_id in zip(BLOCKS, ("default-tiles", "small-tiles")):
+                    heavy = shape == SHAPES[1] and blocks is not None and (dtype_id, bias) != ("fp16", True)
+                    yield pytest.param(shape, dtype, bias, blocks, marks=[pytest.mark.slow] if heavy else [],
+                                       id="-".join(("x".join(map(str, (*shape[0], shape[1], shape[2]))),
+                                                    dtype_id, bias_id, blocks_id)))
+
+
+@pytest.mark.parametrize("shape, dtype, bias, blocks", list(_cases()))
 def test_geglu_kernel_against_reference(shape, dtype, bias, blocks):
     lead, k, n = shape
     x, weight, b = inputs(lead, k, n, dtype, bias)

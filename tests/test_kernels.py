@@ -178,6 +178,7 @@ def test_pass_keeps_every_parameter_object_under_its_name(tiny_path):
     assert unet.conv_norm_out.weight is before["conv_norm_out.weight"]
 
 
+@pytest.mark.slow  # several seconds; CI runs it in its -m slow step
 def test_pass_feeds_the_kernels_channels_last_after_linear_projection_transformers(tiny_sdxl_path, monkeypatch):
     # SDXL's (and SD 2.x's) transformers end in `.contiguous()` NCHW; the op would fall back to its slow
     # PyTorch reference there. The fused modules hand it channels-last input, and the output is unchanged.

@@ -47,6 +47,7 @@ def test_a_new_process_loads_it_without_tracing(compiled, tmp_path):
     _load_in_a_new_process(data, "plain", tmp_path)
 
 
+@pytest.mark.slow  # several seconds; CI runs it in its -m slow step
 def test_blocks_with_the_kernel_pass_are_saved_and_loaded_too(tmp_path):
     # The pass once patched `forward` onto each block instance: Dynamo's guards on such a method cannot
     # be saved, so every process fell back to tracing (found on the GPU with the tiny preset).
@@ -57,6 +58,7 @@ def test_blocks_with_the_kernel_pass_are_saved_and_loaded_too(tmp_path):
     _load_in_a_new_process(data, "fused", tmp_path)
 
 
+@pytest.mark.slow  # several seconds; CI runs it in its -m slow step
 def test_a_module_whose_instance_forward_cannot_be_saved_is_precompiled_all_the_same(tmp_path):
     # diffjet's CUDA-graph runner sits in `module.forward`; once it holds a captured graph it cannot be
     # pickled, and Dynamo saves the module's attributes with the guards: every later signature failed
