@@ -347,6 +347,7 @@ def test_bench_over_several_resolutions_records_each_and_a_warm_second_pass(tmp_
         assert r["its_second_pass"] > 0
         assert r["recompiles_after_warmup"] == 0 and r["captures_after_warmup"] == 0
         assert r["first_call_s"] > 0
+        assert "fidelity" not in r  # lossless: no cost to record
     assert "80x48" in out
 
 
