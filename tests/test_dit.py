@@ -201,12 +201,11 @@ def test_unet_only_fast_modes_are_reported_off_on_a_dit(compiled_pipe):
         pipe.diffjet = report
 
 
+@pytest.mark.parametrize("compiled_pipe", ["tiny-flux"], indirect=True)
 def test_flux_lora_changes_the_compiled_output_and_unloads_bit_for_bit(compiled_pipe):
     from .test_lora_flux import peft_lora
 
     pipe, eager_latents = compiled_pipe
-    if not isinstance(pipe, FluxPipeline):
-        pytest.skip("LoRA on DiTs: Flux only")
     weights = {n: p.detach().clone() for n, p in pipe.transformer.named_parameters()}
     diffjet.load_lora(pipe, peft_lora(pipe, 0), adapter_name="a")
     try:
@@ -217,12 +216,11 @@ def test_flux_lora_changes_the_compiled_output_and_unloads_bit_for_bit(compiled_
     assert relative_error(generate(pipe, output_type="latent").images, eager_latents) < TOL
 
 
+@pytest.mark.parametrize("compiled_pipe", ["tiny-flux"], indirect=True)
 def test_random_flux_lora_adapts_every_block_linear_but_the_fused_projections(compiled_pipe):
     from diffjet.models import lora_layers, random_lora
 
     pipe, _ = compiled_pipe
-    if not isinstance(pipe, FluxPipeline):
-        pytest.skip("LoRA on DiTs: Flux only")
     paths = lora_layers(pipe)["transformer"]
     assert "transformer_blocks.0.attn.add_q_proj" in paths and "single_transformer_blocks.0.proj_mlp" in paths
     assert not any(p.endswith(("to_qkv", "to_added_qkv")) for p in paths)
@@ -230,12 +228,11 @@ def test_random_flux_lora_adapts_every_block_linear_but_the_fused_projections(co
     diffjet.unload_lora(pipe)
 
 
+@pytest.mark.parametrize("compiled_pipe", ["tiny-flux"], indirect=True)
 def test_a_unet_lora_on_flux_is_refused_as_another_kind_of_model(compiled_pipe):
     from diffjet.errors import LoraError
 
     pipe, _ = compiled_pipe
-    if not isinstance(pipe, FluxPipeline):
-        pytest.skip("LoRA on DiTs: Flux only")
     with pytest.raises(LoraError, match="another kind of model"):
         diffjet.load_lora(pipe, {"unet.conv_in.lora_A.weight": torch.zeros(4, 4)})
 
@@ -290,12 +287,11 @@ def _transformer_key(pipe, passes):
                                   passes, "diffjet.runtime.precompiled.forward"))
 
 
+@pytest.mark.parametrize("compiled_pipe", ["tiny-flux"], indirect=True)
 def test_partial_configs_give_the_transformer_the_same_cache_key(compiled_pipe, tiny_flux_path):
     # The key holds what the compiled code depends on (module, passes, compile mode), never fields of Config
     # that do not reach the transformer: another component list, "auto" spelled out, another graph limit.
     pipe, _ = compiled_pipe
-    if not isinstance(pipe, FluxPipeline):
-        pytest.skip("one pipeline is enough")
     partial = compiled(tiny_flux_path, Config(components=("transformer",)))
     keys = set()
     for compiled_pipe_, config in ((pipe, Config()), (partial, Config(components=("transformer",))),
