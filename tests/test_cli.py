@@ -546,25 +546,30 @@ def test_cache_commands_refuse_an_unsafe_folder_and_bad_options(tmp_path, capsys
     assert code == 2 and "--max-gib goes with prune" in err
 
 
-def test_bench_keeps_the_runs_finished_so_far_in_its_json(tmp_path, capsys, monkeypatch):
-    # A bench stopped part-way (a time limit, a crash in a later variant's worker) keeps what it measured.
+@pytest.mark.parametrize("resolutions", [[], ["--resolutions", "64x64,80x48"]], ids=["one-size", "two-sizes"])
+def test_bench_keeps_the_runs_finished_so_far_in_its_json(tmp_path, capsys, monkeypatch, resolutions):
+    # A bench stopped part-way (a time limit, a crash in a later variant's worker) keeps what it measured;
+    # a variant over several resolutions gives a run for each.
     import diffjet.bench
 
     out = tmp_path / "r.json"
     seen = []
+    sizes = [(64, 80), (48, 80)] if resolutions else [(64, 64)]
 
     def two_variants(specs, on_result, timeout):
         runs = []
         for spec in specs:
-            runs.append({"model": spec["model"], "compiler": spec["compiler"], "height": 64, "width": 64,
-                         "steps": 2, "batch": 1, "its": 9.5})
+            runs.extend({"model": spec["model"], "compiler": spec["compiler"], "height": h, "width": w,
+                         "steps": 2, "batch": 1, "its": 9.5} for w, h in sizes)
             on_result(runs)
             seen.append(json.loads(out.read_text()))
         return runs
 
     monkeypatch.setattr(diffjet.bench, "run_bench", two_variants)
-    code, _, _ = run(["bench", *FAST, "--compiler", "eager,diffjet", "--json", str(out)], capsys)
+    code, _, _ = run(["bench", *FAST, "--compiler", "eager,diffjet", *resolutions, "--json", str(out)], capsys)
     assert code == 0
-    assert [r["compiler"] for r in seen[0]["runs"]] == ["eager"] and seen[0]["incomplete"] is True
+    assert {r["compiler"] for r in seen[0]["runs"]} == {"eager"} and seen[0]["incomplete"] is True
+    assert len(seen[0]["runs"]) == len(sizes)
     final = json.loads(out.read_text())
-    assert [r["compiler"] for r in final["runs"]] == ["eager", "diffjet"] and "incomplete" not in final
+    assert [r["compiler"] for r in final["runs"]] == ["eager"] * len(sizes) + ["diffjet"] * len(sizes)
+    assert "incomplete" not in final

@@ -18,7 +18,7 @@ import sys
 import tempfile
 import traceback
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from . import console
 from .bench.recipes import COMPILERS, DIFFJET, SCHEDULERS
@@ -220,21 +220,23 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print("diffjet: note: CPU timings only show that bench works: on a CPU diffjet applies channels-last "
               "and fused attention alone (no half precision, Inductor, kernels or CUDA graphs); time it on a GPU",
               file=sys.stderr)
+    def report(runs: list[dict[str, Any]], **extra: Any) -> Callable[[Any], Any]:
+        data = {**bench.environment(device), "command": args.command_line, "runs": runs, **extra}
+        return lambda h: h.write((json.dumps(data, indent=2) + "\n").encode())
+
     with tqdm(total=len(specs), desc="bench", unit="variant", file=sys.stderr) as bar:
         def progress(runs: list[dict[str, Any]]) -> None:
             bar.set_postfix_str(f"{runs[-1]['model']}/{runs[-1]['compiler']}")
             bar.update()
-            if json_path and len(runs) < len(specs):  # a run stopped part-way keeps what it measured
-                partial = {**bench.environment(device), "command": args.command_line, "runs": runs,
-                           "incomplete": True}
+            # Specs, not runs, are counted: a spec over several resolutions gives a run for each.
+            if json_path and bar.n < len(specs):  # a run stopped part-way keeps what it measured
                 with contextlib.suppress(OSError):
-                    write_atomically(json_path, lambda h: h.write((json.dumps(partial, indent=2) + "\n").encode()))
+                    write_atomically(json_path, report(runs, incomplete=True))
 
         runs = bench.run_bench(specs, on_result=progress, timeout=args.timeout)
-    report = {**bench.environment(device), "command": args.command_line, "runs": runs}
     print(bench.format_table(runs))
     if json_path:
-        _write_atomically(json_path, lambda h: h.write((json.dumps(report, indent=2) + "\n").encode()))
+        _write_atomically(json_path, report(runs))
         print(f"wrote {json_path}")
     if plot_path:
         _write_atomically(plot_path, lambda h: bench.plot(runs, h))
