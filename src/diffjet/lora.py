@@ -31,7 +31,6 @@ diffusers splits into to_q/to_k/to_v and the single blocks' projections, XLabs, 
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import itertools
 import math
@@ -133,10 +132,11 @@ def load_lora(
     `lora` is what `pipe.load_lora_weights` takes: a state dict, a `.safetensors` file, a folder or a hub
     id (`weight_name` picks the file in a folder or repository). Nothing is changed unless every key maps
     to a layer of this pipeline with matching shapes. Weight storage never moves, so compiled code and
-    CUDA graphs see the new weights at once. Works on compiled and plain pipelines alike.
+    CUDA graphs see the new weights at once. Works on compiled and plain pipelines alike; on a compiled one
+    it waits for a call running in another thread to end (as `unload_lora` and `set_lora_scales` do).
     """
     scale = _scale(scale, adapter_name)
-    with _call_lock(pipe):
+    with calls.lock(pipe):
         return _load(pipe, lora, scale, adapter_name, weight_name)
 
 
@@ -165,7 +165,7 @@ def unload_lora(pipe: Any, adapter_name: str | None = None) -> None:
 
     Weights that no adapter touches any more get their original values back exactly.
     """
-    with _call_lock(pipe):
+    with calls.lock(pipe):
         state = _state(pipe)
         names = list(state.adapters) if adapter_name is None else [adapter_name]
         _check_known(state, names)
@@ -178,7 +178,7 @@ def unload_lora(pipe: Any, adapter_name: str | None = None) -> None:
 
 def set_lora_scales(pipe: Any, scales: Mapping[str, float]) -> None:
     """Set the scale of each named adapter (0 turns one off and keeps it loaded); others keep theirs."""
-    with _call_lock(pipe):
+    with calls.lock(pipe):
         state = _state(pipe)
         _check_known(state, scales)
         scales = {name: _scale(scale, name) for name, scale in scales.items()}  # all checked before any changes
@@ -193,13 +193,6 @@ def set_lora_scales(pipe: Any, scales: Mapping[str, float]) -> None:
 def lora_scales(pipe: Any) -> dict[str, float]:
     """The adapters merged into `pipe`, in loading order, with their scales."""
     return {name: adapter.scale for name, adapter in _state(pipe).adapters.items()}
-
-
-def _call_lock(pipe: Any) -> Any:
-    """A compiled pipeline's call lock: weights never change under a running call (a step callback may
-    still change them, the lock is re-entrant). Plain pipelines have none."""
-    lock = getattr(pipe, "__dict__", {}).get(calls.LOCK)
-    return lock if lock is not None else contextlib.nullcontext()
 
 
 def forbid_diffusers_lora(pipe: Any) -> None:

@@ -13,6 +13,7 @@ pipeline objects are left alone.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from typing import Any
 
@@ -30,6 +31,13 @@ def serialize(pipe: Any) -> None:
         pipe.__dict__[HOOKS] = []
     if not getattr(type(pipe), "_diffjet_serialized", False):
         pipe.__class__ = _serialized(type(pipe))
+
+
+def lock(pipe: Any) -> Any:
+    """`pipe`'s call lock, to hold while changing what its calls read (a plain pipeline has none: then a
+    no-op context)."""
+    found = getattr(pipe, "__dict__", {}).get(LOCK)
+    return found if found is not None else contextlib.nullcontext()
 
 
 def add_hook(pipe: Any, hook: Any) -> None:
