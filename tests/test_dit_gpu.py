@@ -34,24 +34,22 @@ def test_dit_runs_bfloat16_and_every_step_replays_one_graph(model):
     assert stats.captures == 1 and stats.eager_calls == 0 and stats.replays == calls
 
 
-@pytest.mark.parametrize("model", ["tiny-flux", "tiny-sd3"])
-def test_dit_fidelity_rule_holds(model):
+def _fidelity_verdict(model, steps, size):
     verdict = verify(
         lambda dtype: load_pipeline(model, device="cuda", dtype=dtype),
-        device=torch.device("cuda"), prompt="an astronaut riding a horse", steps=8,
-        height=64, width=64, seed=0, compile_pipe=diffjet.compile, half=torch.bfloat16,
+        device=torch.device("cuda"), prompt="an astronaut riding a horse", steps=steps,
+        height=size, width=size, seed=0, compile_pipe=diffjet.compile, half=torch.bfloat16,
     )
     print(verdict.table())
-    assert verdict.passed
+    return verdict
+
+
+@pytest.mark.parametrize("model", ["tiny-flux", "tiny-sd3"])
+def test_dit_fidelity_rule_holds(model):
+    assert _fidelity_verdict(model, steps=8, size=64).passed
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("model", ["flux-dev", "sd35-medium"])
 def test_full_size_dit_fidelity_rule_holds(model):
-    verdict = verify(
-        lambda dtype: load_pipeline(model, device="cuda", dtype=dtype),
-        device=torch.device("cuda"), prompt="an astronaut riding a horse", steps=28,
-        height=1024, width=1024, seed=0, compile_pipe=diffjet.compile, half=torch.bfloat16,
-    )
-    print(verdict.table())
-    assert verdict.passed
+    assert _fidelity_verdict(model, steps=28, size=1024).passed
