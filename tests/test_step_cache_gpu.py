@@ -67,24 +67,28 @@ def test_compiled_parts_capture_once_per_shape_then_replay(settings):
     assert all(r.stats.eager_calls == 0 for r in pipe.diffjet.runners.values())
 
 
-def test_uniform_step_cache_adds_no_host_sync():
-    lossless = diffjet.compile(pipeline(), Config())
-    uniform = diffjet.compile(pipeline(), Config(step_cache=StepCache(interval=3)))
-    for pipe in (lossless, uniform):
-        generate(pipe)  # compile and capture first
-    base, with_uniform = syncs(lossless), syncs(uniform)
-    print(f"host syncs per call: lossless {base}, uniform {with_uniform}")
+def _warm_syncs(settings: StepCache | None) -> tuple[int, object]:
+    """Host syncs of one call of a pipeline compiled with `settings`, counted after its compile and capture."""
+    pipe = diffjet.compile(pipeline(), Config(step_cache=settings))
+    generate(pipe)
+    return syncs(pipe), pipe
+
+
+@pytest.fixture(scope="module")
+def lossless_syncs() -> int:
+    return _warm_syncs(None)[0]
+
+
+def test_uniform_step_cache_adds_no_host_sync(lossless_syncs):
+    with_uniform, _ = _warm_syncs(StepCache(interval=3))
+    print(f"host syncs per call: lossless {lossless_syncs}, uniform {with_uniform}")
     # The shallow steps skip diffusers' forward and may sync less than the full UNet; never more.
-    assert with_uniform <= base
+    assert with_uniform <= lossless_syncs
 
 
-def test_adaptive_step_cache_reads_one_number_per_decided_step():
-    lossless = diffjet.compile(pipeline(), Config())
-    adaptive = diffjet.compile(pipeline(), Config(step_cache=StepCache(interval=3, threshold=0.3)))
-    for pipe in (lossless, adaptive):
-        generate(pipe)
-    base, with_adaptive = syncs(lossless), syncs(adaptive)
+def test_adaptive_step_cache_reads_one_number_per_decided_step(lossless_syncs):
+    with_adaptive, adaptive = _warm_syncs(StepCache(interval=3, threshold=0.3))
     steps = adaptive.diffjet.step_cache.steps
-    print(f"host syncs per call: lossless {base}, adaptive {with_adaptive} ({steps})")
+    print(f"host syncs per call: lossless {lossless_syncs}, adaptive {with_adaptive} ({steps})")
     forced = 2 + 1  # first_full and last_full: no reading; every other step reads one number
-    assert 0 < with_adaptive - base <= STEPS - forced
+    assert 0 < with_adaptive - lossless_syncs <= STEPS - forced
