@@ -1,13 +1,17 @@
 """Where a warm start's time goes: `python bench/warm_start_profile.py CACHE_DIR [--model sd15]`.
 
 Run it twice with the same (empty at first) cache folder: the first run compiles and fills the cache,
-the second is the warm start. Each run prints the wall time of its phases (imports, loading, first
-image) and Dynamo's per-phase compile times.
+the second is the warm start. Each run prints the wall time of its phases (imports, loading,
+`diffjet.compile`, first image, one more image) and Dynamo's per-phase compile times; `--cprofile FILE`
+profiles `diffjet.compile` and the first image and prints the functions that took longest.
 """
 
 import argparse
+import cProfile
 import json
 import logging
+import pstats
+import sys
 import time
 
 START = time.time()
@@ -24,20 +28,48 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("cache_dir")
     parser.add_argument("--model", default="sd15")
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--cprofile", help="write the profile of diffjet.compile and the first image here")
+    parser.add_argument("--json", help="append the phases to this file (one JSON line per run)")
+    parser.add_argument("--top", type=int, default=45, help="functions printed per profile order")
     args = parser.parse_args()
     phases = {"imports": time.time() - START}
     t = time.time()
     pipe = load_pipeline(args.model, device="cuda", dtype=torch.float16)
     pipe.set_progress_bar_config(disable=True)
+    torch.cuda.synchronize()
     phases["load_pipeline"] = time.time() - t
+    profile = cProfile.Profile() if args.cprofile else None
+    if profile:
+        profile.enable()
     t = time.time()
     diffjet.compile(pipe, diffjet.Config(cache_dir=args.cache_dir))
-    pipe("warm start", num_inference_steps=30, generator=torch.Generator().manual_seed(0))
+    phases["compile"] = time.time() - t
+    t = time.time()
+    pipe("warm start", num_inference_steps=args.steps, generator=torch.Generator().manual_seed(0))
     torch.cuda.synchronize()
     phases["first_image"] = time.time() - t
+    if profile:
+        profile.disable()
+        profile.dump_stats(args.cprofile)
+    t = time.time()
+    pipe("warm start", num_inference_steps=args.steps, generator=torch.Generator().manual_seed(0))
+    torch.cuda.synchronize()
+    phases["next_image"] = time.time() - t
+    phases["diffjet_part"] = phases["compile"] + phases["first_image"] - phases["next_image"]
     phases["total"] = time.time() - START
-    print(json.dumps({"phases": phases, "cache": vars(pipe.diffjet.cache.stats)}))
+    frames = sum(torch._dynamo.utils.counters["frames"].values())
+    record = {"phases": phases, "cache": vars(pipe.diffjet.cache.stats), "dynamo_frames": frames,
+              "dont_write_bytecode": bool(sys.flags.dont_write_bytecode), "pycache_prefix": sys.pycache_prefix}
+    print(json.dumps(record))
+    if args.json:
+        with open(args.json, "a") as out:
+            out.write(json.dumps(record) + "\n")
     print(torch._dynamo.utils.compile_times(repr="str"))
+    if profile:
+        stats = pstats.Stats(args.cprofile)
+        stats.sort_stats("cumulative").print_stats(args.top)
+        stats.sort_stats("tottime").print_stats(args.top)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """The modules `test_precompiled.py` precompiles, and the loader it runs in a new process:
 `python -m tests.precompiled_blocks FUNCTION_FILE plain|fused|plain-small` prints the loaded function's
-error against eager and the frames Dynamo traced (JSON)."""
+error against eager, the frames Dynamo traced, the tensors its guards were unpickled with, and whether
+its guards still turn away another input shape and grad mode (JSON)."""
 
 import json
 import sys
@@ -44,12 +45,33 @@ def main(path: str, which: str) -> None:
     block, x, temb = fused_and_inputs() if which == "fused" else block_and_inputs()
     if which == "plain-small":
         x = x[..., :8, :8]
+    pickler = torch._dynamo.guards.GuardsStatePickler  # the guards' tensors are unpickled through it
+    unpickle_tensor, unpickled = pickler.__dict__["_unpickle_tensor"], []
+
+    def counted(cls, *args, **kwargs):
+        unpickled.append(1)
+        return unpickle_tensor.__func__(cls, *args, **kwargs)
+
+    pickler._unpickle_tensor = classmethod(counted)
     with open(path, "rb") as handle:
         function = Precompiler(block).load(handle.read())
+    pickler._unpickle_tensor = unpickle_tensor
     with torch.no_grad():
         out = function(x, temb)
         error = (out - block(x, temb)).abs().max().item()
-    print(json.dumps({"error": error, "dynamo_frames": sum(counters["frames"].values())}))
+    print(json.dumps({"error": error, "dynamo_frames": sum(counters["frames"].values()),
+                      "unpickled_tensors": len(unpickled),
+                      "rejects_other_shape": _rejects(function, torch.no_grad(), x[..., :4, :4], temb),
+                      "rejects_grad_mode": _rejects(function, torch.enable_grad(), x, temb)}))
+
+
+def _rejects(function, mode, *args) -> bool:
+    try:
+        with mode:
+            function(*args)
+    except RuntimeError as error:
+        return "guard" in str(error).lower()
+    return False
 
 
 if __name__ == "__main__":

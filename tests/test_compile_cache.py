@@ -49,6 +49,19 @@ def parts_for(module, **overrides):
     return parts
 
 
+def test_a_component_on_another_device_index_has_its_own_entries(unet, monkeypatch):
+    # Inductor's code names its device's index, and saved functions do not guard the weights' device:
+    # an entry compiled on cuda:0 must not be what a process with the component on cuda:1 loads.
+    import diffjet.compiler as compiler
+
+    monkeypatch.setattr(compiler, "environment_key", lambda device: {"gpu": "same card"})
+    keys = []
+    for device in ("cuda:0", "cuda:1", "cuda:0"):
+        monkeypatch.setattr(compiler, "_device_of", lambda module, d=device: torch.device(d))
+        keys.append(entry_key(compiler._cache_parts("unet", unet, Config(), ["channels_last"], "forward")))
+    assert keys[0] != keys[1] and keys[0] == keys[2]
+
+
 def test_round_trip_preloads_the_stored_artifacts(tmp_path, unet):
     fake = FakeCompiler()
     cache = fake.cache(tmp_path)

@@ -249,6 +249,8 @@ def _cache_parts(name: str, target: nn.Module, config: Config, passes: Sequence[
     return {
         "component": name,
         "module": module_key(target),
+        # Compiled code names its device's index, and the saved functions do not guard the weights' device.
+        "device": str(_device_of(target)),
         "environment": environment_key(_device_of(target)),
         "passes": list(passes),
         "compile": {"mode": config.compile_mode, "backend": config.backend},

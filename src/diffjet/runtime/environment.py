@@ -8,7 +8,8 @@ from typing import Any
 import torch
 
 #: Bumped whenever an entry's layout changes. 4: private config keys left out of the key, meta.sig.
-CACHE_FORMAT = 4
+#: 5: the device index in the key, saved functions without guards on the weights.
+CACHE_FORMAT = 5
 
 
 def package_version(package: str) -> str | None:
