@@ -342,18 +342,32 @@ def main(argv: list[str] | None = None) -> int:
         options += ["--resolutions", args.resolutions] if args.resolutions else []
         options += ["--batch-sizes", args.batch_sizes] if args.batch_sizes else []
         options += ["--lora-dir", tmp] if loras else []
-        runs = []
+        runs: list[dict] = []
+        environment: dict = {}
         for replicas in [int(r) for r in args.replicas.split(",")] if args.ray else [None]:
             extra = ["--ray", "--replicas", str(replicas)] if replicas else []
             with Server(options + extra, args.start_timeout) as server:
                 assert ipaddress.ip_address(urllib.parse.urlparse(server.url).hostname).is_loopback
                 for clients in client_counts:
                     runs.append({"replicas": replicas, **phase(args, server.url, clients, loras, {}, driver)})
+                    # After each phase, so that a run stopped later (a time limit, the server's shutdown)
+                    # keeps what it measured.
+                    environment = environment or _environment(args.device)
+                    _write(out, _report(args, argv, driver, runs, environment, incomplete=True))
+    _write(out, _report(args, argv, driver, runs, environment or _environment(args.device), incomplete=False))
+    failed = sum(sum(r["failed"].values()) for r in runs)
+    flat = all(v["flat"] for r in runs for v in r.get("memory_flat", {}).values())
+    return 0 if failed == 0 and flat else 1
+
+
+def _report(args, argv, driver, runs: list[dict], environment: dict, *, incomplete: bool) -> dict:
     report = {"command": "python bench/serve_load.py " + " ".join(sys.argv[1:] if argv is None else argv),
               "date": dt.datetime.now().isoformat(timespec="seconds"), "model": args.model,
               "weights": "random (architecture-exact)" if args.model in _presets() else "as given",
               "client": driver.__name__.removeprefix("drive_"), "steps": args.steps, "max_batch": args.max_batch,
-              "runs": runs, "environment": _environment(args.device)}
+              "runs": runs, "environment": environment}
+    if incomplete:
+        report["incomplete"] = True
     base = next((r for r in runs if r["clients"] == 1 and r["replicas"] in (None, 1)), None)
     if base and base["images_per_s"]:
         report["speedup_vs_one_client"] = {f"{r['clients']} clients, {r['replicas'] or 1} replica(s)":
@@ -363,12 +377,13 @@ def main(argv: list[str] | None = None) -> int:
         report["speedup_vs_one_replica"] = {f"{r['clients']} clients, {r['replicas']} replicas":
                                             round(r["images_per_s"] / one[r["clients"]], 3)
                                             for r in runs if one.get(r["clients"])}
+    return report
+
+
+def _write(out: Path, report: dict) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {out}")
-    failed = sum(sum(r["failed"].values()) for r in runs)
-    flat = all(v["flat"] for r in runs for v in r.get("memory_flat", {}).values())
-    return 0 if failed == 0 and flat else 1
+    print(f"wrote {out}" + (" (so far)" if report.get("incomplete") else ""))
 
 
 def _presets() -> set[str]:
