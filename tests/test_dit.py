@@ -191,12 +191,15 @@ def test_compile_twice_changes_nothing(tiny_sd3_path):
     assert {k: id(v) for k, v in pipe.transformer.attn_processors.items()} == processors
 
 
-def test_unet_only_fast_modes_are_reported_off_on_a_dit(compiled_pipe):
+def test_fp8_is_reported_off_on_a_dit(compiled_pipe, monkeypatch):
+    from diffjet.passes import fp8
+
     pipe, _ = compiled_pipe
     report = pipe.diffjet
+    monkeypatch.setattr(fp8, "unsupported", lambda device: None)  # as on an fp8 GPU
     try:
-        diffjet.compile(pipe, Config(step_cache=diffjet.StepCache()))
-        assert "step cache (UNets only so far)" in pipe.diffjet.off and pipe.diffjet.lossy == []
+        diffjet.compile(pipe, Config(fp8=True))
+        assert "fp8 (UNets and ControlNets only so far)" in pipe.diffjet.off and pipe.diffjet.lossy == []
     finally:
         pipe.diffjet = report
 

@@ -53,3 +53,24 @@ def test_dit_fidelity_rule_holds(model):
 @pytest.mark.parametrize("model", ["flux-dev", "sd35-medium"])
 def test_full_size_dit_fidelity_rule_holds(model):
     assert _fidelity_verdict(model, steps=28, size=1024).passed
+
+
+@pytest.mark.parametrize("model", ["tiny-flux", "tiny-sd3"])
+def test_dit_step_cache_parts_capture_once_and_replay_with_guidance_and_sizes_as_inputs(model):
+    from torch._dynamo.utils import counters
+
+    from diffjet import StepCache
+
+    pipe = load_pipeline(model, device="cuda", dtype=torch.bfloat16)
+    pipe.set_progress_bar_config(disable=True)
+    diffjet.compile(pipe, diffjet.Config(cache=False, step_cache=StepCache(interval=2)))
+    parts = sorted(name for name in pipe.diffjet.runners if name.startswith("transformer."))
+    assert parts == ["transformer.head", "transformer.rest", "transformer.tail"]
+    run(pipe, guidance_scale=3.5)
+    assert pipe.diffjet.step_cache.steps == ["full", "cached", "full"]
+    captures = {name: r.stats.captures for name, r in pipe.diffjet.runners.items()}
+    graphs = counters["stats"]["unique_graphs"]
+    run(pipe, guidance_scale=5.0)  # Flux.1-dev's guidance and every timestep are graph inputs
+    assert {name: r.stats.captures for name, r in pipe.diffjet.runners.items()} == captures
+    assert counters["stats"]["unique_graphs"] == graphs
+    assert all(r.stats.eager_calls == 0 for r in pipe.diffjet.runners.values())

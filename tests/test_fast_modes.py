@@ -40,6 +40,17 @@ def test_verify_on_a_lossy_config_prints_lossy_and_its_cost(capsys, tmp_path):
     assert f"{cost['psnr_db']:.2f} dB" in out
 
 
+def test_verify_fast_on_a_dit_measures_the_first_block_cache_against_the_full_transformer(capsys, tmp_path):
+    code, out, err = run(["verify", "--model", "tiny-flux", "--steps", "6", "--device", "cpu", "--fast",
+                          "--json", str(tmp_path / "v.json")], capsys)
+    assert code == 0, err
+    cost = json.loads((tmp_path / "v.json").read_text())["lossy"]
+    assert cost["options"] == ["step_cache(full every 3 steps, branch 0)"]
+    assert [step for step, _ in cost["reused_steps"]] == [1, 2, 4, 5]
+    assert all(0 < error < 1 for _, error in cost["reused_steps"]) and cost["latents_error"] > 0
+    assert "transformer step error" in out and "transformer output error vs the full transformer" in out
+
+
 def test_verify_still_passes_the_lossless_default(capsys, tmp_path):
     code, out, _ = run(["verify", *STEPS, "--json", str(tmp_path / "v.json")], capsys)
     record = json.loads((tmp_path / "v.json").read_text())

@@ -55,6 +55,7 @@ class LossyCost:
     psnr_db: float  # decoded image against eager half precision's
     ssim: float
     reused_steps: list[tuple[int, float]]  # (step, error of its UNet output against the full UNet's)
+    denoiser: str = "UNet"  # what the steps run: "UNet", or "transformer" for a DiT
 
     def table(self) -> str:
         rows = [f"LOSSY: {', '.join(self.options)}",
@@ -62,7 +63,7 @@ class LossyCost:
                 f"  decoded image vs lossless: PSNR {self.psnr_db:.2f} dB, SSIM {self.ssim:.4f}"]
         if self.reused_steps:
             errors = [e for _, e in self.reused_steps]
-            rows.append(f"  reused steps: {len(errors)}, UNet output error vs the full UNet: "
+            rows.append(f"  reused steps: {len(errors)}, {self.denoiser} output error vs the full {self.denoiser}: "
                         f"median {sorted(errors)[len(errors) // 2]:.3e}, max {max(errors):.3e}")
             rows.append("    " + ", ".join(f"step {i}: {e:.2e}" for i, e in self.reused_steps))
         return "\n".join(rows)
@@ -76,6 +77,7 @@ class Verdict:
     bound_unet: float
     bound_latents: float
     lossy: LossyCost | None = None
+    denoiser: str = "UNet"
 
     @property
     def passed(self) -> bool:
@@ -83,7 +85,7 @@ class Verdict:
         return c.finite and c.unet_error <= self.bound_unet and c.latents_error <= self.bound_latents
 
     def table(self) -> str:
-        rows = [("variant", "unet step error", "final latents error", "finite")]
+        rows = [("variant", f"{self.denoiser.lower()} step error", "final latents error", "finite")]
         for v in (self.baseline, self.candidate):
             rows.append((v.name, f"{v.unet_error:.3e}", f"{v.latents_error:.3e}", str(v.finite)))
         if self.lossy is None:
@@ -185,10 +187,10 @@ def final_outputs(pipe, *, prompt: str, steps: int, height: int, width: int, see
 
 
 def lossy_cost(options: list[str], latents: torch.Tensor, image: torch.Tensor, lossless_latents: torch.Tensor,
-               lossless_image: torch.Tensor, reused_steps: list[tuple[int, float]]) -> LossyCost:
+               lossless_image: torch.Tensor, reused_steps: list[tuple[int, float]], denoiser: str = "UNet") -> LossyCost:
     return LossyCost(options=options, latents_error=relative_error(latents, lossless_latents),
                      psnr_db=psnr(image, lossless_image), ssim=ssim(image, lossless_image),
-                     reused_steps=reused_steps)
+                     reused_steps=reused_steps, denoiser=denoiser)
 
 
 def audit_reused_steps(pipe) -> list[tuple[int, float]]:
@@ -233,6 +235,7 @@ def verify(
         if prepare is not None:
             pipe = prepare(pipe)
         options = list(getattr(getattr(pipe, "diffjet", None), "lossy", []))
+        results["denoiser"] = "UNet" if getattr(pipe, "unet", None) is not None else "transformer"  # as `denoiser`
         decode = bool(options) if decode is None else decode
         reused = audit_reused_steps(pipe)
         run = lambda: final_outputs(pipe, prompt=prompt, steps=steps, height=height,  # noqa: E731
@@ -262,5 +265,7 @@ def verify(
         candidate=candidate,
         bound_unet=bound(baseline.unet_error),
         bound_latents=bound(baseline.latents_error),
-        lossy=lossy_cost(options, latents, image, half_latents, half_image, reused) if options else None,
+        lossy=lossy_cost(options, latents, image, half_latents, half_image, reused, results["denoiser"])
+        if options else None,
+        denoiser=results["denoiser"],
     )

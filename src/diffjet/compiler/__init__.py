@@ -65,7 +65,7 @@ class CompileReport:
     lossy: list[str] = field(default_factory=list)  # the lossy options on (empty: lossless)
     runners: dict[str, CudaGraphRunner] = field(default_factory=dict)
     cache: CompileCache | None = None
-    step_cache: step_cache.StepCachedUNet | None = None
+    step_cache: step_cache.StepCachedUNet | step_cache.StepCachedTransformer | None = None
 
     def summary(self) -> str:
         lines = [f"diffjet on {self.device}, {self.dtype}:"]
@@ -153,8 +153,8 @@ def compile_pipeline(pipe, config: Config) -> CompileReport:
                 [f"{placed['geglu']} geglu"] if "geglu" in config.kernels else [])
             applied.append("kernels(" + ",".join(config.kernels) + ": " + ", ".join(counts) + ")")
         target = _graph_target(name, module)
-        if name == "unet" and config.step_cache is not None:
-            report.step_cache = _step_cache(pipe, module, config, cache, applied, report)
+        if name in ("unet", "transformer") and config.step_cache is not None:
+            report.step_cache = _step_cache(pipe, name, module, config, cache, applied, report)
             applied.append(config.step_cache.describe())
             report.lossy.insert(0, config.step_cache.describe())
             continue
@@ -167,11 +167,8 @@ def compile_pipeline(pipe, config: Config) -> CompileReport:
                                               about={"model": getattr(pipe, "name_or_path", None)})
             report.runners[name] = target.forward
             applied.append("cuda_graphs")
-    if "transformer" in report.passes:
-        if config.step_cache is not None:
-            report.off.append("step cache (UNets only so far)")
-        if config.fp8 and not fp8_off:
-            report.off.append("fp8 (UNets and ControlNets only so far)")
+    if "transformer" in report.passes and config.fp8 and not fp8_off:
+        report.off.append("fp8 (UNets and ControlNets only so far)")
     calls.serialize(pipe)
     if report.step_cache is not None:
         calls.add_hook(pipe, report.step_cache)
@@ -207,36 +204,40 @@ def _open_cache(config: Config, report: CompileReport) -> CompileCache | None:
         return None
 
 
-def _step_cache(pipe, unet: nn.Module, config: Config, cache: CompileCache | None, applied: list[str],
-                report: CompileReport) -> step_cache.StepCachedUNet:
-    """The UNet's forward replaced by a step-cached one whose parts are compiled and graphed like the UNet."""
-    if isinstance(unet.forward, step_cache.StepCachedUNet):
-        return unet.forward
-    device = _device_of(unet)
+def _step_cache(pipe, name: str, model: nn.Module, config: Config, cache: CompileCache | None, applied: list[str],
+                report: CompileReport) -> step_cache.StepCachedUNet | step_cache.StepCachedTransformer:
+    """The UNet's or DiT's forward replaced by a step-cached one whose parts are compiled and graphed like
+    the model."""
+    cls = step_cache.StepCachedUNet if name == "unet" else step_cache.StepCachedTransformer
+    if isinstance(model.forward, cls):
+        return model.forward
+    device = _device_of(model)
     on_cuda = device.type == "cuda"
 
-    inductor_on = on_cuda and "unet" in config.inductor
+    inductor_on = on_cuda and name in config.inductor
     applied_here = [*applied, f"inductor({config.compile_mode})"] if inductor_on else list(applied)
+    # The parts called with the model's own arguments take the step arguments (the timestep, Flux's
+    # guidance) as graph inputs; the UNet's `deep` and `tail` take the skip-connection stack in that
+    # position, whose entry indices must stay Python ints.
+    step_parts = step_cache.UNET_ARGUMENT_PARTS if name == "unet" else ("head",)
 
     def graph(part: str, fn):
         store = None
         if cache is not None and inductor_on:
-            parts = {**_cache_parts("unet", unet, config, applied_here, step_cache.__name__ + "." + part),
+            parts = {**_cache_parts(name, model, config, applied_here, step_cache.__name__ + "." + part),
                      "step_cache": [part, config.step_cache.branch, config.step_cache.adaptive]}
-            # Inductor's artifacts only: a part takes the plan besides the UNet, so it is not precompiled.
-            store = WarmStartStore(cache, parts, name=f"unet.{part}",
+            # Inductor's artifacts only: a part takes the plan besides the model, so it is not precompiled.
+            store = WarmStartStore(cache, parts, name=f"{name}.{part}",
                                    about={"model": getattr(pipe, "name_or_path", None)})
-        # Only the parts that take the UNet's arguments get the timestep as a graph input; `deep` and `tail`
-        # take the skip-connection stack in that position, whose entry indices must stay Python ints.
-        tensor_args = ("timestep",) if part in step_cache.UNET_ARGUMENT_PARTS else ()
-        runner = _runner(f"unet.{part}", unet, fn, config, store, tensor_args)
-        report.runners[f"unet.{part}"] = runner
+        tensor_args = _STEP_ARGS[name][1:] if part in step_parts else ()
+        runner = _runner(f"{name}.{part}", model, fn, config, store, tensor_args)
+        report.runners[f"{name}.{part}"] = runner
         return runner
 
     compile_part = functools.partial(inductor.compiled, config=config)
-    cached = step_cache.StepCachedUNet(unet, config.step_cache, compile=compile_part if inductor_on else None,
-                                       graph=graph if on_cuda and config.cuda_graphs else None)
-    unet.forward = cached
+    cached = cls(model, config.step_cache, compile=compile_part if inductor_on else None,
+                 graph=graph if on_cuda and config.cuda_graphs else None)
+    model.forward = cached
     if inductor_on:
         applied.append(f"inductor({config.compile_mode})")
     if on_cuda and config.cuda_graphs:

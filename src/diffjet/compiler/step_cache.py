@@ -1,4 +1,4 @@
-"""Step caching (DeepCache) for SD UNets, with every part compiled and captured.
+"""Step caching for SD UNets (DeepCache) and DiTs (first-block cache), with every part compiled and captured.
 
 DeepCache (Ma et al., 2023) reuses a UNet's deep features between denoising steps: a full step runs the
 whole UNet and keeps the up path's input at a skip branch; the steps between run only the outer layers
@@ -13,6 +13,11 @@ Uniform schedule (DeepCache's): two parts, one launch per step.
 Adaptive schedule (first-block cache style): three parts, two launches and one host read per step.
 - `head(*unet_args) -> state` (the first down layer included, the probe); `deep(state) -> feature`;
   `tail(state, feature) -> noise`. The probe's relative L1 change since the last full step decides.
+
+DiTs (Flux.1, SD 3.x: `dit_parts.py`) cache the residual of every block after the first `branch + 1`:
+- `head(*args) -> state` (those first blocks, the probe); `rest(state) -> (hidden, residual)`;
+  `tail(hidden, residual) -> noise`. Full steps run all three; cached steps skip `rest`. The uniform
+  schedule decides by step number; the adaptive one by the probe's change, as for UNets.
 
 Steps are counted per pipeline call (the pipeline's call wrapper calls `begin`), one per UNet call, so
 a second-order scheduler counts each of its UNet calls.
@@ -29,7 +34,7 @@ import torch
 from torch import nn
 
 from ..config import StepCache
-from . import unet_parts
+from . import dit_parts, unet_parts
 from .unet_parts import Plan, State
 
 logger = logging.getLogger(__name__)
@@ -100,7 +105,40 @@ def relative_l1(x: torch.Tensor, reference: torch.Tensor) -> float:
 # -- the UNet's forward with a step cache ----------------------------------------------------------
 
 
-class StepCachedUNet:
+class _PerCall:
+    """What both step caches keep per pipeline call: the steps run so far (`steps`: "full" or "cached", one
+    per model call), what the last full step left (`_cached`: the UNet's feature or the DiT's residual, and
+    the adaptive probe), and `audit`, which when set is called as audit(step, output, full_output) at every
+    reused step, with the full model's output on the same inputs (how `diffjet verify` measures reuse)."""
+
+    def _reset(self) -> None:
+        self.steps: list[str] = []
+        self.audit: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None
+        self._active = False
+        self._pipeline: weakref.ref | None = None
+        self._cached: torch.Tensor | None = None
+        self._probe: torch.Tensor | None = None
+        self._since_full = 0
+        self._warned = False
+
+    # -- pipeline-call hooks ------------------------------------------------------------------
+    def begin(self, pipeline: Any = None) -> None:
+        self._active = True
+        self._pipeline = weakref.ref(pipeline) if pipeline is not None else None
+        self._cached = self._probe = None
+        self._since_full = 0
+        self.steps = []
+
+    def end(self) -> None:
+        self._active = False
+        self._cached = self._probe = None  # it belongs to one trajectory
+
+    def _total_steps(self) -> int | None:
+        total = getattr(self._pipeline() if self._pipeline else None, "_num_timesteps", None)
+        return total if isinstance(total, int) else None
+
+
+class StepCachedUNet(_PerCall):
     """Replaces a UNet's `forward`: picks, per call, the full path or the cached one.
 
     `compile` turns each part function (`full`, `shallow`, ...: each its own code object, so Dynamo
@@ -124,28 +162,7 @@ class StepCachedUNet:
             function = compile(functions[name]) if compile is not None else functions[name]
             part = functools.partial(function, unet, self.plan)
             self.parts[name] = graph(name, part) if graph is not None else part
-        self.steps: list[str] = []  # "full" or "cached", one per UNet call of the current pipeline call
-        # When set, called as audit(step, noise, full_noise) at every reused step, with the full UNet's
-        # output on the same inputs (computed only then): how `diffjet verify` measures each reuse.
-        self.audit: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None
-        self._active = False
-        self._pipeline: weakref.ref | None = None
-        self._feature: torch.Tensor | None = None
-        self._probe: torch.Tensor | None = None
-        self._since_full = 0
-        self._warned = False
-
-    # -- pipeline-call hooks ------------------------------------------------------------------
-    def begin(self, pipeline: Any = None) -> None:
-        self._active = True
-        self._pipeline = weakref.ref(pipeline) if pipeline is not None else None
-        self._feature = self._probe = None
-        self._since_full = 0
-        self.steps = []
-
-    def end(self) -> None:
-        self._active = False
-        self._feature = self._probe = None  # the feature belongs to one trajectory
+        self._reset()
 
     # -- the forward --------------------------------------------------------------------------
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -168,25 +185,25 @@ class StepCachedUNet:
 
     def _uniform(self, kwargs: dict) -> torch.Tensor:
         step = len(self.steps)
-        if step % self.settings.interval == 0 or self._feature is None:
-            noise, self._feature = self.parts["full"](**kwargs)
+        if step % self.settings.interval == 0 or self._cached is None:
+            noise, self._cached = self.parts["full"](**kwargs)
             self.steps.append("full")
             return noise
-        noise = self.parts["shallow"](**kwargs, feature=self._feature)
+        noise = self.parts["shallow"](**kwargs, feature=self._cached)
         self._record(kwargs, noise)
         return noise
 
     def _adaptive(self, kwargs: dict) -> torch.Tensor:
         s, step = self.settings, len(self.steps)
         state = self.parts["head"](**kwargs)
-        total = getattr(self._pipeline() if self._pipeline else None, "_num_timesteps", None)
-        must = (self._feature is None or step < s.first_full or self._since_full + 1 >= s.interval
-                or (isinstance(total, int) and step >= total - s.last_full))
+        total = self._total_steps()
+        must = (self._cached is None or step < s.first_full or self._since_full + 1 >= s.interval
+                or (total is not None and step >= total - s.last_full))
         reuse = not must and relative_l1(state["probe"], self._probe) < s.threshold
         if not reuse:
-            self._feature = self.parts["deep"](state["h"], state["stack"], state["context"], state["pushed"])
+            self._cached = self.parts["deep"](state["h"], state["stack"], state["context"], state["pushed"])
             self._probe, self._since_full = state["probe"], 0
-        noise = self.parts["tail"](self._feature, state["stack"][: self.plan.fresh], state["context"])
+        noise = self.parts["tail"](self._cached, state["stack"][: self.plan.fresh], state["context"])
         if reuse:
             self._since_full += 1
             self._record(kwargs, noise)
@@ -211,3 +228,81 @@ class StepCachedUNet:
                            "UNet's upsampling factor, run diffusers' own UNet forward, uncached")
             self._warned = True
         return covered
+
+
+class StepCachedTransformer(_PerCall):
+    """Replaces a DiT's `forward` (Flux.1, SD 3.x): per call, all blocks, or the first `branch + 1` and the
+    residual of the rest from the last full step. `compile`, `graph`, `begin`/`end`, `steps` and `audit`
+    are as for `StepCachedUNet`; calls outside a pipeline call, and inputs the parts do not cover
+    (ControlNet residuals, IP-Adapter embeddings, skipped layers), run every block."""
+
+    def __init__(self, transformer: nn.Module, settings: StepCache, *,
+                 compile: Callable[[Callable], Callable] | None = None,
+                 graph: Callable[[str, Callable], Callable] | None = None) -> None:
+        self.settings = settings
+        self.family = dit_parts.family(transformer)
+        self.blocks = settings.branch + 1
+        dit_parts.check_blocks(transformer, self.blocks)
+        self._plain = functools.partial(type(transformer).forward, transformer)
+        functions = {"head": dit_parts.head, "rest": dit_parts.rest, "tail": dit_parts.tail}
+        self.parts = {}
+        for name, function in functions.items():
+            function = compile(function) if compile is not None else function
+            bound = (functools.partial(function, transformer) if name == "tail"
+                     else functools.partial(function, transformer, self.blocks))
+            self.parts[name] = graph(name, bound) if graph is not None else bound
+        self._zeros: torch.Tensor | None = None
+        self._reset()
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return_dict = kwargs.pop("return_dict", True)
+        kwargs.update(zip(dit_parts.ARGS[self.family], args))
+        if not dit_parts.covers(kwargs):
+            if not self._warned:
+                logger.warning("step cache: ControlNet, IP-Adapter or skip-layer inputs run diffusers' own "
+                               "transformer forward, uncached")
+                self._warned = True
+            return self._plain(**kwargs, return_dict=return_dict)
+        for name in ("joint_attention_kwargs", "controlnet_block_samples", "controlnet_single_block_samples",
+                     "block_controlnet_hidden_states", "skip_layers", "controlnet_blocks_repeat"):
+            kwargs.pop(name, None)
+        size = tuple(kwargs["hidden_states"].shape[-2:]) if self.family == dit_parts.SD3 else (None, None)
+        noise = self._step(kwargs, size)
+        if not return_dict:
+            return (noise,)
+        from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+        return Transformer2DModelOutput(sample=noise)
+
+    def _step(self, kwargs: dict, size: tuple) -> torch.Tensor:
+        state = self.parts["head"](**kwargs)
+        if not self._active:
+            return self._full(state, size, keep=False)
+        s, step = self.settings, len(self.steps)
+        if self._cached is None or (not s.adaptive and step % s.interval == 0):
+            reuse = False
+        elif not s.adaptive:
+            reuse = True
+        else:
+            total = self._total_steps()
+            must = (step < s.first_full or self._since_full + 1 >= s.interval
+                    or (total is not None and step >= total - s.last_full))
+            reuse = not must and relative_l1(state["probe"], self._probe) < s.threshold
+        if not reuse:
+            self.steps.append("full")
+            return self._full(state, size, keep=True)
+        noise = self.parts["tail"](state["h"], self._cached, state["temb"], *size)
+        self._since_full += 1
+        self.steps.append("cached")
+        if self.audit is not None:
+            self.audit(len(self.steps) - 1, noise, self._full(state, size, keep=False))
+        return noise
+
+    def _full(self, state: dict, size: tuple, *, keep: bool) -> torch.Tensor:
+        hidden, residual = self.parts["rest"](state["h"], state["e"], state["temb"], state["rotary"])
+        if keep:
+            self._cached, self._probe, self._since_full = residual, state["probe"], 0
+        if self._zeros is None or self._zeros.shape != hidden.shape or self._zeros.dtype != hidden.dtype \
+                or self._zeros.device != hidden.device:
+            self._zeros = torch.zeros_like(hidden)
+        return self.parts["tail"](hidden, self._zeros, state["temb"], *size)
