@@ -179,7 +179,8 @@ def test_a_branch_that_leaves_no_block_to_skip_is_refused(tiny_sd3_path):
 
 
 def test_controlnet_and_ip_adapter_inputs_are_left_to_diffusers_forward():
-    assert dit_parts.covers({"joint_attention_kwargs": None}) and dit_parts.covers({"joint_attention_kwargs": {"scale": 1.0}})
+    assert dit_parts.covers({"joint_attention_kwargs": None})
+    assert dit_parts.covers({"joint_attention_kwargs": {"scale": 1.0}})
     assert not dit_parts.covers({"controlnet_block_samples": [torch.zeros(1)]})
     assert not dit_parts.covers({"block_controlnet_hidden_states": [torch.zeros(1)]})
     assert not dit_parts.covers({"joint_attention_kwargs": {"ip_adapter_image_embeds": [torch.zeros(1)]}})

@@ -10,8 +10,8 @@
 `Config.dtype="auto"` is settled per pipeline (`Config.for_pipeline`): bfloat16 where there is a
 `transformer`, float16 otherwise; `CompileReport.dtype` says which and why.
 
-With `Config.fp8` (lossy, opt-in), the UNet's and ControlNet's GEMMs go fp8 (`passes/fp8.py`) after the
-attention pass and before the kernels. A device without fp8 refuses `fp8=True` before anything changes, and
+With `Config.fp8` (lossy, opt-in), the GEMMs of the UNet, ControlNet and DiT transformer go fp8
+(`passes/fp8.py`) after the attention pass and before the kernels. A device without fp8 refuses `fp8=True` before anything changes, and
 turns `fp8="auto"` off, said so in `CompileReport.off`.
 
 On a device other than CUDA only the device-independent passes run (channels-last, attention); the
@@ -141,7 +141,7 @@ def compile_pipeline(pipe, config: Config) -> CompileReport:
         if config.attention != "keep" and not name.startswith("text_encoder"):
             attention.apply(module, config)
             applied.append("fused_qkv_sdpa")
-        if config.fp8 and not fp8_off and name in ("unet", "controlnet"):
+        if config.fp8 and not fp8_off and name in ("unet", "controlnet", "transformer"):
             fp8.apply(module, config)
             applied.append(fp8.describe(module))
             if "fp8" not in report.lossy:
@@ -167,8 +167,6 @@ def compile_pipeline(pipe, config: Config) -> CompileReport:
                                               about={"model": getattr(pipe, "name_or_path", None)})
             report.runners[name] = target.forward
             applied.append("cuda_graphs")
-    if "transformer" in report.passes and config.fp8 and not fp8_off:
-        report.off.append("fp8 (UNets and ControlNets only so far)")
     calls.serialize(pipe)
     if report.step_cache is not None:
         calls.add_hook(pipe, report.step_cache)

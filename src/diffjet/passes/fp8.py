@@ -1,4 +1,4 @@
-"""fp8 pass (lossy, opt-in with `Config.fp8`): the UNet's and ControlNet's GEMMs in float8 e4m3.
+"""fp8 pass (lossy, opt-in with `Config.fp8`): the UNet's, ControlNet's and DiT's GEMMs in float8 e4m3.
 
 What it changes: every `nn.Linear` and every 1×1 `nn.Conv2d` (stride 1, no padding, one group: a GEMM over
 pixels, whose channels-last input is already a (pixels × channels) matrix) gets the class `Fp8Linear` or
@@ -9,10 +9,10 @@ neighbouring kernels, and multiplies with `torch._scaled_mm`, which applies both
 epilogue. Tensor cores run e4m3 at twice their fp16 rate on Ada and Hopper.
 
 Where: per call, by the GEMM's shape (`pays`): thin GEMMs (few rows, as in the time embedding and the text
-projections) stay in fp16, as measured (`bench/fp8_shapes.py`). Left alone: `to_q/to_k/to_v`, which the
-fused attention processor (`passes/attention.py`, run before this pass) no longer calls; layers whose input
-or output width is not a multiple of 16, which `_scaled_mm` needs; and layers too narrow for fp8 to pay at
-any number of rows (`can_pay`). A GEGLU projection runs diffjet's fp16 GEGLU kernel (`passes/kernels.py`)
+projections) stay in fp16, as measured (`bench/fp8_shapes.py`). Left alone: `to_q/to_k/to_v` (and a
+DiT's `add_q/k/v_proj`), which the fused attention (`passes/attention.py`, run before this pass) no longer
+calls; layers whose input or output width is not a multiple of 16, which `_scaled_mm` needs; and layers
+too narrow for fp8 to pay at any number of rows (`can_pay`). A GEGLU projection runs diffjet's fp16 GEGLU kernel (`passes/kernels.py`)
 only at the calls that stay fp16; where fp8 pays it runs the fp8 GEMM, then `h * gelu(g)` in Inductor's
 code, where it can join the next layer's input quantization.
 
@@ -35,12 +35,10 @@ from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
-from diffusers.models.attention_processor import Attention
 from torch import nn
 
 from ..config import Config
 from ..kernels.geglu import multiprocessors
-from .attention import FusedQKVAttnProcessor
 
 logger = logging.getLogger(__name__)
 
@@ -167,17 +165,26 @@ def _is_gemm_conv(conv: nn.Conv2d) -> bool:
 
 def _candidates(module: nn.Module) -> list[nn.Module]:
     """The plain Linear and 1×1 Conv2d layers of `module` that run, in fp16 or fp8: all but the projections
-    that the fused attention processor replaced (their weights are views of `to_qkv`/`to_kv`)."""
-    replaced = set()
-    for attn in module.modules():
-        if isinstance(attn, Attention) and isinstance(attn.processor, FusedQKVAttnProcessor):
-            replaced.update(id(getattr(attn, p)) for p in (("to_k", "to_v") if attn.is_cross_attention
-                                                           else ("to_q", "to_k", "to_v")))
-    return [
-        m for m in module.modules()
-        if id(m) not in replaced and (isinstance(m, (nn.Linear, _Fp8Weight))
-                                      or isinstance(m, nn.Conv2d) and _is_gemm_conv(m))
-    ]
+    that the fused attention (`passes/attention.py`) replaced, whose weights are views into the fused
+    layer's (`to_qkv`, `to_kv`, a DiT's `to_added_qkv`)."""
+    layers = [m for m in module.modules()
+              if isinstance(m, (nn.Linear, _Fp8Weight)) or isinstance(m, nn.Conv2d) and _is_gemm_conv(m)]
+    # By storage, then start, the longest first: a view comes after the weight it lies in.
+    spans = sorted((storage, start, -end, i) for i, (storage, start, end) in enumerate(_span(m.weight) for m in layers))
+    inside, reach = set(), (None, -1)  # layers whose weight lies within another's; the furthest span so far
+    for storage, _, end, i in spans:
+        end = -end
+        if storage == reach[0] and end <= reach[1]:
+            inside.add(i)
+        else:
+            reach = (storage, end)
+    return [m for i, m in enumerate(layers) if i not in inside]
+
+
+def _span(weight: torch.Tensor) -> tuple[int, int, int]:
+    """(storage, first byte, end byte) of a weight's elements."""
+    start = weight.storage_offset() * weight.element_size()
+    return weight.untyped_storage().data_ptr(), start, start + weight.numel() * weight.element_size()
 
 
 def _fits(layer: nn.Module) -> bool:
