@@ -246,6 +246,7 @@ def test_console_script_reports_errors_without_traceback(tmp_path):
     assert proc.stderr.strip() == "diffjet: error: --steps must be at least 1, got -3"
 
 
+@pytest.mark.slow  # several seconds on a CPU; CI runs it in its -m slow step
 def test_bench_json_schema(tmp_path, capsys):
     path = tmp_path / "bench.json"
     plot = tmp_path / "bench.png"
@@ -336,6 +337,7 @@ def test_resolutions_are_width_by_height():
     assert cli._resolutions("512x768, 1216x832") == [(512, 768), (1216, 832)]
 
 
+@pytest.mark.slow  # several seconds on a CPU; CI runs it in its -m slow step
 def test_bench_over_several_resolutions_records_each_and_a_warm_second_pass(tmp_path, capsys):
     path = tmp_path / "bench.json"
     code, out, _ = run(["bench", *FAST, "--compiler", "diffjet", "--resolutions", "64x64,80x48", "--repeats", "2",

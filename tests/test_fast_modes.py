@@ -40,6 +40,7 @@ def test_verify_on_a_lossy_config_prints_lossy_and_its_cost(capsys, tmp_path):
     assert f"{cost['psnr_db']:.2f} dB" in out
 
 
+@pytest.mark.slow  # several seconds on a CPU; CI runs it in its -m slow step
 def test_verify_fast_on_a_dit_measures_the_first_block_cache_against_the_full_transformer(capsys, tmp_path):
     code, out, err = run(["verify", "--model", "tiny-flux", "--steps", "6", "--device", "cpu", "--fast",
                           "--json", str(tmp_path / "v.json")], capsys)
@@ -66,6 +67,7 @@ def test_generate_fast_says_what_is_lossy_and_records_it(capsys, tmp_path):
     assert json.loads(Image.open(out_path).text["parameters"])["compiler"] == "diffjet-fast"
 
 
+@pytest.mark.slow  # several seconds on a CPU; CI runs it in its -m slow step
 def test_bench_records_the_cost_of_lossy_variants_next_to_their_speed(capsys, tmp_path):
     path = tmp_path / "bench.json"
     # (A lossless run records none: test_cli's bench over several resolutions checks that.)

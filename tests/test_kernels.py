@@ -141,6 +141,7 @@ def test_inductor_compiles_the_op_into_its_graph():
 # --- the pass ------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # several seconds on a CPU; CI runs it in its -m slow step
 def test_pass_swaps_every_resnet_block_and_keeps_the_unet_output(tiny_path):
     unet = UNet2DConditionModel.from_pretrained(tiny_path, subfolder="unet").eval()
     reference = UNet2DConditionModel.from_pretrained(tiny_path, subfolder="unet").eval()
