@@ -575,3 +575,17 @@ def test_bench_keeps_the_runs_finished_so_far_in_its_json(tmp_path, capsys, monk
     final = json.loads(out.read_text())
     assert [r["compiler"] for r in final["runs"]] == ["eager"] * len(sizes) + ["diffjet"] * len(sizes)
     assert "incomplete" not in final
+
+
+def test_serve_and_compile_default_to_the_size_the_models_pipeline_generates(tiny_path, tiny_sd3_path, tiny_flux_path,
+                                                                      tmp_path):
+    # The pipelines' own default: sample size in latent pixels × the VAE's scale; Flux's transformer config
+    # has no sample size and its pipeline uses 128 (1024² images).
+    from diffjet.cli import _folder_native_size, _model_native_size
+
+    assert _model_native_size("sdxl") == (1024, 1024) and _model_native_size("tiny-flux") == (64, 64)
+    assert _model_native_size(str(tiny_flux_path)) == (1024, 1024)
+    assert _folder_native_size(str(tiny_path)) == (64, 64)
+    assert _folder_native_size(str(tiny_sd3_path)) == (64, 64)
+    assert _folder_native_size(str(tiny_flux_path)) == (1024, 1024)
+    assert _folder_native_size(str(tmp_path)) == (512, 512)

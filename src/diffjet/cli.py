@@ -393,7 +393,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
     if _device(args.device) != "cuda":
         raise DeviceError("diffjet compile builds GPU kernels, and no CUDA GPU is visible here")
-    sizes = _resolutions(args.resolutions)
+    sizes = _resolutions(args.resolutions) if args.resolutions else None
     batches = _batches(args.batch)
     from .runtime.compile_cache import open_cache
 
@@ -402,6 +402,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
         raise CacheError(f"compile cache {target.directory} is {target.read_only_reason}; give --cache a folder "
                          "this user can write")
     model = args.model or "sd15"
+    sizes = sizes or [_model_native_size(model)]
     pipe = load_pipeline(model, device="cuda", dtype=half_precision(model))
     pipe.set_progress_bar_config(disable=True)
     diffjet.compile(pipe, diffjet.Config(cache_dir=args.cache))
@@ -534,13 +535,39 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _model_native_size(model: str) -> tuple[int, int]:
+    """(width, height) of a preset, a diffusers folder or a hub id's images by default."""
+    from .models import PRESETS, resolve
+
+    if model in PRESETS:
+        height, width = _native_size(model)
+        return width, height
+    return _folder_native_size(resolve(model))
+
+
 def _folder_native_size(path: str) -> tuple[int, int]:
-    """(width, height) a diffusers folder's UNet was trained at (its sample size × 8); 512² when not known."""
-    try:
-        side = json.loads((Path(path) / "unet" / "config.json").read_text())["sample_size"] * 8
-    except (OSError, ValueError, KeyError, TypeError):
-        return 512, 512
-    return (side, side) if isinstance(side, int) else (512, 512)
+    """(width, height) a diffusers folder's model was trained at, as its pipeline's default size: the UNet's or
+    DiT's sample size in latent pixels × the VAE's scale (Flux's transformer gives none: its pipeline's 128);
+    512² when not known."""
+    folder = Path(path)
+
+    def config(name: str) -> dict | None:
+        try:
+            found = json.loads((folder / name / "config.json").read_text())
+        except (OSError, ValueError):
+            return None
+        return found if isinstance(found, dict) else None
+
+    vae = config("vae") or {}
+    scale = 2 ** (len(vae.get("block_out_channels") or [0] * 4) - 1)
+    for name, default in (("unet", None), ("transformer", 128)):
+        model = config(name)
+        if model is None:
+            continue
+        side = model.get("sample_size", default)
+        if isinstance(side, int):
+            return side * scale, side * scale
+    return 512, 512
 
 
 # -- entry point -------------------------------------------------------------------------------
@@ -592,7 +619,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     comp = sub.add_parser("compile", help="precompile for given resolutions into the compile cache (GPU)")
     comp.add_argument("--model", help="preset, diffusers folder or hub id (default: sd15)")
-    comp.add_argument("--resolutions", default="512x512", help="comma-separated WIDTHxHEIGHT list")
+    comp.add_argument("--resolutions", help="comma-separated WIDTHxHEIGHT list (default: the model's native size)")
     comp.add_argument("--batch", default="1", help="comma-separated images per prompt")
     comp.add_argument("--cache", help="compile cache folder (default: $DIFFJET_CACHE_DIR/compile or ~/.cache/diffjet/compile)")
     comp.add_argument("--prompt", default="warm-up")
