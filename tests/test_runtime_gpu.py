@@ -226,7 +226,9 @@ from diffjet.models import load_pipeline
 
 pipe = load_pipeline(sys.argv[3], device="cuda", dtype=torch.float16)
 pipe.set_progress_bar_config(disable=True)
-diffjet.compile(pipe, diffjet.Config(cache_dir=sys.argv[1], kernels=tuple(json.loads(sys.argv[2]))))
+step_cache = json.loads(sys.argv[4])  # the step cache's parts are precompiled and saved too
+diffjet.compile(pipe, diffjet.Config(cache_dir=sys.argv[1], kernels=tuple(json.loads(sys.argv[2])),
+                                     step_cache=diffjet.StepCache(**step_cache) if step_cache else None))
 # Two resolutions: every signature after a component's first must be saved and loaded as well.
 images = [pipe("a cat", num_inference_steps=2, output_type="np", height=h, width=w,
                generator=torch.Generator().manual_seed(0)).images for h, w in ((64, 64), (64, 96))]
@@ -254,9 +256,11 @@ def _partial_config_copy(folder):
     return path
 
 
-@pytest.mark.parametrize("kernels, partial_config", [((), False), (("group_norm_silu",), False), ((), True)],
-                         ids=["inductor", "gn-silu-kernel", "partial-config"])
-def test_a_warm_process_loads_precompiled_functions_without_tracing(tmp_path, kernels, partial_config):
+@pytest.mark.parametrize("kernels, partial_config, step_cache",
+                         [((), False, None), (("group_norm_silu",), False, None), ((), True, None),
+                          ((), False, {"interval": 3})],
+                         ids=["inductor", "gn-silu-kernel", "partial-config", "step-cache"])
+def test_a_warm_process_loads_precompiled_functions_without_tracing(tmp_path, kernels, partial_config, step_cache):
     import json
     import os
     import shutil
@@ -276,7 +280,8 @@ def test_a_warm_process_loads_precompiled_functions_without_tracing(tmp_path, ke
                "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "local" / "inductor"),
                "TRITON_CACHE_DIR": str(tmp_path / "local" / "triton"),
                "PYTHONHASHSEED": {"cold": "1", "warm": "2"}[process]}  # the key must not follow the hash seed
-        proc = subprocess.run([sys.executable, "-c", _WARM_START, str(cache), json.dumps(kernels), model],
+        proc = subprocess.run([sys.executable, "-c", _WARM_START, str(cache), json.dumps(kernels), model,
+                               json.dumps(step_cache)],
                               capture_output=True, text=True, env=env, timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
         runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))

@@ -184,3 +184,4 @@ def test_controlnet_and_ip_adapter_inputs_are_left_to_diffusers_forward():
     assert not dit_parts.covers({"controlnet_block_samples": [torch.zeros(1)]})
     assert not dit_parts.covers({"block_controlnet_hidden_states": [torch.zeros(1)]})
     assert not dit_parts.covers({"joint_attention_kwargs": {"ip_adapter_image_embeds": [torch.zeros(1)]}})
+

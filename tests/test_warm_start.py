@@ -201,3 +201,55 @@ def test_a_cache_that_breaks_while_reading_falls_back_to_the_runner_function(tmp
     with caplog.at_level(logging.WARNING, logger="diffjet"):
         assert _run(store, "s1") == "jit"
     assert "not used" in caplog.text
+
+
+@pytest.mark.slow  # compiles five parts with Inductor on a CPU (about a minute)
+@pytest.mark.parametrize(("model", "settings", "names"), [
+    ("tiny-flux", {"interval": 2}, ("head", "rest", "tail")),
+    ("tiny", {"interval": 3, "threshold": 0.5}, ("deep", "tail")),  # the parts that take the skip stack
+])
+def test_step_cache_parts_are_saved_and_loaded_without_tracing(model, settings, names, request, tmp_path):
+    # What the warm-start store does with each part on a GPU: precompile it, save it, load it in a new
+    # process. There, a fast mode's warm start would otherwise trace every part with Dynamo again.
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from diffjet import StepCache
+    from diffjet.runtime.precompiled import Precompiler
+
+    from .precompiled_parts import step_cached
+
+    folder = str(request.getfixturevalue("tiny_flux_path" if model == "tiny-flux" else "tiny_path"))
+    seen = {}
+
+    def graph(name, part, saveable):
+        def run(*args, **kwargs):
+            seen.setdefault(name, (saveable, args, kwargs))
+            return part(*args, **kwargs)
+        return run
+
+    pipe, denoiser, step_cache = step_cached(folder, StepCache(**settings), graph)
+    denoiser.forward = step_cache
+    from diffjet.compiler import calls
+
+    calls.serialize(pipe)
+    calls.add_hook(pipe, step_cache)
+    pipe("a red fox in the snow", num_inference_steps=4, height=64, width=64, output_type="latent")
+    files = []
+    for name in names:
+        saveable, args, kwargs = seen[name]
+        _, data = Precompiler(denoiser, function=saveable).compile(args, kwargs)
+        with torch.no_grad():
+            expected = saveable(denoiser, *args, **kwargs)
+        files.append(str(tmp_path / f"{name}.pt"))
+        torch.save({"name": name, "data": data, "args": args, "kwargs": kwargs, "expected": expected}, files[-1])
+    root = Path(__file__).parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.run([sys.executable, "-m", "tests.precompiled_parts", folder, json.dumps(settings), *files],
+                          capture_output=True, text=True, env=env, cwd=root, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["dynamo_frames"] == 0 and result["error"] < 1e-5

@@ -219,13 +219,15 @@ def _step_cache(pipe, name: str, model: nn.Module, config: Config, cache: Compil
     # position, whose entry indices must stay Python ints.
     step_parts = step_cache.UNET_ARGUMENT_PARTS if name == "unet" else ("head",)
 
-    def graph(part: str, fn):
+    def graph(part: str, fn, saveable):
         store = None
         if cache is not None and inductor_on:
             parts = {**_cache_parts(name, model, config, applied_here, step_cache.__name__ + "." + part),
                      "step_cache": [part, config.step_cache.branch, config.step_cache.adaptive]}
-            # Inductor's artifacts only: a part takes the plan besides the model, so it is not precompiled.
-            store = WarmStartStore(cache, parts, name=f"{name}.{part}",
+            precompile = None
+            if precompiled.supported(config.backend):
+                precompile = precompiled.Precompiler(model, inductor.inductor_options(config), saveable)
+            store = WarmStartStore(cache, parts, name=f"{name}.{part}", precompile=precompile,
                                    about={"model": getattr(pipe, "name_or_path", None)})
         tensor_args = _STEP_ARGS[name][1:] if part in step_parts else ()
         runner = _runner(f"{name}.{part}", model, fn, config, store, tensor_args)

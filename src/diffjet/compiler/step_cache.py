@@ -91,6 +91,17 @@ def _tail(unet: nn.Module, plan: Plan, state: State, feature: torch.Tensor) -> t
     return unet_parts.epilogue(unet, state.h)
 
 
+def module_first(function: Callable[..., Any], *extra: Any) -> Callable[..., Any]:
+    """`function(module, *extra, ...)` as a function of the module and the call's arguments: the form
+    `runtime/precompiled.py` saves (the extra values, a plan or a block count, travel as its closure; the
+    entry's key holds the step-cache settings they come from)."""
+
+    def part(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        return function(module, *extra, *args, **kwargs)
+
+    return part
+
+
 #: The parts called with the UNet's own arguments (`timestep` among them); `deep` and `tail` take
 #: intermediate state instead.
 UNET_ARGUMENT_PARTS = ("full", "shallow", "head")
@@ -142,15 +153,16 @@ class StepCachedUNet(_PerCall):
     """Replaces a UNet's `forward`: picks, per call, the full path or the cached one.
 
     `compile` turns each part function (`full`, `shallow`, ...: each its own code object, so Dynamo
-    keeps one compiled graph per part) into its compiled form; `graph(name, part)` wraps a part, bound to
-    the UNet, into what runs it (the CUDA-graph runner on a GPU). Outside a pipeline call (`begin` …
+    keeps one compiled graph per part) into its compiled form; `graph(name, part, saveable)` wraps a part,
+    bound to the UNet, into what runs it (the CUDA-graph runner on a GPU); `saveable` is the same part as
+    a function of the UNet alone (`module_first`), what the warm-start store precompiles and saves. Outside a pipeline call (`begin` …
     `end`) every call runs the full path, so a direct `pipe.unet(...)` is never lossy; inputs the parts
     do not cover (T2I-Adapter residuals, GLIGEN, sizes that need diffusers' explicit upsample sizes) run
     diffusers' own forward.
     """
 
     def __init__(self, unet: nn.Module, settings: StepCache, *, compile: Callable[[Callable], Callable] | None = None,
-                 graph: Callable[[str, Callable], Callable] | None = None) -> None:
+                 graph: Callable[[str, Callable, Callable], Callable] | None = None) -> None:
         self.settings = settings
         self.plan = unet_parts.plan(unet, settings.branch, probe=settings.adaptive)
         self._unet = weakref.ref(unet)
@@ -161,7 +173,7 @@ class StepCachedUNet(_PerCall):
         for name in names:
             function = compile(functions[name]) if compile is not None else functions[name]
             part = functools.partial(function, unet, self.plan)
-            self.parts[name] = graph(name, part) if graph is not None else part
+            self.parts[name] = graph(name, part, module_first(functions[name], self.plan)) if graph else part
         self._reset()
 
     # -- the forward --------------------------------------------------------------------------
@@ -238,7 +250,7 @@ class StepCachedTransformer(_PerCall):
 
     def __init__(self, transformer: nn.Module, settings: StepCache, *,
                  compile: Callable[[Callable], Callable] | None = None,
-                 graph: Callable[[str, Callable], Callable] | None = None) -> None:
+                 graph: Callable[[str, Callable, Callable], Callable] | None = None) -> None:
         self.settings = settings
         self.family = dit_parts.family(transformer)
         self.blocks = settings.branch + 1
@@ -246,11 +258,11 @@ class StepCachedTransformer(_PerCall):
         self._plain = functools.partial(type(transformer).forward, transformer)
         functions = {"head": dit_parts.head, "rest": dit_parts.rest, "tail": dit_parts.tail}
         self.parts = {}
-        for name, function in functions.items():
-            function = compile(function) if compile is not None else function
-            bound = (functools.partial(function, transformer) if name == "tail"
-                     else functools.partial(function, transformer, self.blocks))
-            self.parts[name] = graph(name, bound) if graph is not None else bound
+        for name, plain in functions.items():
+            function = compile(plain) if compile is not None else plain
+            extra = () if name == "tail" else (self.blocks,)
+            bound = functools.partial(function, transformer, *extra)
+            self.parts[name] = graph(name, bound, module_first(plain, *extra)) if graph else bound
         self._zeros: torch.Tensor | None = None
         self._reset()
 
