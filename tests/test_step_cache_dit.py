@@ -27,9 +27,9 @@ def pipe(request, tiny_flux_path, tiny_sd3_path):
     return pipe
 
 
-def latents(pipe, steps=STEPS):
+def latents(pipe, steps=STEPS, **kwargs):
     return pipe("a red fox in the snow", num_inference_steps=steps, height=64, width=64, output_type="latent",
-                generator=torch.Generator().manual_seed(0)).images
+                generator=torch.Generator().manual_seed(0), **kwargs).images
 
 
 @pytest.fixture
@@ -104,16 +104,18 @@ def latents_without_cache(pipe, step_cached):
         pipe.transformer.forward = forward
 
 
-def _reference_latents(pipe, interval: int) -> torch.Tensor:
+def _reference_latents(pipe, interval: int, **call) -> torch.Tensor:
     """First-block caching written on diffusers' forward: a full step keeps the change of the image tokens
     between the first block's output and the output norm's input; a cached step runs the forward with only
-    the first block and adds that change before the output norm."""
+    the first block and adds that change before the output norm. Each prompt (Flux's true CFG calls the
+    transformer with the negative prompt too) has its own steps and residual."""
     t = pipe.transformer
     blocks, singles = t.transformer_blocks, getattr(t, "single_transformer_blocks", None)
     plain = t.forward
-    state = {"step": 0, "residual": None}
+    branches = {}
 
     def forward(*args, **kwargs):
+        state = branches.setdefault(kwargs["encoder_hidden_states"].data_ptr(), {"step": 0, "residual": None})
         full = state["step"] % interval == 0
         state["step"] += 1
         seen = {}
@@ -140,9 +142,25 @@ def _reference_latents(pipe, interval: int) -> torch.Tensor:
 
     t.forward = forward
     try:
-        return latents(pipe)
+        return latents(pipe, **call)
     finally:
         del t.forward
+
+
+def test_flux_true_cfg_keeps_a_residual_per_prompt(tiny_flux_path):
+    # With a negative prompt and true_cfg_scale > 1, FluxPipeline calls the transformer twice a step: the
+    # negative prompt's call must not reuse the prompt's residual.
+    pipe = DiffusionPipeline.from_pretrained(tiny_flux_path)
+    pipe.set_progress_bar_config(disable=True)
+    true_cfg = {"negative_prompt": "blurry", "true_cfg_scale": 2.0}
+    reference = _reference_latents(pipe, interval=2, **true_cfg)
+    step_cached = StepCachedTransformer(pipe.transformer, StepCache(interval=2))
+    pipe.transformer.forward = step_cached
+    calls.serialize(pipe)
+    calls.add_hook(pipe, step_cached)
+    mine = latents(pipe, **true_cfg)
+    assert step_cached.steps == ["full", "full", "cached", "cached"] * (STEPS // 2)
+    assert relative_error(mine, reference) < 1e-7
 
 
 def test_every_reused_step_is_audited_against_the_full_transformer(pipe, cached):

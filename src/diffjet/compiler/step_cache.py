@@ -28,6 +28,7 @@ from __future__ import annotations
 import functools
 import logging
 import weakref
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -118,8 +119,8 @@ def relative_l1(x: torch.Tensor, reference: torch.Tensor) -> float:
 
 class _PerCall:
     """What both step caches keep per pipeline call: the steps run so far (`steps`: "full" or "cached", one
-    per model call), what the last full step left (`_cached`: the UNet's feature or the DiT's residual, and
-    the adaptive probe), and `audit`, which when set is called as audit(step, output, full_output) at every
+    per model call), what the last full step left (`_cached`, the UNet's feature, and the adaptive probe;
+    a DiT keeps its own per conditioning branch), and `audit`, which when set is called as audit(step, output, full_output) at every
     reused step, with the full model's output on the same inputs (how `diffjet verify` measures reuse)."""
 
     def _reset(self) -> None:
@@ -264,6 +265,7 @@ class StepCachedTransformer(_PerCall):
             bound = functools.partial(function, transformer, *extra)
             self.parts[name] = graph(name, bound, module_first(plain, *extra)) if graph else bound
         self._zeros: torch.Tensor | None = None
+        self._branches: dict[int, _Branch] = {}
         self._reset()
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -286,35 +288,57 @@ class StepCachedTransformer(_PerCall):
 
         return Transformer2DModelOutput(sample=noise)
 
+    def begin(self, pipeline: Any = None) -> None:
+        super().begin(pipeline)
+        self._branches: dict[int, _Branch] = {}
+
+    def end(self) -> None:
+        super().end()
+        self._branches = {}
+
     def _step(self, kwargs: dict, size: tuple) -> torch.Tensor:
         state = self.parts["head"](**kwargs)
         if not self._active:
-            return self._full(state, size, keep=False)
-        s, step = self.settings, len(self.steps)
-        if self._cached is None or (not s.adaptive and step % s.interval == 0):
+            return self._full(state, size, keep=None)
+        # Flux's true CFG calls the transformer twice a step, with the prompt's and the negative prompt's
+        # embeddings (each one tensor for the whole call): each keeps its own residual and step count.
+        branch = self._branches.setdefault(kwargs["encoder_hidden_states"].data_ptr(), _Branch())
+        s, step = self.settings, branch.calls
+        branch.calls += 1
+        if branch.residual is None or (not s.adaptive and step % s.interval == 0):
             reuse = False
         elif not s.adaptive:
             reuse = True
         else:
             total = self._total_steps()
-            must = (step < s.first_full or self._since_full + 1 >= s.interval
+            must = (step < s.first_full or branch.since_full + 1 >= s.interval
                     or (total is not None and step >= total - s.last_full))
-            reuse = not must and relative_l1(state["probe"], self._probe) < s.threshold
+            reuse = not must and relative_l1(state["probe"], branch.probe) < s.threshold
         if not reuse:
             self.steps.append("full")
-            return self._full(state, size, keep=True)
-        noise = self.parts["tail"](state["h"], self._cached, state["temb"], *size)
-        self._since_full += 1
+            return self._full(state, size, keep=branch)
+        noise = self.parts["tail"](state["h"], branch.residual, state["temb"], *size)
+        branch.since_full += 1
         self.steps.append("cached")
         if self.audit is not None:
-            self.audit(len(self.steps) - 1, noise, self._full(state, size, keep=False))
+            self.audit(len(self.steps) - 1, noise, self._full(state, size, keep=None))
         return noise
 
-    def _full(self, state: dict, size: tuple, *, keep: bool) -> torch.Tensor:
+    def _full(self, state: dict, size: tuple, *, keep: "_Branch | None") -> torch.Tensor:
         hidden, residual = self.parts["rest"](state["h"], state["e"], state["temb"], state["rotary"])
-        if keep:
-            self._cached, self._probe, self._since_full = residual, state["probe"], 0
+        if keep is not None:
+            keep.residual, keep.probe, keep.since_full = residual, state["probe"], 0
         if self._zeros is None or self._zeros.shape != hidden.shape or self._zeros.dtype != hidden.dtype \
                 or self._zeros.device != hidden.device:
             self._zeros = torch.zeros_like(hidden)
         return self.parts["tail"](hidden, self._zeros, state["temb"], *size)
+
+
+@dataclass
+class _Branch:
+    """One conditioning branch of a DiT's pipeline call: its model calls so far and what its last full step left."""
+
+    calls: int = 0
+    residual: torch.Tensor | None = None
+    probe: torch.Tensor | None = None
+    since_full: int = 0
