@@ -114,40 +114,69 @@ def relative_l1(x: torch.Tensor, reference: torch.Tensor) -> float:
     return float((x - reference).abs().mean() / reference.abs().mean().clamp_min(1e-12))
 
 
-# -- the UNet's forward with a step cache ----------------------------------------------------------
+# -- what both step caches share ----------------------------------------------------------------
+
+
+@dataclass
+class _Branch:
+    """One conditioning branch of a pipeline call (a UNet's calls are one; Flux's true CFG gives a DiT two):
+    its model calls so far and what its last full step left (the UNet's feature or the DiT's residual, and
+    the adaptive probe)."""
+
+    calls: int = 0
+    cached: torch.Tensor | None = None
+    probe: torch.Tensor | None = None
+    since_full: int = 0
 
 
 class _PerCall:
     """What both step caches keep per pipeline call: the steps run so far (`steps`: "full" or "cached", one
-    per model call), what the last full step left (`_cached`, the UNet's feature, and the adaptive probe;
-    a DiT keeps its own per conditioning branch), and `audit`, which when set is called as audit(step, output, full_output) at every
-    reused step, with the full model's output on the same inputs (how `diffjet verify` measures reuse)."""
+    per model call), each branch's state (`_Branch`), the schedule that decides between the two
+    (`_reuses`), and `audit`, which when set is called as audit(step, output, full_output) at every reused
+    step, with the full model's output on the same inputs (how `diffjet verify` measures reuse)."""
+
+    settings: StepCache
 
     def _reset(self) -> None:
         self.steps: list[str] = []
         self.audit: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None
         self._active = False
         self._pipeline: weakref.ref | None = None
-        self._cached: torch.Tensor | None = None
-        self._probe: torch.Tensor | None = None
-        self._since_full = 0
+        self._branches: dict[Any, _Branch] = {}
         self._warned = False
 
     # -- pipeline-call hooks ------------------------------------------------------------------
     def begin(self, pipeline: Any = None) -> None:
         self._active = True
         self._pipeline = weakref.ref(pipeline) if pipeline is not None else None
-        self._cached = self._probe = None
-        self._since_full = 0
+        self._branches = {}
         self.steps = []
 
     def end(self) -> None:
         self._active = False
-        self._cached = self._probe = None  # it belongs to one trajectory
+        self._branches = {}  # what they cached belongs to one trajectory
 
-    def _total_steps(self) -> int | None:
+    def _branch(self, key: Any = None) -> _Branch:
+        return self._branches.setdefault(key, _Branch())
+
+    def _reuses(self, branch: _Branch, probe: torch.Tensor | None = None) -> bool:
+        """Whether the branch's next model call reuses its cache (and counts that call). Uniform: all but
+        every `interval`-th call. Adaptive: while the probe has changed by less than `threshold` since the
+        last full step, within `interval` and never at the first `first_full` or last `last_full` steps."""
+        s, step = self.settings, branch.calls
+        branch.calls += 1
+        if branch.cached is None:
+            return False
+        if not s.adaptive:
+            return step % s.interval != 0
         total = getattr(self._pipeline() if self._pipeline else None, "_num_timesteps", None)
-        return total if isinstance(total, int) else None
+        if (step < s.first_full or branch.since_full + 1 >= s.interval
+                or (isinstance(total, int) and step >= total - s.last_full)):
+            return False
+        return relative_l1(probe, branch.probe) < s.threshold
+
+
+# -- the UNet's forward with a step cache ----------------------------------------------------------
 
 
 class StepCachedUNet(_PerCall):
@@ -156,10 +185,10 @@ class StepCachedUNet(_PerCall):
     `compile` turns each part function (`full`, `shallow`, ...: each its own code object, so Dynamo
     keeps one compiled graph per part) into its compiled form; `graph(name, part, saveable)` wraps a part,
     bound to the UNet, into what runs it (the CUDA-graph runner on a GPU); `saveable` is the same part as
-    a function of the UNet alone (`module_first`), what the warm-start store precompiles and saves. Outside a pipeline call (`begin` …
-    `end`) every call runs the full path, so a direct `pipe.unet(...)` is never lossy; inputs the parts
-    do not cover (T2I-Adapter residuals, GLIGEN, sizes that need diffusers' explicit upsample sizes) run
-    diffusers' own forward.
+    a function of the UNet alone (`module_first`), what the warm-start store precompiles and saves.
+    Outside a pipeline call (`begin` … `end`) every call runs the full path, so a direct `pipe.unet(...)`
+    is never lossy; inputs the parts do not cover (T2I-Adapter residuals, GLIGEN, sizes that need
+    diffusers' explicit upsample sizes) run diffusers' own forward.
     """
 
     def __init__(self, unet: nn.Module, settings: StepCache, *, compile: Callable[[Callable], Callable] | None = None,
@@ -197,28 +226,25 @@ class StepCachedUNet(_PerCall):
         return UNet2DConditionOutput(sample=noise)
 
     def _uniform(self, kwargs: dict) -> torch.Tensor:
-        step = len(self.steps)
-        if step % self.settings.interval == 0 or self._cached is None:
-            noise, self._cached = self.parts["full"](**kwargs)
+        branch = self._branch()
+        if not self._reuses(branch):
+            noise, branch.cached = self.parts["full"](**kwargs)
             self.steps.append("full")
             return noise
-        noise = self.parts["shallow"](**kwargs, feature=self._cached)
+        noise = self.parts["shallow"](**kwargs, feature=branch.cached)
         self._record(kwargs, noise)
         return noise
 
     def _adaptive(self, kwargs: dict) -> torch.Tensor:
-        s, step = self.settings, len(self.steps)
+        branch = self._branch()
         state = self.parts["head"](**kwargs)
-        total = self._total_steps()
-        must = (self._cached is None or step < s.first_full or self._since_full + 1 >= s.interval
-                or (total is not None and step >= total - s.last_full))
-        reuse = not must and relative_l1(state["probe"], self._probe) < s.threshold
+        reuse = self._reuses(branch, state["probe"])
         if not reuse:
-            self._cached = self.parts["deep"](state["h"], state["stack"], state["context"], state["pushed"])
-            self._probe, self._since_full = state["probe"], 0
-        noise = self.parts["tail"](self._cached, state["stack"][: self.plan.fresh], state["context"])
+            branch.cached = self.parts["deep"](state["h"], state["stack"], state["context"], state["pushed"])
+            branch.probe, branch.since_full = state["probe"], 0
+        noise = self.parts["tail"](branch.cached, state["stack"][: self.plan.fresh], state["context"])
         if reuse:
-            self._since_full += 1
+            branch.since_full += 1
             self._record(kwargs, noise)
         else:
             self.steps.append("full")
@@ -265,7 +291,6 @@ class StepCachedTransformer(_PerCall):
             bound = functools.partial(function, transformer, *extra)
             self.parts[name] = graph(name, bound, module_first(plain, *extra)) if graph else bound
         self._zeros: torch.Tensor | None = None
-        self._branches: dict[int, _Branch] = {}
         self._reset()
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -288,57 +313,28 @@ class StepCachedTransformer(_PerCall):
 
         return Transformer2DModelOutput(sample=noise)
 
-    def begin(self, pipeline: Any = None) -> None:
-        super().begin(pipeline)
-        self._branches: dict[int, _Branch] = {}
-
-    def end(self) -> None:
-        super().end()
-        self._branches = {}
-
     def _step(self, kwargs: dict, size: tuple) -> torch.Tensor:
         state = self.parts["head"](**kwargs)
         if not self._active:
             return self._full(state, size, keep=None)
         # Flux's true CFG calls the transformer twice a step, with the prompt's and the negative prompt's
         # embeddings (each one tensor for the whole call): each keeps its own residual and step count.
-        branch = self._branches.setdefault(kwargs["encoder_hidden_states"].data_ptr(), _Branch())
-        s, step = self.settings, branch.calls
-        branch.calls += 1
-        if branch.residual is None or (not s.adaptive and step % s.interval == 0):
-            reuse = False
-        elif not s.adaptive:
-            reuse = True
-        else:
-            total = self._total_steps()
-            must = (step < s.first_full or branch.since_full + 1 >= s.interval
-                    or (total is not None and step >= total - s.last_full))
-            reuse = not must and relative_l1(state["probe"], branch.probe) < s.threshold
-        if not reuse:
+        branch = self._branch(kwargs["encoder_hidden_states"].data_ptr())
+        if not self._reuses(branch, state["probe"]):
             self.steps.append("full")
             return self._full(state, size, keep=branch)
-        noise = self.parts["tail"](state["h"], branch.residual, state["temb"], *size)
+        noise = self.parts["tail"](state["h"], branch.cached, state["temb"], *size)
         branch.since_full += 1
         self.steps.append("cached")
         if self.audit is not None:
             self.audit(len(self.steps) - 1, noise, self._full(state, size, keep=None))
         return noise
 
-    def _full(self, state: dict, size: tuple, *, keep: "_Branch | None") -> torch.Tensor:
+    def _full(self, state: dict, size: tuple, *, keep: _Branch | None) -> torch.Tensor:
         hidden, residual = self.parts["rest"](state["h"], state["e"], state["temb"], state["rotary"])
         if keep is not None:
-            keep.residual, keep.probe, keep.since_full = residual, state["probe"], 0
+            keep.cached, keep.probe, keep.since_full = residual, state["probe"], 0
         if self._zeros is None or self._zeros.shape != hidden.shape or self._zeros.dtype != hidden.dtype \
                 or self._zeros.device != hidden.device:
             self._zeros = torch.zeros_like(hidden)
         return self.parts["tail"](hidden, self._zeros, state["temb"], *size)
-
-
-@dataclass
-class _Branch:
-    """One conditioning branch of a DiT's pipeline call: its model calls so far and what its last full step left."""
-
-    calls: int = 0
-    residual: torch.Tensor | None = None
-    probe: torch.Tensor | None = None
-    since_full: int = 0
