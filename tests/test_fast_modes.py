@@ -81,6 +81,19 @@ def test_bench_records_the_cost_of_lossy_variants_next_to_their_speed(capsys, tm
     assert abs(ours["latents_error"] - package["latents_error"]) < 1e-4 * package["latents_error"] + 1e-6
     assert ours["latents_error"] > 1e-3
     assert "dB" in out
+    assert ours["denoiser"] == "UNet"
+
+
+@pytest.mark.slow  # several seconds on a CPU; CI runs it in its -m slow step
+def test_bench_of_a_fast_dit_records_its_transformers_reused_steps(capsys, tmp_path):
+    path = tmp_path / "bench.json"
+    code, _, _ = run(["bench", "--model", "tiny-flux", "--steps", "6", "--device", "cpu", "--compiler",
+                      "diffjet-fast", "--repeats", "1", "--unet-repeats", "1", "--warmup", "1", "--json", str(path)],
+                     capsys)
+    assert code == 0
+    fidelity = json.loads(path.read_text())["runs"][0]["fidelity"]
+    assert fidelity["denoiser"] == "transformer" and [s for s, _ in fidelity["reused_steps"]] == [1, 2, 4, 5]
+    assert fidelity["latents_error"] > 0
 
 
 def test_psnr_and_ssim_of_known_images():

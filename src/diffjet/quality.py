@@ -128,6 +128,11 @@ def denoiser(pipe) -> torch.nn.Module:
     return pipe.unet if getattr(pipe, "unet", None) is not None else pipe.transformer
 
 
+def denoiser_name(pipe) -> str:
+    """What `denoiser` is, as reports name it: "UNet" or "transformer"."""
+    return "transformer" if denoiser(pipe) is getattr(pipe, "transformer", None) else "UNet"
+
+
 def record_unet_inputs(pipe, run: Callable[[], Any]) -> tuple[tuple, dict]:
     """Run `run()` and return (args, kwargs) of the first denoiser call (`denoiser`), cloned."""
     seen: dict[str, Any] = {}
@@ -187,10 +192,10 @@ def final_outputs(pipe, *, prompt: str, steps: int, height: int, width: int, see
 
 
 def lossy_cost(options: list[str], latents: torch.Tensor, image: torch.Tensor, lossless_latents: torch.Tensor,
-               lossless_image: torch.Tensor, reused_steps: list[tuple[int, float]], denoiser: str = "UNet") -> LossyCost:
+               lossless_image: torch.Tensor, reused_steps: list[tuple[int, float]], model: str = "UNet") -> LossyCost:
     return LossyCost(options=options, latents_error=relative_error(latents, lossless_latents),
                      psnr_db=psnr(image, lossless_image), ssim=ssim(image, lossless_image),
-                     reused_steps=reused_steps, denoiser=denoiser)
+                     reused_steps=reused_steps, denoiser=model)
 
 
 def audit_reused_steps(pipe) -> list[tuple[int, float]]:
@@ -235,7 +240,7 @@ def verify(
         if prepare is not None:
             pipe = prepare(pipe)
         options = list(getattr(getattr(pipe, "diffjet", None), "lossy", []))
-        results["denoiser"] = "UNet" if getattr(pipe, "unet", None) is not None else "transformer"  # as `denoiser`
+        results["denoiser"] = denoiser_name(pipe)
         decode = bool(options) if decode is None else decode
         reused = audit_reused_steps(pipe)
         run = lambda: final_outputs(pipe, prompt=prompt, steps=steps, height=height,  # noqa: E731

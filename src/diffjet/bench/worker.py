@@ -81,8 +81,8 @@ def run(spec: dict) -> list[dict] | dict:
 
 def _lossy_cost(pipe, spec: dict, dtype) -> dict:
     """What a lossy variant costs at the first resolution: its output against eager's (the lossless
-    output) at the same seed, and each reused step's UNet error (`quality.LossyCost`)."""
-    from ..quality import audit_reused_steps, final_outputs, lossy_cost
+    output) at the same seed, and each reused step's error against the full denoiser (`quality.LossyCost`)."""
+    from ..quality import audit_reused_steps, denoiser_name, final_outputs, lossy_cost
 
     height, width = (spec.get("resolutions") or [[spec["height"], spec["width"]]])[0]
     run = dict(prompt=spec["prompt"], steps=spec["steps"], height=height, width=width, seed=spec["seed"], decode=True)
@@ -94,7 +94,8 @@ def _lossy_cost(pipe, spec: dict, dtype) -> dict:
     recipes.set_scheduler(reference, spec.get("scheduler", "euler"))
     lossless_latents, lossless_image = final_outputs(reference, **run)
     del reference
-    return dataclasses.asdict(lossy_cost(options, latents, image, lossless_latents, lossless_image, reused))
+    return dataclasses.asdict(lossy_cost(options, latents, image, lossless_latents, lossless_image, reused,
+                                         denoiser_name(pipe)))
 
 
 def _nothing(pipe) -> dict:
