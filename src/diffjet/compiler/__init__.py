@@ -11,8 +11,8 @@
 `transformer`, float16 otherwise; `CompileReport.dtype` says which and why.
 
 With `Config.fp8` (lossy, opt-in), the GEMMs of the UNet, ControlNet and DiT transformer go fp8
-(`passes/fp8.py`) after the attention pass and before the kernels. A device without fp8 refuses `fp8=True` before anything changes, and
-turns `fp8="auto"` off, said so in `CompileReport.off`.
+(`passes/fp8.py`) after the attention pass and before the kernels. A device without fp8 refuses `fp8=True`
+before anything changes, and turns `fp8="auto"` off, said so in `CompileReport.off`.
 
 On a device other than CUDA only the device-independent passes run (channels-last, attention); the
 rest is reported as off, with a warning given once per process.

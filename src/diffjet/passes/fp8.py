@@ -12,9 +12,9 @@ Where: per call, by the GEMM's shape (`pays`): thin GEMMs (few rows, as in the t
 projections) stay in fp16, as measured (`bench/fp8_shapes.py`). Left alone: `to_q/to_k/to_v` (and a
 DiT's `add_q/k/v_proj`), which the fused attention (`passes/attention.py`, run before this pass) no longer
 calls; layers whose input or output width is not a multiple of 16, which `_scaled_mm` needs; and layers
-too narrow for fp8 to pay at any number of rows (`can_pay`). A GEGLU projection runs diffjet's fp16 GEGLU kernel (`passes/kernels.py`)
-only at the calls that stay fp16; where fp8 pays it runs the fp8 GEMM, then `h * gelu(g)` in Inductor's
-code, where it can join the next layer's input quantization.
+too narrow for fp8 to pay at any number of rows (`can_pay`). A GEGLU projection runs diffjet's fp16 GEGLU
+kernel (`passes/kernels.py`) only at the calls that stay fp16; where fp8 pays it runs the fp8 GEMM, then
+`h * gelu(g)` in Inductor's code, where it can join the next layer's input quantization.
 
 Why the fp16 weight stays the parameter: LoRA merges write into it (`diffjet.lora`), the fused projections'
 `to_q/k/v` are views of it, and CUDA graphs hold its pointer. `requantize` derives the fp8 buffers from it
