@@ -56,6 +56,7 @@ from torch import nn
 from .compiler import calls
 from .errors import LoraError
 from .passes import fp8
+from .quality import denoiser_component
 
 #: The pipeline components a LoRA may adapt, named as the prefixes of its keys: a pipeline's denoiser (the UNet,
 #: or a DiT's transformer: `_adaptable`) and its CLIP text encoders.
@@ -271,7 +272,7 @@ def _read_lora(pipe: Any, lora: Any, weight_name: str | None) -> dict[tuple[str,
 
 def _adaptable(pipe: Any) -> tuple[str, ...]:
     """The components a LoRA for this kind of pipeline may adapt: its denoiser and the CLIP text encoders."""
-    denoiser = "transformer" if getattr(pipe, "transformer", None) is not None else "unet"
+    denoiser = denoiser_component(pipe)
     return tuple(c for c in LORA_COMPONENTS if c == denoiser or c.startswith("text_encoder"))
 
 

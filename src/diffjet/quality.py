@@ -122,15 +122,20 @@ def bound(baseline_error: float) -> float:
     return max(LOSSLESS_FACTOR * baseline_error, FLOAT32_FLOOR)
 
 
+def denoiser_component(pipe) -> str:
+    """The name of the component a pipeline calls at every step: "unet", or "transformer" for a DiT pipeline."""
+    return "unet" if getattr(pipe, "unet", None) is not None else "transformer"
+
+
 def denoiser(pipe) -> torch.nn.Module:
-    """The module a pipeline calls at every step: its UNet, or a DiT pipeline's transformer. `unet_error` and
-    `unet_ms` in results are this module's, whichever it is."""
-    return pipe.unet if getattr(pipe, "unet", None) is not None else pipe.transformer
+    """The module a pipeline calls at every step (`denoiser_component`). `unet_error` and `unet_ms` in results
+    are this module's, whichever it is."""
+    return getattr(pipe, denoiser_component(pipe))
 
 
 def denoiser_name(pipe) -> str:
     """What `denoiser` is, as reports name it: "UNet" or "transformer"."""
-    return "transformer" if denoiser(pipe) is getattr(pipe, "transformer", None) else "UNet"
+    return {"unet": "UNet"}.get(denoiser_component(pipe), "transformer")
 
 
 def record_unet_inputs(pipe, run: Callable[[], Any]) -> tuple[tuple, dict]:
