@@ -2,17 +2,20 @@
 
     python bench/lora_switch.py --model sd15,sdxl --json lora-switch.json
     python bench/lora_switch.py --model sdxl --compiler diffjet-fast   # with the lossy fast modes on
+    python bench/lora_switch.py --model flux-dev --base-copy host,device
 
 Per model: load the preset in its half precision on CUDA (float16; bfloat16 for flux-dev), `diffjet.compile`
 it (Inductor on the UNet or Flux's transformer, CUDA graphs on every component), generate once at the native
 size, then:
-- `first_load_ms`: `diffjet.load_lora(pipe, A)` from a .safetensors file, the first time (base weights are
-  copied to pinned host memory then);
+- `first_load_ms`: `diffjet.load_lora(pipe, A, base_copy=...)` from a .safetensors file, the first time (the
+  base weights are copied then: to pinned host memory, or beside them in GPU memory with `--base-copy device`;
+  each value of `--base-copy` is a run of its own);
 - `switch_ms`: `unload_lora(A)` + `load_lora(B)` from the file, alternating A → B → A … with a generation
   (2 steps) between switches so the graphs really replay the new weights; median, min and max;
 - `switch_in_memory_ms`: the same with the LoRAs already read into state dicts (no file read);
 - recompiles (Dynamo's unique graphs) and new captures across all switches, which must be 0;
-- that each switch changes the UNet's output and that B after A equals B loaded alone (same bits).
+- that each switch changes the UNet's output and that B after A equals B loaded alone (same bits);
+- `base_copy_gib`, the copies' size, and `pinned_host_gib`, the pinned host memory PyTorch holds at the end.
 LoRAs are `diffjet.models.random_lora` (rank 16 by default, every attention, feed-forward and transformer
 projection of the UNet plus the text encoders' attention and MLP: a kohya "full" LoRA; for Flux every Linear of
 its blocks, as ai-toolkit trains), saved in the model's half precision. `adapted_unet_weights` counts the
@@ -23,6 +26,7 @@ Every duration is wall time with the GPU synchronised before and after.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import sys
@@ -49,7 +53,7 @@ def counts(pipe) -> tuple[int, int]:
 
 
 def run_model(model: str, rank: int, switches: int, folder: Path, device: str = "cuda",
-              compiler: str = "diffjet") -> dict:
+              compiler: str = "diffjet", base_copy: str = "host") -> dict:
     import torch
     from safetensors.torch import load_file, save_file
 
@@ -87,7 +91,7 @@ def run_model(model: str, rank: int, switches: int, folder: Path, device: str = 
     base = generate().float()
     warm = counts(pipe)
 
-    first_load_ms = timed(lambda: diffjet.load_lora(pipe, files["a"], adapter_name="a"))
+    first_load_ms = timed(lambda: diffjet.load_lora(pipe, files["a"], adapter_name="a", base_copy=base_copy))
     probe["a"] = generate().float()
     current = "a"
     from_file, from_memory = [], []
@@ -130,7 +134,10 @@ def run_model(model: str, rank: int, switches: int, folder: Path, device: str = 
         "latents_change_b_vs_a": round(rel(probe["b"], probe["a"]), 4),
         "same_latents_each_time_back": all(same_after_switch_back),
         "unload_restores_base_bit_for_bit": restored,
-        "host_copy_gib": round(sum(t.numel() * t.element_size() for t in pipe._diffjet_lora.base.values()) / 2**30, 2),
+        "base_copy": base_copy,
+        "base_copy_gib": round(sum(t.numel() * t.element_size() for t in pipe._diffjet_lora.base.values()) / 2**30, 2),
+        "pinned_host_gib": round(torch.cuda.host_memory_stats()["allocated_bytes.current"] / 2**30, 2)
+        if device == "cuda" else None,
         "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device == "cuda" else None,
     }
     del pipe
@@ -146,31 +153,34 @@ def main() -> None:
     parser.add_argument("--switches", type=int, default=6, help="timed switches from files (as many from memory)")
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     parser.add_argument("--compiler", default="diffjet", help="the diffjet variant (diffjet bench's names)")
+    parser.add_argument("--base-copy", default="host", help="comma-separated: host, device (load_lora's base_copy)")
     parser.add_argument("--json")
     args = parser.parse_args()
     from diffjet.bench import environment
 
     report = {**environment(args.device), "command": "python " + " ".join(sys.argv), "runs": []}
     with tempfile.TemporaryDirectory() as folder:
-        for model in args.model.split(","):
+        for model, base_copy in itertools.product(args.model.split(","), args.base_copy.split(",")):
             try:
-                result = run_model(model, args.rank, args.switches, Path(folder), args.device, args.compiler)
+                result = run_model(model, args.rank, args.switches, Path(folder), args.device, args.compiler,
+                                   base_copy)
             except Exception as error:  # noqa: BLE001 - record and go on to the next model
                 import traceback
 
                 traceback.print_exc()
-                result = {"model": model, "error": repr(error)[:500]}
+                result = {"model": model, "base_copy": base_copy, "error": repr(error)[:500]}
             report["runs"].append(result)
             print(json.dumps(result), flush=True)
             if args.json:
                 Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
-    print(f"{'model':6} {'layers':>7} {'first ms':>9} {'switch ms':>10} {'in-mem ms':>10} {'recompiles':>10} {'captures':>9}")
+    print(f"{'model':8} {'copies':6} {'layers':>7} {'first ms':>9} {'switch ms':>10} {'in-mem ms':>10} {'recompiles':>10} "
+          f"{'captures':>9}")
     for r in report["runs"]:
         if "error" in r:
-            print(f"{r['model']:6} failed: {r['error']}")
+            print(f"{r['model']:8} failed: {r['error']}")
             continue
         layers = sum(r["lora_layers"].values())
-        print(f"{r['model']:6} {layers:7d} {r['first_load_ms']:9.1f} {r['switch_ms']:10.1f} "
+        print(f"{r['model']:8} {r['base_copy']:6} {layers:7d} {r['first_load_ms']:9.1f} {r['switch_ms']:10.1f} "
               f"{r['switch_in_memory_ms']:10.1f} {r['recompiles']:10d} {r['new_captures']:9d}")
 
 

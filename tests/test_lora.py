@@ -289,14 +289,79 @@ def test_switching_reuses_the_host_copies_of_the_base_weights(tiny_path, monkeyp
 
     pipe = compiled(tiny_path)
     copies = []
-    host_copy = lora_module._host_copy
-    monkeypatch.setattr(lora_module, "_host_copy", lambda w: copies.append(w.shape) or host_copy(w))
+    base_copies = lora_module._base_copies
+    monkeypatch.setattr(lora_module, "_base_copies", lambda p, w, where: copies.extend(w) or base_copies(p, w, where))
     load_lora(pipe, peft_format(lora_factors(pipe, seed=1)), adapter_name="a")
     first = len(copies)
     assert first == len(UNET_LAYERS) + len(TEXT_ENCODER_LAYERS)
     unload_lora(pipe, "a")
     load_lora(pipe, peft_format(lora_factors(pipe, seed=2)), adapter_name="b")
     assert len(copies) == first
+
+
+def test_base_copy_must_be_host_or_device(tiny_path):
+    pipe = compiled(tiny_path)
+    before = weights(pipe)
+    with pytest.raises(LoraError, match="base_copy must be one of 'host', 'device', got 'gpu'"):
+        load_lora(pipe, peft_format(lora_factors(pipe, seed=1)), base_copy="gpu")
+    assert lora_scales(pipe) == {}
+    assert all(torch.equal(w, before[n]) for n, w in weights(pipe).items())
+
+
+def test_moving_the_base_copies_keeps_switches_and_unloads_exact(tiny_path):
+    pipe, fresh = compiled(tiny_path), compiled(tiny_path)
+    base = weights(pipe)
+    load_lora(pipe, peft_format(lora_factors(pipe, seed=1)), adapter_name="a", base_copy="device")
+    assert pipe._diffjet_lora.base_copy == "device"
+    unload_lora(pipe, "a")
+    load_lora(pipe, peft_format(lora_factors(pipe, seed=2)), adapter_name="b", base_copy="host")  # copies move
+    load_lora(fresh, peft_format(lora_factors(fresh, seed=2)), adapter_name="b")
+    assert pipe._diffjet_lora.base_copy == "host"
+    fresh_weights = weights(fresh)
+    assert all(torch.equal(w, fresh_weights[n]) for n, w in weights(pipe).items())
+    unload_lora(pipe)
+    assert all(torch.equal(w, base[n]) for n, w in weights(pipe).items())
+
+
+def test_pinned_copies_share_buffers_instead_of_one_power_of_two_each():
+    from diffjet.lora import _pack
+
+    # A full Flux LoRA's weights (bf16): per double block 10 of 3072², 4 of 3072×12288 and back; per single
+    # block 3 of 3072², 1 of 12288×3072 and 1 of 3072×15360.
+    sizes = {}
+    for block in range(19):
+        sizes.update({(block, i): 3072 * 3072 * 2 for i in range(10)})
+        sizes.update({(block, 10 + i): 3072 * 12288 * 2 for i in range(4)})
+    for block in range(19, 57):
+        sizes.update({(block, i): 3072 * 3072 * 2 for i in range(3)})
+        sizes.update({(block, 3): 12288 * 3072 * 2, (block, 4): 3072 * 15360 * 2})
+    sizes["huge"] = 3 * 2**30
+    buffers = _pack(sizes)
+    allocated = sum(1 << (used - 1).bit_length() for used, _ in buffers)  # what the pinned allocator takes
+    one_each = sum(1 << (size - 1).bit_length() for size in sizes.values())
+    assert allocated < 1.06 * sum(sizes.values()) + 2**30 < 0.75 * one_each
+    placed = {}
+    for used, members in buffers:
+        assert used <= 2**30 or len(members) == 1
+        spans = sorted((offset, offset + size) for _, offset, size in members)
+        assert all(offset % 64 == 0 for offset, _ in spans)
+        assert all(end <= start for (_, end), (start, _) in zip(spans, spans[1:]))  # no overlap
+        assert spans[-1][1] <= used
+        placed.update({key: size for key, _, size in members})
+    assert placed == sizes
+
+
+def test_device_copies_that_do_not_fit_are_refused_before_anything_is_allocated(monkeypatch):
+    from diffjet.lora import _check_room
+
+    gib = 2**30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (3 * gib, 80 * gib))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: 10 * gib)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: 9 * gib)
+    cuda = torch.device("cuda", 0)
+    _check_room({cuda: 4 * gib})  # 3 GiB free on the card + 1 GiB free in PyTorch's pool
+    with pytest.raises(LoraError, match=r"needs 4\.50 GiB more on cuda:0 .* 4\.00 GiB are free; base_copy='host'"):
+        _check_room({cuda: 4 * gib + gib // 2})
 
 
 def test_a_lora_file_is_parsed_once_until_it_changes(tiny_path, tmp_path, monkeypatch):

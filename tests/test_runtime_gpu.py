@@ -193,7 +193,8 @@ def test_each_shape_compiles_and_captures_once():
     assert pipe.diffjet.runners["unet"].graphs_held == len(shapes)
 
 
-def test_lora_switch_neither_recompiles_nor_recaptures():
+@pytest.mark.parametrize("base_copy", ["host", "device"])
+def test_lora_switch_neither_recompiles_nor_recaptures(base_copy):
     import numpy as np
 
     from .conftest import lora_factors, peft_format
@@ -205,7 +206,13 @@ def test_lora_switch_neither_recompiles_nor_recaptures():
 
     base = run()
     warm = _captures_and_dynamo_graphs(pipe)
-    diffjet.load_lora(pipe, peft_format(lora_factors(pipe, seed=1)), adapter_name="a")
+    pinned_before = torch.cuda.host_memory_stats()["num_host_alloc"]
+    diffjet.load_lora(pipe, peft_format(lora_factors(pipe, seed=1)), adapter_name="a", base_copy=base_copy)
+    copies = pipe._diffjet_lora.base.values()
+    assert {c.device.type for c in copies} == {"cuda" if base_copy == "device" else "cpu"}
+    assert all(c.is_pinned() for c in copies) == (base_copy == "host")
+    # The host copies share one pinned buffer (plus one for the LoRA's factors), not one buffer each.
+    assert torch.cuda.host_memory_stats()["num_host_alloc"] - pinned_before <= 2 < len(copies)
     with_a = run()
     diffjet.unload_lora(pipe, "a")
     diffjet.load_lora(pipe, peft_format(lora_factors(pipe, seed=2)), adapter_name="b")

@@ -17,7 +17,7 @@ A1111 = "/sdapi/v1/txt2img"
 def server(served_pipe, tiny_path, lora_dir):
     settings = settings_for(tiny_path, sizes=((64, 64), (32, 64)), lora_dir=lora_dir, max_batch=4,
                             max_wait_ms=20, queue=16, max_images=4, max_steps=8, max_body_bytes=4096,
-                            warm_up=True)
+                            warm_up=True, lora_base_copy="device")
     with running(settings, served_pipe) as client:
         assert client.app.state.service.worker.ready.wait(60)
         yield client
@@ -140,7 +140,7 @@ def test_a_body_that_is_not_a_small_json_object_is_refused(server, raw, headers,
     assert counts(server) == before
 
 
-def test_a_lora_by_name_changes_the_image_and_switching_back_restores_it(server):
+def test_a_lora_by_name_changes_the_image_and_switching_back_restores_it(server, served_pipe):
     plain = {"prompt": "a lighthouse", "seed": 9}
     before = pixels(server.post(OPENAI, plain).json["data"][0]["b64_json"])
     styled = server.post(OPENAI, {**plain, "lora": {"style": 1.0}})
@@ -152,6 +152,14 @@ def test_a_lora_by_name_changes_the_image_and_switching_back_restores_it(server)
     after = pixels(server.post(OPENAI, plain).json["data"][0]["b64_json"])
     assert np.array_equal(after, before)
     assert server.metrics()["diffjet_lora_switches_total"] >= 3
+    assert served_pipe._diffjet_lora.base_copy == "device"  # --lora-base-copy reached load_lora
+
+
+def test_lora_base_copy_is_host_or_device(tiny_path):
+    from diffjet.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--lora-base-copy must be one of host, device, got 'gpu'"):
+        settings_for(tiny_path, lora_base_copy="gpu")
 
 
 def test_concurrent_clients_each_get_their_own_seed_image(server, served_pipe):

@@ -488,7 +488,8 @@ def _serve_settings(args: argparse.Namespace, device: str, model: str):
         _ray_options(args)
     return ServeSettings(
         model=model, model_name=model, sizes=tuple(sizes), device=device, compiler=args.compiler,
-        lora_dir=Path(args.lora_dir) if args.lora_dir else None, max_batch=args.max_batch,
+        lora_dir=Path(args.lora_dir) if args.lora_dir else None, lora_base_copy=args.lora_base_copy,
+        max_batch=args.max_batch,
         batch_sizes=tuple(_batches(args.batch_sizes, "--batch-sizes")) if args.batch_sizes else (),
         max_wait_ms=_finite("--max-wait-ms", args.max_wait_ms), queue=args.queue,
         allow_new_sizes=args.allow_new_sizes, max_pixels=args.max_pixels,
@@ -644,6 +645,9 @@ def build_parser() -> argparse.ArgumentParser:
                      "on its first request)")
     srv.add_argument("--max-pixels", type=int, default=1536 * 1536, help="cap on width x height")
     srv.add_argument("--lora-dir", help="folder of NAME.safetensors LoRAs that requests may name")
+    srv.add_argument("--lora-base-copy", choices=("host", "device"), default="host",
+                     help="where the copies of the weights a LoRA changes live: pinned host memory, or GPU memory "
+                          "(faster switches, as much GPU memory again as the weights a LoRA touches)")
     srv.add_argument("--host", default="127.0.0.1", help="address to listen on; another than loopback needs --api-key-file")
     srv.add_argument("--port", type=int, default=8000, help="0: a free port (printed)")
     srv.add_argument("--api-key-file", help="file whose first line is the bearer token requests must send")

@@ -34,6 +34,7 @@ class ServeSettings:
     device: str = "cpu"
     compiler: str = "diffjet"
     lora_dir: Path | None = None
+    lora_base_copy: str = "host"  # `diffjet.load_lora`'s base_copy: where the original weights' copies live
     max_batch: int = 4
     batch_sizes: tuple[int, ...] = ()  # the batch sizes warmed and run; () = every size from 1 to max_batch
     max_wait_ms: float = 20.0
@@ -71,6 +72,10 @@ class ServeSettings:
             raise ConfigError("the API key is empty")
         if self.lora_dir is not None and not Path(self.lora_dir).is_dir():
             raise ConfigError(f"--lora-dir: {self.lora_dir} is not a folder")
+        from ..lora import BASE_COPIES  # here: the settings module stays light to import
+
+        if self.lora_base_copy not in BASE_COPIES:
+            raise ConfigError(f"--lora-base-copy must be one of {', '.join(BASE_COPIES)}, got {self.lora_base_copy!r}")
 
     @property
     def warm_batches(self) -> list[int]:

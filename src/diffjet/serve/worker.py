@@ -212,7 +212,8 @@ class PipelineWorker:
                 diffjet.set_lora_scales(self.pipe, rescaled)
             for name, scale in target.items():
                 if name not in merged:
-                    diffjet.load_lora(self.pipe, str(self.loras[name]), scale=scale, adapter_name=name)
+                    diffjet.load_lora(self.pipe, str(self.loras[name]), scale=scale, adapter_name=name,
+                                      base_copy=self.settings.lora_base_copy)
         finally:  # what is merged now, also after a failed switch
             self._loras = tuple(sorted(lora_scales(self.pipe).items()))
         self.metrics.lora_switches.inc()
