@@ -12,7 +12,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import pathlib
+from concurrent.futures import ThreadPoolExecutor
 
 from diffjet.runtime.files import write_atomically
 
@@ -32,9 +34,14 @@ def _record(path: pathlib.Path) -> dict:
 
 
 def write(folder: pathlib.Path) -> None:
-    """Record every file under `folder` (but the manifest) in its manifest."""
+    """Record every file under `folder` (but the manifest) in its manifest.
+
+    Files are hashed in threads (hashlib releases the GIL): one thread takes about 0.55 s a GB, 19 s for flux-dev.
+    """
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
-    _save(folder, {p.relative_to(folder).as_posix(): _record(p) for p in files})
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        records = list(pool.map(_record, files))
+    _save(folder, {p.relative_to(folder).as_posix(): r for p, r in zip(files, records)})
 
 
 def _save(folder: pathlib.Path, files: dict[str, dict]) -> None:
