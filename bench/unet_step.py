@@ -1,16 +1,29 @@
-"""UNet-step variants on the GPU, each in a fresh process: which compile options diffjet should use.
+"""Denoiser-step variants on the GPU, each in a fresh process: which compile options diffjet should use.
 
     python bench/unet_step.py --model sd15 --variants eager-graph,inductor,inductor-cdt --json out.json
     python bench/unet_step.py --model sd15 --variants inductor --profile --json profile.json
     python bench/unet_step.py --model sdxl --variants inductor-gn-silu-geglu,fp8-all,fp8-rule --error
+    python bench/unet_step.py --model flux-dev --variants inductor,torch-compile --profile --json flux.json
 
 
-Loads the preset's UNet (built once with random weights), applies diffjet's passes
-(fp16, channels-last, fused-QKV SDPA), then compiles with the variant's Inductor options, captures the
-step with diffjet's CudaGraphRunner and times replays with CUDA events (median of 100 after warm-up).
+Loads the preset's denoiser (built once with random weights): the UNet, or a DiT's transformer (flux-dev,
+flux-schnell, sd35-medium; tiny-flux, tiny-sd3). Applies diffjet's passes as `diffjet.compile` does (a UNet:
+fp16, channels-last, fused-QKV SDPA; a DiT: bf16 and fused joint QKV attention, no channels-last, and none of
+diffjet's Triton kernels, which replace UNet blocks only: a DiT's kernel variants time its plain step), then
+compiles with the variant's Inductor options, captures the step with diffjet's CudaGraphRunner and times
+replays with CUDA events (median of 100 after warm-up). `torch-compile` is diffusers' speed-guide recipe in
+their place, as `diffjet bench --compiler torch-compile` applies it (`diffjet/bench/recipes.py`).
+
+A UNet's inputs are seeded random tensors at --size pixels (default: the preset's native size) and timestep
+999. A DiT's are what its pipeline passes its transformer in the first step of a seeded one-step call at --size
+(`quality.record_unet_inputs`): the pipeline's own text lengths (Flux 512 T5 tokens, SD3 77 + 256), timestep and
+guidance. --batch is the denoiser's batch (default: one image: 2 with classifier-free guidance, as UNets and
+SD3 run it, 1 for Flux, which is guidance-distilled).
+
 With --profile, also the kernel time of the replayed step by category (torch profiler, CUPTI sees the
 kernels inside graph replays), the top kernels, and FLOPs by category with what each category achieves.
-With --error, also the step's relative error against the float32 UNet, and that of the eager fp16 UNet.
+With --error, also the step's relative error against the float32 denoiser, and that of the eager
+half-precision one (diffjet's passes, no Inductor).
 """
 
 from __future__ import annotations
@@ -53,29 +66,46 @@ VARIANTS = {
     # diffjet's default with fp8 GEMMs (passes/fp8.py, lossy): where `fp8.pays`, or in every linear/1x1 layer.
     "fp8-rule": {"conv_1x1_as_mm": True, "__kernels": ("group_norm_silu", "geglu"), "__fp8": "rule"},
     "fp8-all": {"conv_1x1_as_mm": True, "__kernels": ("group_norm_silu", "geglu"), "__fp8": "all"},
+    # Diffusers' speed guide in place of diffjet's passes and CudaGraphRunner (`torch_compiled`): its Inductor
+    # flags and torch.compile's reduce-overhead mode (Inductor plus CUDA-graph trees), fullgraph.
+    "torch-compile": {"conv_1x1_as_mm": True, "epilogue_fusion": False, "__mode": "reduce-overhead"},
 }
+#: A DiT's default variants: its step graphed eager and compiled as diffjet compiles it, with fp8, and diffusers'
+#: recipe. The others run too, the kernel variants as their plain step (the kernels replace UNet blocks only).
+DIT_VARIANTS = ("eager-graph", "inductor", "fp8-rule", "torch-compile")
+#: The DiT pipelines, with their transformer's batch per image: SD3 runs classifier-free guidance as one
+#: batch of two, Flux.1 is guidance-distilled (one row).
+DIT_BATCH = {"FluxPipeline": 1, "StableDiffusion3Pipeline": 2}
+PROMPT = "a photograph of an astronaut riding a horse"  # padded to the pipeline's text lengths: no shape changes
+# Inductor op names that only move data: a Triton kernel of nothing else is a copy. One named after SDPA
+# writes SDPA's inputs in the layout its kernel reads, or, with other ops, computes them (Flux's rotary
+# embedding, SD 3.5's QK norms): Inductor never generates the attention itself.
+_LAYOUT_OPS = {"clone", "cat", "copy", "to", "view", "unsafe", "permute", "transpose", "expand", "squeeze",
+               "unsqueeze", "slice", "select", "split", "with", "sizes", "stack", "convolution",
+               "scaled", "dot", "product", "flash", "efficient", "cudnn", "attention"}
 
 
 def category(kernel: str) -> str:
-    """The profile's categories, from a CUDA kernel's name (cuDNN, cuBLAS/nvjet, Inductor's Triton names).
+    """The profile's categories, from a CUDA kernel's name (cuDNN, cuBLAS/nvjet/CUTLASS, flash/fmha,
+    Inductor's Triton names).
 
     Inductor names a fused kernel after every op it holds (`triton_per_fused_add_clone_…_group_norm_silu`):
-    a kernel with a norm in it is normalisation, other reductions too, templates are GEMMs, and the rest of
-    Inductor's pointwise kernels are elementwise unless they only copy.
+    a kernel with a norm in it is normalisation, other reductions too (a DiT's RMS norms: mean, pow, rsqrt),
+    templates are GEMMs, and the rest of Inductor's pointwise kernels are elementwise unless they only copy
+    (`_LAYOUT_OPS`). Triton kernels are sorted first, because their names carry the SDPA ops they feed.
     """
     n = kernel.lower()
-    if any(k in n for k in ("fmha", "flash", "attention", "sdpa", "attn")):
-        return "attention"
     if n.startswith("triton_"):
         if n.startswith("triton_tem"):
             return "gemm"
         if any(k in n for k in ("norm", "var_mean")) or n.startswith(("triton_red", "triton_per")):
             return "normalisation"
         ops = set(n.split("fused_", 1)[-1].split("_")) - {""}
-        if ops and ops <= {"clone", "cat", "copy", "view", "permute", "transpose", "convolution", "unsqueeze"} | {
-                o for o in ops if o.isdigit()}:
+        if ops and ops <= _LAYOUT_OPS | {o for o in ops if o.isdigit()}:
             return "copies/layout"
         return "elementwise"
+    if any(k in n for k in ("fmha", "flash", "attention", "sdpa", "attn")):
+        return "attention"
     if "group_norm" in n or "layer_norm" in n:  # diffjet's kernels, ATen's norms
         return "normalisation"
     if any(k in n for k in ("nchwtonhwc", "nhwctonchw", "transpose", "copy", "memcpy", "memset")):
@@ -89,14 +119,15 @@ def category(kernel: str) -> str:
     return "other"
 
 
-def flops_by_category(unet, args, kwargs) -> dict:
+def flops_by_category(denoiser, args, kwargs) -> dict:
+    """TFLOPs of one eager call by category; a DiT's Linear layers count as GEMMs (aten mm/addmm)."""
     import collections
 
     from torch.utils.flop_counter import FlopCounterMode
 
     counter = FlopCounterMode(display=False)
     with counter:
-        unet(*args, **kwargs)
+        denoiser(*args, **kwargs)
     out = collections.Counter()
     for op, n in counter.get_flop_counts()["Global"].items():
         name = str(op)
@@ -137,157 +168,257 @@ def kernel_profile(step, reps: int = 5) -> dict:
     }
 
 
-def prepared_unet(model: str, device: str = "cuda", kernels: tuple[str, ...] = (), fp8: str | None = None):
-    """The preset's UNet with diffjet's passes: fp16 (on CUDA; float32 elsewhere), channels-last, fused-QKV
-    SDPA, `kernels` (diffjet's Triton kernels, `Config.kernels`), and with `fp8` "rule" or "all", fp8 GEMMs
-    (`Config.fp8`) where `fp8.pays` or in every layer the pass converts."""
-    import torch
-    from diffusers import UNet2DConditionModel
+def component(model: str) -> str:
+    """The preset's denoiser, as its pipeline names it: "transformer" for a DiT (`DIT_BATCH`), else "unet"."""
+    from diffjet.models import PRESETS
 
-    from diffjet.config import Config
+    return "transformer" if PRESETS[model].pipeline_class in DIT_BATCH else "unet"
+
+
+def default_batch(model: str) -> int:
+    """The denoiser's batch for one image: 2 with classifier-free guidance, 1 for Flux."""
+    from diffjet.models import PRESETS
+
+    return DIT_BATCH.get(PRESETS[model].pipeline_class, 2)
+
+
+def load_denoiser(model: str, dtype, device: str = "cuda"):
+    """The preset's denoiser (`component`) alone, in `dtype`."""
+    from diffusers import AutoModel
+
     from diffjet.models import resolve
+
+    return AutoModel.from_pretrained(resolve(model), subfolder=component(model), torch_dtype=dtype).to(device).eval()
+
+
+def prepared(denoiser, name: str, kernels: tuple[str, ...] = (), fp8: str | None = None):
+    """`denoiser`, the pipeline's component `name`, with diffjet's passes as `diffjet.compile` applies them
+    (compiler/__init__.py): on CUDA its half precision (fp16 for a UNet, bf16 for a DiT), a UNet's
+    channels-last (a DiT's one convolution is its patch embedding), fused-QKV SDPA (a DiT's fused joint
+    QKV attention), `kernels` (diffjet's Triton kernels, `Config.kernels`), and with `fp8` "rule" or "all",
+    fp8 GEMMs (`Config.fp8`) where `fp8.pays` or in every layer the pass converts."""
+    from diffjet.config import Config
     from diffjet.passes import attention, memory_format, precision
     from diffjet.passes import fp8 as fp8_pass
     from diffjet.passes import kernels as kernel_pass
 
-    dtype = torch.float16 if device == "cuda" else torch.float32
-    unet = UNet2DConditionModel.from_pretrained(resolve(model), subfolder="unet", torch_dtype=dtype).to(device).eval()
-    config = Config(kernels=kernels, fp8=fp8 is not None)
-    if device == "cuda":
-        precision.apply(unet, config)
-    memory_format.apply(unet, config)
-    attention.apply(unet, config)
+    config = Config(kernels=kernels, fp8=fp8 is not None).for_pipeline({name: denoiser})
+    if next(denoiser.parameters()).is_cuda:
+        precision.apply(denoiser, config)
+    if name == "unet":
+        memory_format.apply(denoiser, config)
+    attention.apply(denoiser, config)
     if fp8 is not None:
-        fp8_pass.apply(unet, config)
-        for layer in unet._diffjet_fp8_layers if fp8 == "all" else ():
+        fp8_pass.apply(denoiser, config)
+        for layer in denoiser._diffjet_fp8_layers if fp8 == "all" else ():
             layer.sms = None  # no GPU to weigh: always fp8
     if kernels:
-        kernel_pass.apply(unet, config)
-    return unet
+        kernel_pass.apply(denoiser, config)
+    return denoiser
+
+
+def prepared_unet(model: str, device: str = "cuda", kernels: tuple[str, ...] = (), fp8: str | None = None):
+    """The preset's UNet with diffjet's passes (`prepared`), fp16 on CUDA, float32 elsewhere (bench/'s
+    UNet scripts start from it)."""
+    import torch
+
+    unet = load_denoiser(model, torch.float16 if device == "cuda" else torch.float32, device)
+    return prepared(unet, "unet", kernels, fp8)
 
 
 def unet_inputs(unet, height: int, batch: int, device: str = "cuda"):
-    """Seeded half-precision UNet inputs at `height`² pixels: (latents, text states, further kwargs)."""
+    """Seeded UNet inputs in the UNet's dtype at `height`² pixels: (latents, text states, further kwargs)."""
     import torch
 
-    lat = height // 8
+    lat, dtype = height // 8, unet.dtype
     g = torch.Generator(device).manual_seed(0)
-    sample = torch.randn(batch, unet.config.in_channels, lat, lat, device=device, dtype=torch.float16, generator=g)
-    states = torch.randn(batch, 77, unet.config.cross_attention_dim, device=device, dtype=torch.float16, generator=g)
+    sample = torch.randn(batch, unet.config.in_channels, lat, lat, device=device, dtype=dtype, generator=g)
+    states = torch.randn(batch, 77, unet.config.cross_attention_dim, device=device, dtype=dtype, generator=g)
     kwargs = {}
     if unet.config.addition_embed_type == "text_time":
         kwargs["added_cond_kwargs"] = {
-            "text_embeds": torch.randn(batch, 1280, device=device, dtype=torch.float16, generator=g),
-            "time_ids": torch.tensor([[height, height, 0, 0, height, height]] * batch, device=device,
-                                     dtype=torch.float16),
+            "text_embeds": torch.randn(batch, 1280, device=device, dtype=dtype, generator=g),
+            "time_ids": torch.tensor([[height, height, 0, 0, height, height]] * batch, device=device, dtype=dtype),
         }
     return sample, states, kwargs
 
 
-def step_errors(model: str, runner, inputs: tuple, kwargs: dict) -> dict:
-    """The relative error of `runner`'s step, and of the eager fp16 UNet's, against the float32 UNet (TF32 off)."""
+def dit_inputs(pipe, height: int, batch: int) -> tuple[tuple, dict]:
+    """(args, kwargs) of the DiT pipeline `pipe`'s first transformer call in a seeded one-step call at `height`²
+    pixels with `batch` rows, cloned: the pipeline's own inputs, which hand-made ones could miss (Flux's
+    position ids, the text lengths, the timestep's dtype)."""
     import torch
-    from diffusers import UNet2DConditionModel
+
+    from diffjet.quality import record_unet_inputs
+
+    per_image = DIT_BATCH[type(pipe).__name__]
+    if batch % per_image:
+        raise ValueError(f"batch {batch}: {type(pipe).__name__} calls its transformer with {per_image} rows per image")
+    pipe.set_progress_bar_config(disable=True)
+    return record_unet_inputs(pipe, lambda: pipe(
+        prompt=[PROMPT] * (batch // per_image), num_inference_steps=1, height=height, width=height,
+        generator=torch.Generator("cpu").manual_seed(0), output_type="latent"))
+
+
+def step_inputs(model: str, height: int, batch: int, device: str = "cuda"):
+    """The preset's denoiser, in its half precision on CUDA (float32 elsewhere), and one step's (args, kwargs)
+    at `height`² pixels: `unet_inputs` at timestep 999, or a DiT's `dit_inputs`, its pipeline's other
+    components left to go."""
+    import torch
+
+    from diffjet.models import half_precision, load_pipeline
+
+    dtype = half_precision(model) if device == "cuda" else torch.float32
+    if component(model) == "unet":
+        unet = load_denoiser(model, dtype, device)
+        sample, states, kwargs = unet_inputs(unet, height, batch, device)
+        return unet, (sample, torch.tensor(999.0, device=device), states), {"return_dict": False, **kwargs}
+    pipe = load_pipeline(model, device=device, dtype=dtype)
+    return pipe.transformer, *dit_inputs(pipe, height, batch)
+
+
+def torch_compiled(denoiser, name: str, mode: str):
+    """`denoiser` as diffusers' speed guide compiles it, the `torch-compile` of `diffjet bench`
+    (diffjet/bench/recipes.py): a UNet channels-last; diffusers' fused QKV projections, a DiT's only where
+    they compute the same attention (Flux's; not SD 3.5's, whose QK norms diffusers' fused processor leaves
+    out); `torch.compile(mode=mode, fullgraph=True)`. The guide's Inductor flags are the variant's."""
+    import torch
+
+    if name == "unet":
+        denoiser.to(memory_format=torch.channels_last)
+    if getattr(denoiser.config, "qk_norm", None) is None:
+        denoiser.fuse_qkv_projections()
+    return torch.compile(denoiser, mode=mode, fullgraph=True)
+
+
+def step_errors(model: str, runner, args: tuple, kwargs: dict) -> dict:
+    """The relative error of `runner`'s step, and of the eager half-precision denoiser's (`prepared`), against
+    the float32 denoiser (TF32 off); the latter's key names the half precision (fp16, or bf16 for a DiT)."""
+    import torch
     from torch.utils._pytree import tree_map
 
-    from diffjet.models import resolve
+    from diffjet.models import half_precision
     from diffjet.quality import relative_error
 
+    half = half_precision(model)
     with torch.no_grad():
-        got = runner(*inputs, return_dict=False, **kwargs)[0].clone()
-        fp16 = prepared_unet(model)(*inputs, return_dict=False, **kwargs)[0]
+        got = runner(*args, **kwargs)[0].clone()
+        eager = prepared(load_denoiser(model, half), component(model))(*args, **kwargs)[0]
         torch.cuda.empty_cache()
-        reference = UNet2DConditionModel.from_pretrained(resolve(model), subfolder="unet").to("cuda").eval()
-        inputs32, kwargs32 = tree_map(lambda v: v.float() if torch.is_tensor(v) and v.is_floating_point() else v,
-                                      (inputs, kwargs))
+        reference = load_denoiser(model, torch.float32)
+        args32, kwargs32 = tree_map(lambda v: v.float() if torch.is_tensor(v) and v.is_floating_point() else v,
+                                    (args, kwargs))
         flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
         try:
-            want = reference(*inputs32, return_dict=False, **kwargs32)[0]
+            want = reference(*args32, **kwargs32)[0]
         finally:
             torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
-    return {"error_vs_fp32": relative_error(got, want), "eager_fp16_error_vs_fp32": relative_error(fp16, want)}
+    half_name = "bf16" if half == torch.bfloat16 else "fp16"
+    return {"error_vs_fp32": relative_error(got, want), f"eager_{half_name}_error_vs_fp32": relative_error(eager, want)}
 
 
 def run_one(model: str, variant: str, batch: int, size: int | None, profile: bool = False,
             error: bool = False) -> dict:
+    import gc
+
     import torch
 
+    from diffjet.compiler import _STEP_ARGS
     from diffjet.models import PRESETS
     from diffjet.passes import kernels as kernel_pass
     from diffjet.runtime.cuda_graph import CudaGraphRunner
 
-    preset = PRESETS[model]
+    name = component(model)
     options = dict(VARIANTS[variant]) if VARIANTS[variant] is not None else None
     cudnn_benchmark = bool(options and options.pop("__cudnn_benchmark", False))
     kernels = options.pop("__kernels", ()) if options else ()
+    if name != "unet":
+        kernels = ()  # as diffjet.compile: a DiT has no GroupNorm or GEGLU blocks for them
     fp8 = options.pop("__fp8", None) if options else None
-    unet = prepared_unet(model, kernels=kernels, fp8=fp8)
-    if kernels:
-        print("kernels placed:", kernel_pass.placements(unet), file=sys.stderr)
-    if options and options.pop("__eager", False):
-        options = None
-    forward = type(unet).forward.__get__(unet)
-    if options is not None:
-        forward = torch.compile(forward, dynamic=False, options=options)
-    runner = CudaGraphRunner(forward, torch.device("cuda"), name="unet", weights=list(unet.parameters()),
-                             tensor_args=(1, "timestep"))
-    height = size or preset.height
-    sample, states, kwargs = unet_inputs(unet, height, batch)
-    t = torch.tensor(999.0, device="cuda")
+    mode = options.pop("__mode", None) if options else None
+    height = size or PRESETS[model].height
+    denoiser, args, kwargs = step_inputs(model, height, batch)
+    gc.collect()  # a DiT's pipeline goes (text encoders, VAE): peak_gib is the step's
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    if mode is not None:
+        for key, value in options.items():
+            setattr(torch._inductor.config, key, value)  # process-wide, as the guide sets them
+        runner = torch_compiled(denoiser, name, mode)
+    else:
+        denoiser = prepared(denoiser, name, kernels=kernels, fp8=fp8)
+        if kernels:
+            print("kernels placed:", kernel_pass.placements(denoiser), file=sys.stderr)
+        if options and options.pop("__eager", False):
+            options = None
+        forward = type(denoiser).forward.__get__(denoiser)
+        if options is not None:
+            forward = torch.compile(forward, dynamic=False, options=options)
+        runner = CudaGraphRunner(forward, torch.device("cuda"), name=name,
+                                 weights=[*denoiser.parameters(), *denoiser.buffers()], tensor_args=_STEP_ARGS[name])
     torch.backends.cudnn.benchmark = cudnn_benchmark
-    start = time.perf_counter()
-    runner(sample, t, states, return_dict=False, **kwargs)
-    torch.cuda.synchronize()
-    first = time.perf_counter() - start
-    for _ in range(10):
-        runner(sample, t, states, return_dict=False, **kwargs)
-    times = []
-    for _ in range(100):
+
+    def step():
+        return runner(*args, **kwargs)
+
+    with torch.no_grad():  # reduce-overhead's graphs replay without autograd's bookkeeping, as in a pipeline
+        start = time.perf_counter()
+        step()
+        torch.cuda.synchronize()
+        first = time.perf_counter() - start
+        for _ in range(10):
+            step()
+        times = []
+        for _ in range(100):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            step()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b))
+        # Back-to-back replays: the GPU time per step with the host running ahead, as in a pipeline.
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
-        runner(sample, t, states, return_dict=False, **kwargs)
+        for _ in range(50):
+            step()
         b.record()
         b.synchronize()
-        times.append(a.elapsed_time(b))
-    # Back-to-back replays: the GPU time per step with the host running ahead, as in a pipeline.
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    for _ in range(50):
-        runner(sample, t, states, return_dict=False, **kwargs)
-    b.record()
-    b.synchronize()
-    result = {
-        "model": model, "variant": variant, "batch": batch, "height": height,
-        "ms": statistics.median(times), "ms_min": min(times), "ms_max": max(times),
-        "ms_pipelined": a.elapsed_time(b) / 50, "first_call_s": first,
-        "captures": runner.stats.captures, "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
-    }
-    if error:
-        result.update(step_errors(model, runner, (sample, t, states), kwargs))
-    if profile:
-        result["profile"] = kernel_profile(lambda: runner(sample, t, states, return_dict=False, **kwargs))
-        with torch.no_grad():
-            flops = flops_by_category(unet, (sample, t, states), dict(return_dict=False, **kwargs))
-        by_cat = result["profile"]["by_category_ms"]
-        result["profile"]["tflop"] = {k: round(v, 4) for k, v in flops.items()}
-        result["profile"]["tflop_per_s"] = {k: round(v / (by_cat[k] / 1000), 1) for k, v in flops.items()
-                                            if by_cat.get(k)}
+        result = {
+            "model": model, "variant": variant, "batch": batch, "height": height,
+            "ms": statistics.median(times), "ms_min": min(times), "ms_max": max(times),
+            "ms_pipelined": a.elapsed_time(b) / 50, "first_call_s": first,
+            "captures": runner.stats.captures if isinstance(runner, CudaGraphRunner) else None,
+            "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+        }
+        if error:
+            result.update(step_errors(model, runner, args, kwargs))
+        if profile:
+            result["profile"] = kernel_profile(step)
+            flops = flops_by_category(denoiser, args, kwargs)
+            by_cat = result["profile"]["by_category_ms"]
+            result["profile"]["tflop"] = {k: round(v, 4) for k, v in flops.items()}
+            result["profile"]["tflop_per_s"] = {k: round(v / (by_cat[k] / 1000), 1) for k, v in flops.items()
+                                                if by_cat.get(k)}
     return result
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--model", default="sd15")
-    parser.add_argument("--variants", default=",".join(VARIANTS))
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--size", type=int)
+    parser.add_argument("--model", default="sd15", help="a preset: a UNet pipeline's (sd15, sdxl, ...) or a "
+                        "DiT's (flux-dev, flux-schnell, sd35-medium; tiny-flux, tiny-sd3 for a quick check)")
+    parser.add_argument("--variants", help="comma-separated (default: all of them for a UNet; for a DiT "
+                        + ",".join(DIT_VARIANTS) + ")")
+    parser.add_argument("--batch", type=int, help="the denoiser's batch (default: one image's, 2 with "
+                        "classifier-free guidance, 1 for Flux)")
+    parser.add_argument("--size", type=int, help="pixels per side (default: the preset's native size)")
     parser.add_argument("--json")
     parser.add_argument("--timeout", type=float, default=300, help="seconds per variant")
     parser.add_argument("--profile", action="store_true", help="kernel time by category and FLOPs")
-    parser.add_argument("--error", action="store_true", help="the step's error against the float32 UNet")
+    parser.add_argument("--error", action="store_true", help="the step's error against the float32 denoiser")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    args.batch = args.batch or default_batch(args.model)
     if args.one:
         print("RESULT " + json.dumps(run_one(args.model, args.one, args.batch, args.size, args.profile, args.error)))
         return
@@ -298,7 +429,8 @@ def main() -> None:
     report = {**environment("cuda"), "command": "python " + " ".join(sys.argv),
               "weights": "random (architecture-exact)", "runs": []}
     results = report["runs"]
-    for variant in args.variants.split(","):
+    variants = args.variants or ",".join(DIT_VARIANTS if component(args.model) == "transformer" else VARIANTS)
+    for variant in variants.split(","):
         cmd = [sys.executable, __file__, "--model", args.model, "--batch", str(args.batch), "--one", variant]
         if args.size:
             cmd += ["--size", str(args.size)]
@@ -307,7 +439,7 @@ def main() -> None:
         if args.error:
             cmd.append("--error")
         try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+            proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=args.timeout)
             lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
             error = proc.stderr.strip().splitlines()[-3:]
         except subprocess.TimeoutExpired:
@@ -318,13 +450,14 @@ def main() -> None:
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(report, f, indent=2)
-    print(f"{'model':6} {'variant':20} {'ms':>7} {'pipelined':>9} {'first s':>8}")
+    print(f"{'model':12} {'variant':20} {'ms':>7} {'pipelined':>9} {'first s':>8}")
     for r in results:
+        half = "bf16" if "eager_bf16_error_vs_fp32" in r else "fp16"
         if "error" in r:
-            print(f"{r['model']:6} {r['variant']:20} failed: {r['error']}")
+            print(f"{r['model']:12} {r['variant']:20} failed: {r['error']}")
         else:
-            print(f"{r['model']:6} {r['variant']:20} {r['ms']:7.2f} {r['ms_pipelined']:9.2f} {r['first_call_s']:8.1f}"
-                  + (f"  error vs fp32 {r['error_vs_fp32']:.4f} (eager fp16 {r['eager_fp16_error_vs_fp32']:.4f})"
+            print(f"{r['model']:12} {r['variant']:20} {r['ms']:7.2f} {r['ms_pipelined']:9.2f} {r['first_call_s']:8.1f}"
+                  + (f"  error vs fp32 {r['error_vs_fp32']:.4f} (eager {half} {r[f'eager_{half}_error_vs_fp32']:.4f})"
                      if "error_vs_fp32" in r else ""))
 
 
