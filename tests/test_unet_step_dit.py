@@ -61,6 +61,7 @@ def test_sd3_batch_is_whole_images_of_two_rows(pipes):
         unet_step.dit_inputs(pipes["tiny-sd3"], 64, 3)
 
 
+@pytest.mark.slow  # a few seconds each: the default run stays within its time
 @pytest.mark.parametrize("name", DITS)
 def test_diffjets_passes_fuse_the_joint_attention_and_keep_the_step(name):
     transformer, args, kwargs = step(name)
@@ -77,6 +78,7 @@ def test_diffjets_passes_fuse_the_joint_attention_and_keep_the_step(name):
     assert relative_error(got, want) < 1e-5
 
 
+@pytest.mark.slow  # a few seconds each: the default run stays within its time
 @pytest.mark.parametrize(("name", "fused"), [("tiny-flux", True), ("tiny-sd3", False)])  # SD 3.5's QK norms
 def test_torch_compile_recipe_fuses_qkv_where_diffusers_fused_attention_is_exact(name, fused):
     transformer, args, kwargs = step(name)
@@ -168,6 +170,7 @@ def test_dit_kernel_names_fall_in_their_categories(kernel, expected):
     assert unet_step.category(kernel) == expected
 
 
+@pytest.mark.slow  # a few seconds each: the default run stays within its time
 @pytest.mark.parametrize("name", DITS)
 def test_flops_count_every_linear_layer_as_gemm_work(name):
     transformer, args, kwargs = step(name)
