@@ -9,7 +9,9 @@ in bfloat16 and saved; a progress bar on stderr), timed; then `diffjet.models.lo
 GPU in bfloat16, timed. Recorded: both times, the process's peak resident memory (`ru_maxrss`) after the
 build and after the load, bytes on disk per component and the free disk space before. The preset stays in
 the cache (`--remove` deletes it), so a `diffjet bench` on the same machine with the same
-`DIFFJET_CACHE_DIR` starts from it instead of building it again; an existing one is rebuilt.
+`DIFFJET_CACHE_DIR` starts from it instead of building it again; an existing one is rebuilt. With `--profile`
+the build runs under cProfile and `build_split_s` says where its time went: filling the random weights,
+writing the safetensors files, hashing them for the manifest.
 
 Needs no GPU for the build; the load goes to CUDA when there is one.
 """
@@ -33,7 +35,21 @@ def _bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
-def run_model(model: str, remove: bool) -> dict:
+#: The functions whose cumulative time `--profile` records, by what they do.
+#: (file, function); the manifest hashes in threads, which cProfile does not see, so its `write` is timed whole.
+_SPLIT = {"fill": ("random_weights.py", "fill_random_weights"), "write": ("", "serialize_file"),
+          "hash": ("manifest.py", "write")}
+
+
+def _split(profile) -> dict:
+    import pstats
+
+    stats = pstats.Stats(profile).stats
+    return {part: round(sum(v[3] for (file, _, fn), v in stats.items() if name in fn and file.endswith(suffix)), 1)
+            for part, (suffix, name) in _SPLIT.items()}
+
+
+def run_model(model: str, remove: bool, profile: bool = False) -> dict:
     import torch
 
     from diffjet.models import build, count_parameters, load_pipeline
@@ -45,8 +61,16 @@ def run_model(model: str, remove: bool) -> dict:
         shutil.rmtree(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     free_before = shutil.disk_usage(target.parent).free
+    profiler = None
+    if profile:
+        import cProfile
+
+        profiler = cProfile.Profile()
     start = time.perf_counter()
-    build(model, target, progress=True)
+    if profiler:
+        profiler.runcall(build, model, target, progress=True)
+    else:
+        build(model, target, progress=True)
     build_s = time.perf_counter() - start
     build_rss = _peak_rss_gib()
     components = {name: _bytes(target / name) for name in ARCHITECTURES[model].models}
@@ -62,6 +86,7 @@ def run_model(model: str, remove: bool) -> dict:
         "model": model,
         "parameters": count_parameters(model),
         "build_s": round(build_s, 1),
+        **({"build_split_s": _split(profiler)} if profiler else {}),
         "load_s": round(load_s, 1),
         "load_device": device,
         "peak_rss_gib_after_build": round(build_rss, 2),
@@ -80,8 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="flux-dev", help="comma-separated full-size DiT presets")
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--remove", action="store_true", help="delete each preset after measuring it")
+    parser.add_argument("--profile", action="store_true", help="where the build's time goes (cProfile)")
     args = parser.parse_args(argv)
-    results = [run_model(m, args.remove) for m in args.model.split(",")]
+    results = [run_model(m, args.remove, args.profile) for m in args.model.split(",")]
     text = json.dumps({"weights": "random (architecture-exact)", "runs": results}, indent=1)
     if args.json:
         Path(args.json).write_text(text + "\n")
