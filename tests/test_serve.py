@@ -231,3 +231,39 @@ def test_the_page_in_headless_chromium_generates_and_shows_the_image(server, ser
     src = re.search(r'<img id="image"[^>]*src="data:image/png;base64,([^"]+)"', dom).group(1)
     shown = pixels(base64.b64encode(base64.b64decode(src)).decode())
     assert np.abs(shown - alone(served_pipe, "a red cube", 3)).max() <= 1
+
+
+@pytest.fixture(scope="module")
+def flux_server(tiny_flux_path):
+    from diffjet.serve.worker import load_served_pipeline
+
+    settings = settings_for(tiny_flux_path, max_batch=2, warm_up=True)
+    with running(settings, None, load=load_served_pipeline) as client:
+        assert client.app.state.service.worker.ready.wait(120)
+        yield client
+
+
+@pytest.mark.parametrize("route, body, param", [
+    (OPENAI, {"prompt": "x", "scheduler": "euler-a"}, "scheduler"),
+    (OPENAI, {"prompt": "x", "scheduler": "dpm++"}, "scheduler"),
+    (A1111, {"prompt": "x", "sampler_name": "Euler a"}, "sampler_name"),
+    (OPENAI, {"prompt": "x", "negative_prompt": "blurry"}, "negative_prompt"),
+], ids=["euler-a", "dpm++", "a1111-euler-a", "negative-prompt"])
+def test_a_flux_server_refuses_what_flux_cannot_do_with_a_400(flux_server, route, body, param):
+    answer = flux_server.post(route, body)
+    assert answer.status == 400 and answer.json["error"]["param"] == param, answer.json
+
+
+def test_a_flux_server_uses_fluxs_own_guidance_and_schedulers_by_default(flux_server):
+    plain = {"prompt": "a lighthouse", "seed": 3}
+    default = flux_server.post(OPENAI, plain)
+    assert default.status == 200
+    assert default.json["diffjet"]["guidance"] == 3.5  # FluxPipeline's default, not SD's 7.5
+    explicit = flux_server.post(OPENAI, {**plain, "guidance_scale": 3.5, "scheduler": "euler"})
+    sd_default = flux_server.post(OPENAI, {**plain, "guidance_scale": 7.5})
+    same = pixels(default.json["data"][0]["b64_json"])
+    assert np.array_equal(same, pixels(explicit.json["data"][0]["b64_json"]))
+    assert not np.array_equal(same, pixels(sd_default.json["data"][0]["b64_json"]))
+    listed = flux_server.get("/v1/models").json["data"][0]["diffjet"]
+    assert listed["schedulers"] == ["default", "euler"] and listed["samplers"] == ["Euler"]
+    assert listed["default_guidance"] == 3.5

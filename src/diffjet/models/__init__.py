@@ -12,7 +12,7 @@ the real CLIP tokenizer, written as a normal diffusers folder and loaded back wi
 
 from diffjet.models.building import build, count_parameters
 from diffjet.models.control_image import control_image, control_inputs
-from diffjet.models.loading import half_precision, load_pipeline, resolve
+from diffjet.models.loading import half_precision, load_pipeline, pipeline_class_name, resolve
 from diffjet.models.presets import PRESETS, Preset, get_preset
 from diffjet.models.random_lora import lora_layers, random_lora
 from diffjet.models.tokenizer import clip_tokenizer
@@ -29,6 +29,7 @@ __all__ = [
     "half_precision",
     "load_pipeline",
     "lora_layers",
+    "pipeline_class_name",
     "random_lora",
     "resolve",
 ]

@@ -33,7 +33,8 @@ PRESET_FORMAT_VERSION = 1
 # The Hub's repo id shape: "owner/name", letters, digits, "-", "_" and ".".
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 
-_DIT_PIPELINES = ("FluxPipeline", "StableDiffusion3Pipeline")
+#: The DiT pipelines diffjet knows: bfloat16, flow matching with their own Euler scheduler.
+DIT_PIPELINES = ("FluxPipeline", "StableDiffusion3Pipeline")
 
 _SAFETENSORS_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
 
@@ -112,13 +113,25 @@ def half_precision(model: str) -> torch.dtype:
     pipelines (a `transformer` in its model_index.json: Flux, SD3, published in bf16, with a T5 encoder that
     overflows in float16), float16 for the others and for hub ids, which are not looked up."""
     if model in PRESETS:
-        return torch.bfloat16 if PRESETS[model].pipeline_class in _DIT_PIPELINES else torch.float16
-    index = pathlib.Path(model).expanduser() / "model_index.json"
+        return torch.bfloat16 if PRESETS[model].pipeline_class in DIT_PIPELINES else torch.float16
+    return torch.bfloat16 if "transformer" in (_model_index(model) or {}) else torch.float16
+
+
+def pipeline_class_name(model: str) -> str | None:
+    """The diffusers pipeline class `model` loads as (a preset's, or a folder's model_index.json `_class_name`),
+    read without loading anything; None for hub ids, which are not looked up."""
+    if model in PRESETS:
+        return PRESETS[model].pipeline_class
+    name = (_model_index(model) or {}).get("_class_name")
+    return name if isinstance(name, str) else None
+
+
+def _model_index(model: str) -> dict | None:
     try:
-        is_dit = "transformer" in json.loads(index.read_text(encoding="utf-8"))
+        index = json.loads((pathlib.Path(model).expanduser() / "model_index.json").read_text(encoding="utf-8"))
     except (OSError, ValueError, TypeError):
-        is_dit = False
-    return torch.bfloat16 if is_dit else torch.float16
+        return None
+    return index if isinstance(index, dict) else None
 
 
 def _load_error(model: str, error: Exception) -> ModelLoadError:

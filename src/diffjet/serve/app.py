@@ -18,7 +18,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
 import hmac
+import inspect
 import io
 import json
 import os
@@ -34,6 +36,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import ConfigError
+from ..models.loading import DIT_PIPELINES, pipeline_class_name
 from .batcher import Batcher, BatchKey, Item, Job, QueueFull
 from .metrics import Metrics
 from .schema import A1111_SAMPLERS, SCHEDULERS, A1111Request, Generation, OpenAIImageRequest
@@ -70,12 +73,20 @@ class Service:
         self.metrics.queue_images.set_function(lambda: self.batcher.waiting)
         self.worker = PipelineWorker(settings, self.batcher, self.metrics, load, on_failure)
         self.started = int(time.time())
+        self._declared_pipeline = pipeline_class_name(settings.model)
 
-    def key(self, g: Generation, fields: tuple[str, str, str]) -> BatchKey:
-        """The batch key of a request, after every check that depends on the server's settings; `fields`
-        names the request's image count, width and height fields in errors."""
+    def pipeline(self) -> str | None:
+        """The served pipeline's class name: the loaded one's, or until it is loaded what the preset or the
+        folder's model_index.json says (None for a hub id)."""
+        pipe = self.worker.pipe
+        return type(pipe).__name__ if pipe is not None else self._declared_pipeline
+
+    def key(self, g: Generation, fields: tuple[str, str, str, str]) -> BatchKey:
+        """The batch key of a request, after every check that depends on the server's settings or model;
+        `fields` names the request's image count, width, height and scheduler fields in errors. A guidance
+        left out is the pipeline's own default (FLUX.1-dev's 3.5, SD 3.5's 7.0, SD's 7.5)."""
         s = self.settings
-        n_field, width_field, height_field = fields
+        n_field, width_field, height_field, scheduler_field = fields
         if g.n > s.max_images:
             raise ApiError(400, f"{n_field}: at most {s.max_images} images per request, got {g.n}", n_field)
         width, height = g.width or s.sizes[0][0], g.height or s.sizes[0][1]
@@ -93,7 +104,15 @@ class Service:
         for name in g.loras:
             if name not in self.worker.loras:
                 raise ApiError(404, f"unknown LoRA {name!r}: GET /v1/models lists the LoRAs served", "lora")
-        return BatchKey(width, height, steps, g.guidance, g.scheduler, bool(g.negative_prompt),
+        pipeline = self.pipeline()
+        if pipeline in DIT_PIPELINES and g.scheduler not in ("default", "euler"):
+            raise ApiError(400, f"{scheduler_field}: {pipeline} runs its own flow-matching Euler scheduler; ask for "
+                           "default or euler", scheduler_field)
+        if pipeline == "FluxPipeline" and g.negative_prompt:
+            raise ApiError(400, "negative_prompt: FluxPipeline ignores a negative prompt without true CFG, which the "
+                           "server does not run (FLUX.1 is guidance-distilled); leave it out", "negative_prompt")
+        guidance = g.guidance if g.guidance is not None else _default_guidance(pipeline)
+        return BatchKey(width, height, steps, guidance, g.scheduler, bool(g.negative_prompt),
                         tuple(sorted(g.loras.items())))
 
     async def generate(self, request: Request, g: Generation, key: BatchKey) -> list[Image]:
@@ -149,6 +168,18 @@ class Service:
         return {"model": s.model_name, "prompt": g.prompt, "negative_prompt": g.negative_prompt or None,
                 "width": key.width, "height": key.height, "steps": key.steps, "guidance": key.guidance,
                 "scheduler": key.scheduler, "lora": dict(key.loras), "compiler": s.compiler, "device": s.device}
+
+
+@functools.cache
+def _default_guidance(pipeline: str | None) -> float | None:
+    """The default `guidance_scale` of diffusers' pipeline class `pipeline` (None when unknown: the pipeline
+    then uses it anyway)."""
+    import diffusers
+
+    call = getattr(getattr(diffusers, pipeline, None), "__call__", None) if pipeline else None
+    parameter = inspect.signature(call).parameters.get("guidance_scale") if call is not None else None
+    default = getattr(parameter, "default", None)
+    return float(default) if isinstance(default, (int, float)) and not isinstance(default, bool) else None
 
 
 async def _disconnected(request: Request) -> None:
@@ -280,13 +311,17 @@ def build_app(settings: ServeSettings, *, load: Callable[[ServeSettings], Any] =
 
     @app.get("/v1/models", dependencies=[Depends(authorized)])
     async def models() -> dict:
+        flow_matching = service.pipeline() in DIT_PIPELINES  # their own Euler only
+        schedulers = [n for n in SCHEDULERS if not flow_matching or n in ("default", "euler")]
         return {"object": "list", "data": [{
             "id": settings.model_name, "object": "model", "created": service.started, "owned_by": "diffjet",
             "diffjet": {"sizes": _sizes(settings), "allow_new_sizes": settings.allow_new_sizes,
                         "max_pixels": settings.max_pixels, "default_steps": settings.default_steps,
+                        "default_guidance": _default_guidance(service.pipeline()),
                         "max_steps": settings.max_steps, "max_images": settings.max_images,
-                        "batch_sizes": settings.warm_batches, "schedulers": list(SCHEDULERS),
-                        "samplers": list(A1111_SAMPLERS), "loras": sorted(service.worker.loras)},
+                        "batch_sizes": settings.warm_batches, "schedulers": schedulers,
+                        "samplers": [n for n, s in A1111_SAMPLERS.items() if s in schedulers],
+                        "loras": sorted(service.worker.loras)},
         }]}
 
     @app.post("/v1/images/generations", dependencies=[Depends(authorized)])
@@ -295,7 +330,7 @@ def build_app(settings: ServeSettings, *, load: Callable[[ServeSettings], Any] =
         if body.model is not None and body.model != settings.model_name:
             raise ApiError(404, f"model {body.model!r} is not served here (GET /v1/models)", "model")
         g = body.generation()
-        key = service.key(g, ("n", "size", "size"))
+        key = service.key(g, ("n", "size", "size", "scheduler"))
         images = await service.generate(request, g, key)
         parameters = service.parameters(g, key)
         encoded = await run_in_threadpool(lambda: [service.png(i, parameters) for i in images])
@@ -310,7 +345,7 @@ def build_app(settings: ServeSettings, *, load: Callable[[ServeSettings], Any] =
     @app.post("/sdapi/v1/txt2img", dependencies=[Depends(authorized)])
     async def a1111_txt2img(body: A1111Request, request: Request) -> dict:
         g = body.generation()
-        key = service.key(g, ("batch_size", "width", "height"))
+        key = service.key(g, ("batch_size", "width", "height", "sampler_name"))
         images = await service.generate(request, g, key)
         parameters = service.parameters(g, key)
         encoded = await run_in_threadpool(lambda: [service.png(i, parameters) for i in images])

@@ -32,7 +32,7 @@ class BatchKey:
     width: int
     height: int
     steps: int
-    guidance: float
+    guidance: float | None  # None: the pipeline's own default
     scheduler: str
     # Whether the images have negative prompts: SDXL encodes a missing one as zeros and an empty one as
     # the text "", so the two never share a call.

@@ -41,7 +41,7 @@ class Generation:
     width: int | None
     height: int | None
     steps: int | None
-    guidance: float
+    guidance: float | None  # None: the pipeline's own default
     scheduler: str
     loras: dict[str, float]
     seed: int
@@ -70,7 +70,7 @@ class OpenAIImageRequest(_Strict):
     user: str | None = Field(None, max_length=256)
     negative_prompt: str | None = Field(None, max_length=MAX_PROMPT_CHARS)
     steps: int | None = Field(None, ge=1)
-    guidance_scale: float = Field(7.5, ge=0, le=50, allow_inf_nan=False)
+    guidance_scale: float | None = Field(None, ge=0, le=50, allow_inf_nan=False, description="default: the model's own")
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     scheduler: Scheduler = "default"
     lora: dict[str, LoraScale] = Field(default_factory=dict, max_length=MAX_LORAS)
@@ -88,7 +88,7 @@ class A1111Request(_Strict):
     prompt: str = Field("", max_length=MAX_PROMPT_CHARS)
     negative_prompt: str = Field("", max_length=MAX_PROMPT_CHARS)
     steps: int | None = Field(None, ge=1)
-    cfg_scale: float = Field(7.0, ge=0, le=50, allow_inf_nan=False)
+    cfg_scale: float | None = Field(None, ge=0, le=50, allow_inf_nan=False, description="default: the model's own")
     width: int | None = Field(None, ge=1)
     height: int | None = Field(None, ge=1)
     seed: int = Field(-1, ge=-1, le=MAX_SEED, description="-1: a random seed")

@@ -179,7 +179,7 @@ class PipelineWorker:
             prompt=prompts,
             negative_prompt=negative,
             num_inference_steps=key.steps,
-            guidance_scale=key.guidance,
+            **({} if key.guidance is None else {"guidance_scale": key.guidance}),
             height=key.height,
             width=key.width,
             generator=generators,
