@@ -589,3 +589,13 @@ def test_serve_and_compile_default_to_the_size_the_models_pipeline_generates(tin
     assert _folder_native_size(str(tiny_sd3_path)) == (64, 64)
     assert _folder_native_size(str(tiny_flux_path)) == (1024, 1024)
     assert _folder_native_size(str(tmp_path)) == (512, 512)
+
+
+def test_bench_refuses_an_sd_scheduler_for_a_flow_matching_model_before_any_variant(tiny_flux_path, capsys,
+                                                                                   monkeypatch):
+    import diffjet.bench
+
+    started = []
+    monkeypatch.setattr(diffjet.bench, "run_bench", lambda *a, **k: started.append(a) or [])
+    code, _, err = run(["bench", "--model", str(tiny_flux_path), "--scheduler", "dpm++", "--device", "cpu"], capsys)
+    assert code == 2 and "--scheduler dpm++" in err and "flow-matching" in err and started == []

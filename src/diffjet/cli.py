@@ -199,12 +199,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
     json_path = _writable_file(args.json, (".json",)) if args.json else None
     plot_path = _writable_file(args.plot, (".png",)) if args.plot else None
 
-    from .models import PRESETS, resolve
+    from .models import PRESETS, pipeline_class_name, resolve
+    from .models.loading import DIT_PIPELINES
 
     # An unknown model fails now, once, not in every worker; folders and hub ids are checked before any
     # preset is built.
     for model in sorted(models, key=lambda m: m in PRESETS):
         resolve(model)
+        if pipeline_class_name(model) in DIT_PIPELINES and args.scheduler not in ("default", "euler"):
+            raise ConfigError(f"--scheduler {args.scheduler}: {model} is a flow-matching pipeline; use euler or default")
     specs = []
     for model in models:
         native_h, native_w = _native_size(model)
@@ -518,7 +521,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     device = _device(args.device)
     model = args.model or _default_model(device)
     settings = _serve_settings(args, device, model)
-    from .models import PRESETS, resolve
+    from .models import PRESETS, pipeline_class_name, resolve
+    from .models.loading import DIT_PIPELINES
     from .serve import server
 
     sock = None if args.ray else server.bind(args.host, args.port)
@@ -538,7 +542,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def _model_native_size(model: str) -> tuple[int, int]:
     """(width, height) of a preset, a diffusers folder or a hub id's images by default."""
-    from .models import PRESETS, resolve
+    from .models import PRESETS, pipeline_class_name, resolve
+    from .models.loading import DIT_PIPELINES
 
     if model in PRESETS:
         height, width = _native_size(model)
