@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -599,3 +600,24 @@ def test_bench_refuses_an_sd_scheduler_for_a_flow_matching_model_before_any_vari
     monkeypatch.setattr(diffjet.bench, "run_bench", lambda *a, **k: started.append(a) or [])
     code, _, err = run(["bench", "--model", str(tiny_flux_path), "--scheduler", "dpm++", "--device", "cpu"], capsys)
     assert code == 2 and "--scheduler dpm++" in err and "flow-matching" in err and started == []
+
+
+def test_generate_refuses_a_negative_prompt_on_flux_before_loading(tmp_path, capsys, no_work):
+    out = tmp_path / "x.png"
+    code, _, err = run(["generate", "--model", "tiny-flux", "--steps", "2", "--device", "cpu",
+                        "--negative-prompt", "blurry", "--out", str(out)], capsys)
+    assert code == 2 and "--negative-prompt: FluxPipeline ignores" in err and no_work == [] and not out.exists()
+
+
+@pytest.mark.slow  # two generations, seconds each
+def test_generate_uses_the_models_own_guidance_by_default(tiny_flux_path, tmp_path, capsys):
+    images = {}
+    for name, extra in (("default", []), ("sd", ["--guidance", "7.5"])):
+        out = tmp_path / f"{name}.png"
+        code, _, _ = run(["generate", "--model", str(tiny_flux_path), "--steps", "2", "--device", "cpu",
+                          "--out", str(out), *extra], capsys)
+        assert code == 0
+        images[name] = Image.open(out)
+    assert json.loads(images["default"].text["parameters"])["guidance"] == 3.5  # FluxPipeline's, not SD's 7.5
+    pixels = {name: np.asarray(image) for name, image in images.items()}
+    assert not np.array_equal(pixels["default"], pixels["sd"])

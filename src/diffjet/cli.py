@@ -118,6 +118,12 @@ def _native_size(model: str) -> tuple[int | None, int | None]:
 
 
 # -- generate ----------------------------------------------------------------------------------
+def _check_negative_prompt(pipeline_class: str | None, negative_prompt: str | None) -> None:
+    if pipeline_class == "FluxPipeline" and negative_prompt:
+        raise ConfigError("--negative-prompt: FluxPipeline ignores a negative prompt without true CFG (FLUX.1 is "
+                          "guidance-distilled); leave it out")
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
@@ -128,17 +134,22 @@ def cmd_generate(args: argparse.Namespace) -> int:
     height = _size("--height", args.height) or native_h
     width = _size("--width", args.width) or native_w
     _seed(args.seed)
-    _finite("--guidance", args.guidance)
+    if args.guidance is not None:
+        _finite("--guidance", args.guidance)
     out = _writable_file(args.out, (".png",))
 
     from PIL.PngImagePlugin import PngInfo
 
     from .bench import recipes
-    from .models import control_inputs, half_precision, load_pipeline
+    from .models import control_inputs, half_precision, load_pipeline, pipeline_class_name
+    from .models.loading import default_guidance
 
+    _check_negative_prompt(pipeline_class_name(model), args.negative_prompt)  # before loading, where known
     dtype = half_precision(model) if device == "cuda" else torch.float32
     pipe = load_pipeline(model, device=device, dtype=dtype)
+    _check_negative_prompt(type(pipe).__name__, args.negative_prompt)
     recipes.set_scheduler(pipe, args.scheduler)
+    guidance = args.guidance if args.guidance is not None else default_guidance(type(pipe).__name__)
     compiler = _fast_or(args)
     applied = recipes.apply(pipe, compiler)
     for option in applied.get("lossy", []):
@@ -150,7 +161,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         num_inference_steps=steps,
         height=height,
         width=width,
-        guidance_scale=args.guidance,
+        **({} if guidance is None else {"guidance_scale": guidance}),
         generator=torch.Generator("cpu").manual_seed(args.seed),
     ).images[0]
 
@@ -162,7 +173,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         "height": image.height,
         "width": image.width,
         "seed": args.seed,
-        "guidance": args.guidance,
+        "guidance": guidance,
         "scheduler": type(pipe.scheduler).__name__,
         "compiler": compiler,
         "device": device,
@@ -596,7 +607,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="generate one image")
     common(gen, 30)
     gen.add_argument("--negative-prompt")
-    gen.add_argument("--guidance", type=float, default=7.5)
+    gen.add_argument("--guidance", type=float, help="default: the model's own (SD 7.5, FLUX.1-dev 3.5, SD 3.5 7.0)")
     gen.add_argument("--scheduler", choices=tuple(SCHEDULERS), default="default", help="default: the model's own")
     gen.add_argument("--out", required=True, help="PNG file to write")
     gen.add_argument("--compiler", choices=COMPILERS, default="diffjet")

@@ -5,6 +5,8 @@ preset and a real checkpoint take the same `DiffusionPipeline.from_pretrained` p
 files no longer match its manifest (`manifest.py`) is rebuilt, with a warning.
 """
 
+import functools
+import inspect
 import json
 import logging
 import os
@@ -124,6 +126,16 @@ def pipeline_class_name(model: str) -> str | None:
         return PRESETS[model].pipeline_class
     name = (_model_index(model) or {}).get("_class_name")
     return name if isinstance(name, str) else None
+
+
+@functools.cache
+def default_guidance(pipeline_class: str | None) -> float | None:
+    """The default `guidance_scale` of diffusers' pipeline class named `pipeline_class` (FLUX.1's 3.5, SD 3.5's
+    7.0, SD's 7.5), None when unknown: a call that leaves guidance out gets it anyway."""
+    call = getattr(getattr(diffusers, pipeline_class, None), "__call__", None) if pipeline_class else None
+    parameter = inspect.signature(call).parameters.get("guidance_scale") if call is not None else None
+    default = getattr(parameter, "default", None)
+    return float(default) if isinstance(default, (int, float)) and not isinstance(default, bool) else None
 
 
 def _model_index(model: str) -> dict | None:

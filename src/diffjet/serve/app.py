@@ -18,9 +18,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import functools
 import hmac
-import inspect
 import io
 import json
 import os
@@ -36,7 +34,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import ConfigError
-from ..models.loading import DIT_PIPELINES, pipeline_class_name
+from ..models.loading import DIT_PIPELINES, default_guidance, pipeline_class_name
 from .batcher import Batcher, BatchKey, Item, Job, QueueFull
 from .metrics import Metrics
 from .schema import A1111_SAMPLERS, SCHEDULERS, A1111Request, Generation, OpenAIImageRequest
@@ -111,7 +109,7 @@ class Service:
         if pipeline == "FluxPipeline" and g.negative_prompt:
             raise ApiError(400, "negative_prompt: FluxPipeline ignores a negative prompt without true CFG, which the "
                            "server does not run (FLUX.1 is guidance-distilled); leave it out", "negative_prompt")
-        guidance = g.guidance if g.guidance is not None else _default_guidance(pipeline)
+        guidance = g.guidance if g.guidance is not None else default_guidance(pipeline)
         return BatchKey(width, height, steps, guidance, g.scheduler, bool(g.negative_prompt),
                         tuple(sorted(g.loras.items())))
 
@@ -168,18 +166,6 @@ class Service:
         return {"model": s.model_name, "prompt": g.prompt, "negative_prompt": g.negative_prompt or None,
                 "width": key.width, "height": key.height, "steps": key.steps, "guidance": key.guidance,
                 "scheduler": key.scheduler, "lora": dict(key.loras), "compiler": s.compiler, "device": s.device}
-
-
-@functools.cache
-def _default_guidance(pipeline: str | None) -> float | None:
-    """The default `guidance_scale` of diffusers' pipeline class `pipeline` (None when unknown: the pipeline
-    then uses it anyway)."""
-    import diffusers
-
-    call = getattr(getattr(diffusers, pipeline, None), "__call__", None) if pipeline else None
-    parameter = inspect.signature(call).parameters.get("guidance_scale") if call is not None else None
-    default = getattr(parameter, "default", None)
-    return float(default) if isinstance(default, (int, float)) and not isinstance(default, bool) else None
 
 
 async def _disconnected(request: Request) -> None:
@@ -317,7 +303,7 @@ def build_app(settings: ServeSettings, *, load: Callable[[ServeSettings], Any] =
             "id": settings.model_name, "object": "model", "created": service.started, "owned_by": "diffjet",
             "diffjet": {"sizes": _sizes(settings), "allow_new_sizes": settings.allow_new_sizes,
                         "max_pixels": settings.max_pixels, "default_steps": settings.default_steps,
-                        "default_guidance": _default_guidance(service.pipeline()),
+                        "default_guidance": default_guidance(service.pipeline()),
                         "max_steps": settings.max_steps, "max_images": settings.max_images,
                         "batch_sizes": settings.warm_batches, "schedulers": schedulers,
                         "samplers": [n for n, s in A1111_SAMPLERS.items() if s in schedulers],
