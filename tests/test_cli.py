@@ -602,11 +602,13 @@ def test_bench_refuses_an_sd_scheduler_for_a_flow_matching_model_before_any_vari
     assert code == 2 and "--scheduler dpm++" in err and "flow-matching" in err and started == []
 
 
-def test_generate_refuses_a_negative_prompt_on_flux_before_loading(tmp_path, capsys, no_work):
+@pytest.mark.parametrize("extra, message", [(["--negative-prompt", "blurry"], "--negative-prompt: FluxPipeline ignores"),
+                                            (["--scheduler", "dpm++"], "--scheduler dpm++: FluxPipeline is a flow-matching")])
+def test_generate_refuses_what_flux_cannot_do_before_loading(tmp_path, capsys, no_work, extra, message):
     out = tmp_path / "x.png"
-    code, _, err = run(["generate", "--model", "tiny-flux", "--steps", "2", "--device", "cpu",
-                        "--negative-prompt", "blurry", "--out", str(out)], capsys)
-    assert code == 2 and "--negative-prompt: FluxPipeline ignores" in err and no_work == [] and not out.exists()
+    code, _, err = run(["generate", "--model", "tiny-flux", "--steps", "2", "--device", "cpu", "--out", str(out),
+                        *extra], capsys)
+    assert code == 2 and message in err and no_work == [] and not out.exists()
 
 
 @pytest.mark.slow  # two generations, seconds each

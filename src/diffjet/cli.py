@@ -118,7 +118,13 @@ def _native_size(model: str) -> tuple[int | None, int | None]:
 
 
 # -- generate ----------------------------------------------------------------------------------
-def _check_negative_prompt(pipeline_class: str | None, negative_prompt: str | None) -> None:
+def _check_for_pipeline(pipeline_class: str | None, scheduler: str, negative_prompt: str | None = None) -> None:
+    """Refuse what a DiT pipeline class cannot do: another scheduler than its flow-matching Euler, and on Flux
+    a negative prompt, which FluxPipeline would ignore."""
+    from .models.loading import DIT_PIPELINES
+
+    if pipeline_class in DIT_PIPELINES and scheduler not in ("default", "euler"):
+        raise ConfigError(f"--scheduler {scheduler}: {pipeline_class} is a flow-matching pipeline; use euler or default")
     if pipeline_class == "FluxPipeline" and negative_prompt:
         raise ConfigError("--negative-prompt: FluxPipeline ignores a negative prompt without true CFG (FLUX.1 is "
                           "guidance-distilled); leave it out")
@@ -144,10 +150,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .models import control_inputs, half_precision, load_pipeline, pipeline_class_name
     from .models.loading import default_guidance
 
-    _check_negative_prompt(pipeline_class_name(model), args.negative_prompt)  # before loading, where known
+    _check_for_pipeline(pipeline_class_name(model), args.scheduler, args.negative_prompt)  # before loading, if known
     dtype = half_precision(model) if device == "cuda" else torch.float32
     pipe = load_pipeline(model, device=device, dtype=dtype)
-    _check_negative_prompt(type(pipe).__name__, args.negative_prompt)
+    _check_for_pipeline(type(pipe).__name__, args.scheduler, args.negative_prompt)
     recipes.set_scheduler(pipe, args.scheduler)
     guidance = args.guidance if args.guidance is not None else default_guidance(type(pipe).__name__)
     compiler = _fast_or(args)
@@ -211,14 +217,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     plot_path = _writable_file(args.plot, (".png",)) if args.plot else None
 
     from .models import PRESETS, pipeline_class_name, resolve
-    from .models.loading import DIT_PIPELINES
 
     # An unknown model fails now, once, not in every worker; folders and hub ids are checked before any
     # preset is built.
     for model in sorted(models, key=lambda m: m in PRESETS):
         resolve(model)
-        if pipeline_class_name(model) in DIT_PIPELINES and args.scheduler not in ("default", "euler"):
-            raise ConfigError(f"--scheduler {args.scheduler}: {model} is a flow-matching pipeline; use euler or default")
+        _check_for_pipeline(pipeline_class_name(model), args.scheduler)
     specs = []
     for model in models:
         native_h, native_w = _native_size(model)
