@@ -119,15 +119,13 @@ def _native_size(model: str) -> tuple[int | None, int | None]:
 
 # -- generate ----------------------------------------------------------------------------------
 def _check_for_pipeline(pipeline_class: str | None, scheduler: str, negative_prompt: str | None = None) -> None:
-    """Refuse what a DiT pipeline class cannot do: another scheduler than its flow-matching Euler, and on Flux
-    a negative prompt, which FluxPipeline would ignore."""
-    from .models.loading import DIT_PIPELINES
+    """`recipes.refused` as one line for the command line."""
+    from .bench.recipes import refused
 
-    if pipeline_class in DIT_PIPELINES and scheduler not in ("default", "euler"):
-        raise ConfigError(f"--scheduler {scheduler}: {pipeline_class} is a flow-matching pipeline; use euler or default")
-    if pipeline_class == "FluxPipeline" and negative_prompt:
-        raise ConfigError("--negative-prompt: FluxPipeline ignores a negative prompt without true CFG (FLUX.1 is "
-                          "guidance-distilled); leave it out")
+    problem = refused(pipeline_class, scheduler, negative_prompt)
+    if problem is not None:
+        field, why = problem
+        raise ConfigError(f"--scheduler {scheduler}: {why}" if field == "scheduler" else f"--negative-prompt: {why}")
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -536,8 +534,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     device = _device(args.device)
     model = args.model or _default_model(device)
     settings = _serve_settings(args, device, model)
-    from .models import PRESETS, pipeline_class_name, resolve
-    from .models.loading import DIT_PIPELINES
+    from .models import PRESETS, resolve
     from .serve import server
 
     sock = None if args.ray else server.bind(args.host, args.port)
@@ -557,8 +554,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def _model_native_size(model: str) -> tuple[int, int]:
     """(width, height) of a preset, a diffusers folder or a hub id's images by default."""
-    from .models import PRESETS, pipeline_class_name, resolve
-    from .models.loading import DIT_PIPELINES
+    from .models import PRESETS, resolve
 
     if model in PRESETS:
         height, width = _native_size(model)

@@ -170,8 +170,9 @@ def _load(pipe: Any, lora: Any, scale: float, adapter_name: str | None, weight_n
         state.base_copy = base_copy
     active = {key for adapter in state.adapters.values() for key in adapter.layers}
     at_base = layers.keys() - active  # weights that hold their base now: merging reads them in place
-    stale = {key: _weight(pipe, key) for key in at_base
-             if key not in state.base or state.written.get(key) != _fingerprint(_weight(pipe, key))}
+    weights = {key: _weight(pipe, key) for key in at_base}
+    stale = {key: weight for key, weight in weights.items()
+             if key not in state.base or state.written.get(key) != _fingerprint(weight)}
     state.base.update(_base_copies(pipe, stale, state.base_copy))
     undo = _registry_undo(state)
     state.adapters[adapter_name] = _Adapter(scale, _to_weight_devices(pipe, layers))

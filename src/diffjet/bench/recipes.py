@@ -50,6 +50,24 @@ SCHEDULERS = {
 }
 
 
+#: The schedulers a flow-matching pipeline (Flux, SD3) takes: its own Euler, by either name.
+FLOW_MATCHING_SCHEDULERS = ("default", "euler")
+
+
+def refused(pipeline_class: str | None, scheduler: str, negative_prompt: str | None = None) -> tuple[str, str] | None:
+    """What a DiT pipeline class (`models.loading.DIT_PIPELINES`) cannot do of what was asked, as (the field,
+    why), or None: another scheduler than its flow-matching Euler; on Flux, a negative prompt, which
+    FluxPipeline ignores unless it runs true CFG (FLUX.1 is guidance-distilled)."""
+    from ..models.loading import DIT_PIPELINES
+
+    if pipeline_class in DIT_PIPELINES and scheduler not in FLOW_MATCHING_SCHEDULERS:
+        return "scheduler", f"{pipeline_class} is a flow-matching pipeline; use euler or default"
+    if pipeline_class == "FluxPipeline" and negative_prompt:
+        return "negative_prompt", ("FluxPipeline ignores a negative prompt without true CFG (FLUX.1 is "
+                                   "guidance-distilled); leave it out")
+    return None
+
+
 def set_scheduler(pipe, name: str) -> None:
     """Swap the pipeline's scheduler for `name` (same config); "default" keeps the model's own.
 
@@ -59,7 +77,7 @@ def set_scheduler(pipe, name: str) -> None:
     "euler" and "default"; the SD schedulers do not apply to them.
     """
     if type(pipe.scheduler).__name__.startswith("FlowMatch"):
-        if name not in ("default", "euler"):
+        if name not in FLOW_MATCHING_SCHEDULERS:
             from ..errors import ConfigError
 
             raise ConfigError(f"--scheduler {name}: {type(pipe).__name__} is a flow-matching pipeline; "

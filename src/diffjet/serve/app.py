@@ -34,6 +34,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import ConfigError
+from ..bench.recipes import FLOW_MATCHING_SCHEDULERS, refused
 from ..models.loading import DIT_PIPELINES, default_guidance, pipeline_class_name
 from .batcher import Batcher, BatchKey, Item, Job, QueueFull
 from .metrics import Metrics
@@ -103,12 +104,10 @@ class Service:
             if name not in self.worker.loras:
                 raise ApiError(404, f"unknown LoRA {name!r}: GET /v1/models lists the LoRAs served", "lora")
         pipeline = self.pipeline()
-        if pipeline in DIT_PIPELINES and g.scheduler not in ("default", "euler"):
-            raise ApiError(400, f"{scheduler_field}: {pipeline} runs its own flow-matching Euler scheduler; ask for "
-                           "default or euler", scheduler_field)
-        if pipeline == "FluxPipeline" and g.negative_prompt:
-            raise ApiError(400, "negative_prompt: FluxPipeline ignores a negative prompt without true CFG, which the "
-                           "server does not run (FLUX.1 is guidance-distilled); leave it out", "negative_prompt")
+        problem = refused(pipeline, g.scheduler, g.negative_prompt)
+        if problem is not None:
+            field = scheduler_field if problem[0] == "scheduler" else problem[0]
+            raise ApiError(400, f"{field}: {problem[1]}", field)
         guidance = g.guidance if g.guidance is not None else default_guidance(pipeline)
         return BatchKey(width, height, steps, guidance, g.scheduler, bool(g.negative_prompt),
                         tuple(sorted(g.loras.items())))
@@ -298,7 +297,7 @@ def build_app(settings: ServeSettings, *, load: Callable[[ServeSettings], Any] =
     @app.get("/v1/models", dependencies=[Depends(authorized)])
     async def models() -> dict:
         flow_matching = service.pipeline() in DIT_PIPELINES  # their own Euler only
-        schedulers = [n for n in SCHEDULERS if not flow_matching or n in ("default", "euler")]
+        schedulers = [n for n in SCHEDULERS if not flow_matching or n in FLOW_MATCHING_SCHEDULERS]
         return {"object": "list", "data": [{
             "id": settings.model_name, "object": "model", "created": service.started, "owned_by": "diffjet",
             "diffjet": {"sizes": _sizes(settings), "allow_new_sizes": settings.allow_new_sizes,
