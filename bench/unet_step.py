@@ -66,8 +66,8 @@ VARIANTS = {
     # diffjet's default with fp8 GEMMs (passes/fp8.py, lossy): where `fp8.pays`, or in every linear/1x1 layer.
     "fp8-rule": {"conv_1x1_as_mm": True, "__kernels": ("group_norm_silu", "geglu"), "__fp8": "rule"},
     "fp8-all": {"conv_1x1_as_mm": True, "__kernels": ("group_norm_silu", "geglu"), "__fp8": "all"},
-    # Diffusers' speed guide in place of diffjet's passes and CudaGraphRunner (`torch_compiled`): its Inductor
-    # flags and torch.compile's reduce-overhead mode (Inductor plus CUDA-graph trees), fullgraph.
+    # Diffusers' speed guide in place of diffjet's passes and CudaGraphRunner (`recipes.compiled_denoiser`): its
+    # Inductor flags and torch.compile's reduce-overhead mode (Inductor plus CUDA-graph trees), fullgraph.
     "torch-compile": {"conv_1x1_as_mm": True, "epilogue_fusion": False, "__mode": "reduce-overhead"},
 }
 #: A DiT's default variants: its step graphed eager and compiled as diffjet compiles it, with fp8, and diffusers'
@@ -277,20 +277,6 @@ def step_inputs(model: str, height: int, batch: int, device: str = "cuda"):
     return pipe.transformer, *dit_inputs(pipe, height, batch)
 
 
-def torch_compiled(denoiser, name: str, mode: str):
-    """`denoiser` as diffusers' speed guide compiles it, the `torch-compile` of `diffjet bench`
-    (diffjet/bench/recipes.py): a UNet channels-last; diffusers' fused QKV projections, a DiT's only where
-    they compute the same attention (Flux's; not SD 3.5's, whose QK norms diffusers' fused processor leaves
-    out); `torch.compile(mode=mode, fullgraph=True)`. The guide's Inductor flags are the variant's."""
-    import torch
-
-    if name == "unet":
-        denoiser.to(memory_format=torch.channels_last)
-    if getattr(denoiser.config, "qk_norm", None) is None:
-        denoiser.fuse_qkv_projections()
-    return torch.compile(denoiser, mode=mode, fullgraph=True)
-
-
 def step_errors(model: str, runner, args: tuple, kwargs: dict) -> dict:
     """The relative error of `runner`'s step, and of the eager half-precision denoiser's (`prepared`), against
     the float32 denoiser (TF32 off); the latter's key names the half precision (fp16, or bf16 for a DiT)."""
@@ -324,6 +310,7 @@ def run_one(model: str, variant: str, batch: int, size: int | None, profile: boo
 
     import torch
 
+    from diffjet.bench import recipes
     from diffjet.compiler import _STEP_ARGS
     from diffjet.models import PRESETS
     from diffjet.passes import kernels as kernel_pass
@@ -345,7 +332,7 @@ def run_one(model: str, variant: str, batch: int, size: int | None, profile: boo
     if mode is not None:
         for key, value in options.items():
             setattr(torch._inductor.config, key, value)  # process-wide, as the guide sets them
-        runner = torch_compiled(denoiser, name, mode)
+        runner = recipes.compiled_denoiser(denoiser, name, mode)[0]
     else:
         denoiser = prepared(denoiser, name, kernels=kernels, fp8=fp8)
         if kernels:

@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from diffjet.bench import recipes
 from diffjet.models import load_pipeline
 
 from .conftest import relative_error
@@ -84,7 +85,8 @@ def test_torch_compile_recipe_fuses_qkv_where_diffusers_fused_attention_is_exact
     transformer, args, kwargs = step(name)
     with torch.no_grad():
         want = transformer(*args, **kwargs)[0]
-    compiled = unet_step.torch_compiled(transformer, "transformer", "reduce-overhead")
+    compiled, fused_qkv = recipes.compiled_denoiser(transformer, "transformer", "reduce-overhead")
+    assert fused_qkv == fused
     assert compiled._orig_mod is transformer
     assert any(getattr(m, "fused_projections", False) for m in transformer.modules()) == fused
     with torch.no_grad():

@@ -143,24 +143,33 @@ def _deepcache(pipe) -> dict[str, Any]:
 def _torch_compile(pipe) -> dict[str, Any]:
     import torch
 
+    from ..quality import denoiser_component
+
     mode = TORCH_COMPILE_MODE if pipe.device.type == "cuda" else "default"
-    transformer = getattr(pipe, "transformer", None)
-    fused_qkv = True
-    if transformer is None:
-        pipe.unet.to(memory_format=torch.channels_last)
-        pipe.fuse_qkv_projections()
-    else:
-        fused_qkv = getattr(transformer.config, "qk_norm", None) is None
-        if fused_qkv:
-            transformer.fuse_qkv_projections()
+    name = denoiser_component(pipe)
+    if name == "unet":
+        pipe.vae.fuse_qkv_projections()  # the guide's `pipe.fuse_qkv_projections()`: the UNet's and the VAE's
     pipe.vae.to(memory_format=torch.channels_last)
     # The guide's flags are process-wide Inductor settings; each variant runs in its own process.
     config = torch._inductor.config
     config.conv_1x1_as_mm = True
     config.epilogue_fusion = False
-    if transformer is None:
-        pipe.unet = torch.compile(pipe.unet, mode=mode, fullgraph=True)
-    else:
-        pipe.transformer = torch.compile(transformer, mode=mode, fullgraph=True)
+    compiled, fused_qkv = compiled_denoiser(getattr(pipe, name), name, mode)
+    setattr(pipe, name, compiled)
     pipe.vae.decode = torch.compile(pipe.vae.decode, mode=mode, fullgraph=True)
     return {"compile_mode": mode, "fused_qkv": fused_qkv}
+
+
+def compiled_denoiser(denoiser, name: str, mode: str) -> tuple[Any, bool]:
+    """The recipe's denoiser (the pipeline's component `name`) and whether its QKV projections were fused: a
+    UNet channels-last; diffusers' fused QKV projections where they compute the same attention (a UNet's,
+    Flux's; not SD 3.5's, whose QK norms diffusers' fused processor leaves out); `torch.compile(mode=mode,
+    fullgraph=True)`."""
+    import torch
+
+    if name == "unet":
+        denoiser.to(memory_format=torch.channels_last)
+    fused_qkv = getattr(denoiser.config, "qk_norm", None) is None
+    if fused_qkv:
+        denoiser.fuse_qkv_projections()
+    return torch.compile(denoiser, mode=mode, fullgraph=True), fused_qkv
