@@ -13,12 +13,19 @@ This measures that path on one shape before diffjet's cache adopts it:
 2. a fresh process loads the UNet and the saved function and calls it: `import_s`, `load_model_s`,
    `load_compiled_s`, `first_call_s` and `start_to_first_step_s` from the process's start; the error
    against the same UNet run eagerly, and whether an in-place weight update (a LoRA merge) is seen.
+
+`--method aoti` measures AOTInductor instead: the step exported (`torch.export`) and compiled into a
+shared library whose weights are not inside it (`package_constants_in_so=False`); the loading process
+hands it the module's own weight tensors (`load_constants(..., user_managed=True)`), so an in-place
+update is still seen and nothing of the weights is copied. Loading it needs no Dynamo, no Inductor
+Python code and no Triton runtime: the question is what that saves of a warm start.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -51,6 +58,25 @@ def step(unet, sample, timestep, states, added_cond_kwargs=None):
     return unet(sample, timestep, states, added_cond_kwargs=added_cond_kwargs, return_dict=False)[0]
 
 
+class _Step(__import__("torch").nn.Module):
+    """The UNet step as a module, for `torch.export` (its weights keep their FQNs under `unet.`)."""
+
+    def __init__(self, unet):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample, timestep, states, added_cond_kwargs=None):
+        return step(self.unet, sample, timestep, states, added_cond_kwargs)
+
+
+def _probe_weights(unet) -> dict:
+    """Two weights an in-place LoRA merge would write: the last Linear's and the output convolution's."""
+    import torch
+
+    linear = [m for m in unet.modules() if isinstance(m, torch.nn.Linear)][-1]
+    return {"linear": linear.weight, "conv_out": unet.conv_out.weight}
+
+
 def _sync():
     import torch
 
@@ -58,10 +84,19 @@ def _sync():
         torch.cuda.synchronize()
 
 
-def save(model: str, device: str, path: str) -> dict:
+def save(model: str, device: str, path: str, method: str = "aot-compile") -> dict:
     import torch
 
     unet, args, kwargs = _unet_and_inputs(model, device)
+    if method == "aoti":
+        start = time.perf_counter()
+        with torch.no_grad():
+            program = torch.export.export(_Step(unet), args, kwargs)
+            exported_s = time.perf_counter() - start
+            torch._inductor.aoti_compile_and_package(program, package_path=path, inductor_configs={
+                "conv_1x1_as_mm": True, "aot_inductor.package_constants_in_so": False})
+        return {"export_s": exported_s, "compile_s": time.perf_counter() - start,
+                "artifact_mb": Path(path).stat().st_size / 2**20}
     if hasattr(torch._dynamo.config, "enable_aot_compile"):  # off by default before torch 2.12
         torch._dynamo.config.enable_aot_compile = True
     compiled = torch.compile(step, fullgraph=True, dynamic=False, options={
@@ -75,7 +110,7 @@ def save(model: str, device: str, path: str) -> dict:
     return {"compile_s": compile_s, "artifact_mb": Path(path).stat().st_size / 2**20}
 
 
-def load(model: str, device: str, path: str, spawned_at: float) -> dict:
+def load(model: str, device: str, path: str, spawned_at: float, method: str = "aot-compile") -> dict:
     import diffusers  # noqa: F401 - imports are timed apart from loading
     import torch
 
@@ -84,8 +119,20 @@ def load(model: str, device: str, path: str, spawned_at: float) -> dict:
     imported = time.time()
     unet, args, kwargs = _unet_and_inputs(model, device)
     loaded_model = time.time()
-    with open(path, "rb") as handle:
-        function = torch.compiler.load_compiled_function(handle)
+    if method == "aoti":
+        runner = torch._inductor.aoti_load_package(path)
+        weights = {f"unet.{name}": t for name, t in [*unet.named_parameters(), *unet.named_buffers()]}
+        missing = sorted(set(runner.get_constant_fqns()) - set(weights))
+        if missing:
+            raise SystemExit(f"the package wants constants the UNet does not have: {missing[:5]}")
+        runner.load_constants({name: weights[name] for name in runner.get_constant_fqns()},
+                              check_full_update=True, user_managed=True)
+
+        def function(unet, *args, **kwargs):
+            return runner(*args, **kwargs)
+    else:
+        with open(path, "rb") as handle:
+            function = torch.compiler.load_compiled_function(handle)
     loaded_function = time.time()
     with torch.no_grad():
         out = function(unet, *args, **kwargs)
@@ -93,8 +140,11 @@ def load(model: str, device: str, path: str, spawned_at: float) -> dict:
         first = time.time()
         reference = step(unet, *args, **kwargs)
         error = ((out.float() - reference.float()).norm() / reference.float().norm()).item()
-        unet.conv_out.weight.mul_(1.5)  # what an in-place LoRA merge does to a weight
-        seen = not torch.equal(function(unet, *args, **kwargs), out)
+        seen = {}
+        for name, weight in _probe_weights(unet).items():  # what an in-place LoRA merge does to a weight
+            before = function(unet, *args, **kwargs).clone()
+            weight.mul_(1.5)
+            seen[name] = not torch.equal(function(unet, *args, **kwargs), before)
         times = []
         for _ in range(20):
             _sync()
@@ -114,16 +164,18 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="sd15")
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    parser.add_argument("--method", default="aot-compile",
+                        help="comma-separated: aot-compile (what diffjet's cache keeps) and/or aoti")
     parser.add_argument("--json")
     parser.add_argument("--phase", choices=("save", "load"), help=argparse.SUPPRESS)
     parser.add_argument("--path", help=argparse.SUPPRESS)
     parser.add_argument("--spawned-at", type=float, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.phase == "save":
-        print("RESULT " + json.dumps(save(args.model, args.device, args.path)))
+        print("RESULT " + json.dumps(save(args.model, args.device, args.path, args.method)))
         return
     if args.phase == "load":
-        print("RESULT " + json.dumps(load(args.model, args.device, args.path, args.spawned_at)))
+        print("RESULT " + json.dumps(load(args.model, args.device, args.path, args.spawned_at, args.method)))
         return
 
     from diffjet.bench import environment
@@ -131,17 +183,22 @@ def main() -> None:
 
     resolve(args.model)  # build the preset before any process is timed
     report = {**environment(args.device), "command": "python " + " ".join(sys.argv), "model": args.model}
-    with tempfile.TemporaryDirectory() as folder:
-        path = str(Path(folder) / "unet-step.pt2")
-        for phase in ("save", "load"):
-            cmd = [sys.executable, __file__, "--model", args.model, "--device", args.device, "--phase", phase,
-                   "--path", path, "--spawned-at", repr(time.time())]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-            if not lines:
-                report[phase] = {"error": proc.stderr.strip().splitlines()[-5:]}
-                break
-            report[phase] = json.loads(lines[-1][7:])
+    for method in args.method.split(","):
+        report[method] = {}
+        with tempfile.TemporaryDirectory() as folder:
+            path = str(Path(folder) / f"unet-step-{method}.pt2")
+            for phase in ("save", "load"):
+                # Each process with Inductor and Triton folders of its own: the loading one finds only the file.
+                env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": f"{folder}/{phase}/inductor",
+                       "TRITON_CACHE_DIR": f"{folder}/{phase}/triton"}
+                cmd = [sys.executable, __file__, "--model", args.model, "--device", args.device, "--phase", phase,
+                       "--method", method, "--path", path, "--spawned-at", repr(time.time())]
+                proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+                lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+                if not lines:
+                    report[method][phase] = {"error": proc.stderr.strip().splitlines()[-8:]}
+                    break
+                report[method][phase] = json.loads(lines[-1][7:])
     print(json.dumps(report, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
