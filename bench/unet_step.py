@@ -66,6 +66,11 @@ VARIANTS = {
     # diffjet's default with fp8 GEMMs (passes/fp8.py, lossy): where `fp8.pays`, or in every linear/1x1 layer.
     "fp8-rule": {"conv_1x1_as_mm": True, "__kernels": ("group_norm_silu", "geglu"), "__fp8": "rule"},
     "fp8-all": {"conv_1x1_as_mm": True, "__kernels": ("group_norm_silu", "geglu"), "__fp8": "all"},
+    # The same with the GEGLU projections' fp8 calls through diffjet's GEGLU kernel on e4m3 inputs (gate fused).
+    "fp8-rule-geglu-fp8": {"conv_1x1_as_mm": True, "__kernels": ("group_norm_silu", "geglu", "geglu_fp8"),
+                           "__fp8": "rule"},
+    "fp8-all-geglu-fp8": {"conv_1x1_as_mm": True, "__kernels": ("group_norm_silu", "geglu", "geglu_fp8"),
+                          "__fp8": "all"},
     # Diffusers' speed guide in place of diffjet's passes and CudaGraphRunner (`recipes.compiled_denoiser`): its
     # Inductor flags and torch.compile's reduce-overhead mode (Inductor plus CUDA-graph trees), fullgraph.
     "torch-compile": {"conv_1x1_as_mm": True, "epilogue_fusion": False, "__mode": "reduce-overhead"},

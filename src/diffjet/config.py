@@ -19,7 +19,7 @@ _COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
 #: `torch.compile` backends: Inductor, and the two that tests use to trace without compiling.
 _BACKENDS = ("inductor", "eager", "aot_eager")
 #: diffjet's Triton kernels (`diffjet/kernels/`) that `Config.kernels` may name.
-KNOWN_KERNELS = ("group_norm_silu", "geglu")
+KNOWN_KERNELS = ("group_norm_silu", "geglu", "geglu_fp8")
 #: The kernels on by default: those measured faster than Inductor's own code on the H100 (docs/kernels.md).
 DEFAULT_KERNELS = ("group_norm_silu", "geglu")
 
@@ -91,7 +91,8 @@ class Config:
             (UNet, transformer), ControlNet and VAE. Text encoders run once per image, so by default they
             get CUDA graphs but no compile time.
         kernels: diffjet's Triton kernels to put in (`passes/kernels.py`): "group_norm_silu" and
-            "geglu" (both by default); `()` for none. Applied on CUDA to
+            "geglu" (both by default), "geglu_fp8" (the GEGLU kernel on the fp8 pass's e4m3 inputs where
+            `fp8` is on; opt-in until measured faster on a GPU); `()` for none. Applied on CUDA to
             half-precision channels-last UNet, ControlNet and VAE only.
         compile_mode: "default" or "max-autotune-no-cudagraphs" (much longer compilation).
         backend: the `torch.compile` backend: "inductor", or "eager" / "aot_eager" (tests: traced, not compiled).

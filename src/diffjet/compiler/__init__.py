@@ -150,7 +150,7 @@ def compile_pipeline(pipe, config: Config) -> CompileReport:
             kernels.apply(module, config)
             placed = kernels.placements(module)
             counts = [f"{placed['resnet_blocks']} resnet blocks"] + (
-                [f"{placed['geglu']} geglu"] if "geglu" in config.kernels else [])
+                [f"{placed['geglu']} geglu"] if {"geglu", "geglu_fp8"} & set(config.kernels) else [])
             applied.append("kernels(" + ",".join(config.kernels) + ": " + ", ".join(counts) + ")")
         target = _graph_target(name, module)
         if name in ("unet", "transformer") and config.step_cache is not None:

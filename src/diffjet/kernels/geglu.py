@@ -16,6 +16,11 @@ that puts it in (`passes/kernels.py`) leaves smaller ones to Inductor.
 
 `geglu` is an opaque `torch.library.custom_op` with a fake implementation, like `group_norm_silu`. On CPU,
 in float32, or for inputs the kernel does not take it runs `reference`, diffusers' own computation.
+
+`geglu_fp8` is the same kernel on e4m3 inputs (`Config.fp8`): x quantized per row and W per output channel
+(`passes/fp8.py`), both scales and the bias applied to the float32 sums before the gate. Unfused, the fp8
+GEMM (`torch._scaled_mm`) writes the double-width projection and Inductor's code reads it back for the gate:
+2 × 84 MB per call at SDXL's 8192 × 5120, which costs about what fp8 saves in the GEMM there.
 """
 
 from __future__ import annotations
@@ -32,12 +37,51 @@ logger = logging.getLogger(__name__)
 #: Tile sizes and launch settings: (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages). BLOCK_N is the
 #: width of each of the two accumulators.
 DEFAULT_BLOCKS = (128, 128, 64, 8, 8, 3)
+#: For e4m3 inputs: BLOCK_K twice as deep, the same 128 bytes of each row per load.
+DEFAULT_BLOCKS_FP8 = (128, 128, 128, 8, 8, 3)
+FP8 = torch.float8_e4m3fn
 
 
 def reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """diffusers' `GEGLU.forward` with `weight` and `bias` as its projection."""
     hidden, gate = F.linear(x, weight, bias).chunk(2, dim=-1)
     return hidden * F.gelu(gate)
+
+
+def reference_fp8(q: torch.Tensor, x_scale: torch.Tensor, weight_fp8: torch.Tensor, weight_scale: torch.Tensor,
+                  bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    """What the fp8 pass computes unfused: the projection `(q · x_scale) @ (W · weight_scale).T + bias` written
+    in `out_dtype` (as `torch._scaled_mm` does), then diffusers' gate in `out_dtype`. q: (..., k) e4m3,
+    x_scale: one float32 per row of q; weight_fp8: (2n, k) e4m3, weight_scale: one float32 per row of W."""
+    q2 = q.reshape(-1, q.shape[-1])
+    acc = (q2.float() @ weight_fp8.float().t()) * x_scale.reshape(-1, 1).float() * weight_scale.reshape(1, -1).float()
+    if bias is not None:
+        acc = acc + bias.float()
+    hidden, gate = acc.to(out_dtype).chunk(2, dim=-1)
+    return (hidden * F.gelu(gate)).view(*q.shape[:-1], weight_fp8.shape[0] // 2)
+
+
+def supported_fp8(q: torch.Tensor, x_scale: torch.Tensor, weight_fp8: torch.Tensor, weight_scale: torch.Tensor,
+                  bias: torch.Tensor | None, out_dtype: torch.dtype) -> bool:
+    """Whether the Triton kernel takes these: e4m3 input and weight, a float32 scale per row of each, a
+    half-precision output (and bias) dtype, and rows that start on 16 bytes, as for `supported`."""
+    rows = q.numel() // q.shape[-1] if q.dim() else 0
+    return (
+        runs_on(q.device)
+        and q.dtype == FP8 and weight_fp8.dtype == FP8
+        and out_dtype in (torch.float16, torch.bfloat16)
+        and (bias is None or bias.dtype == out_dtype)
+        and weight_fp8.dim() == 2
+        and weight_fp8.shape[0] % 2 == 0
+        and q.shape[-1] == weight_fp8.shape[1]
+        and weight_fp8.stride(-1) == 1
+        and x_scale.dtype == torch.float32 and x_scale.numel() == rows and x_scale.is_contiguous()
+        and weight_scale.dtype == torch.float32 and weight_scale.numel() == weight_fp8.shape[0]
+        and weight_scale.is_contiguous()
+        and all(v % 16 == 0 for v in (q.shape[-1], weight_fp8.stride(0)))
+        and weight_fp8.shape[0] // 2 * torch.finfo(out_dtype).bits // 8 % 16 == 0
+        and weight_fp8.data_ptr() % 16 == 0
+    )
 
 
 def supported(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
@@ -62,10 +106,12 @@ def supported(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) 
 if triton is not None:
 
     @triton.jit
-    def _geglu_projection(x_desc, w_desc, b_ptr, y_desc, M, N, K, NUM_PROGRAMS, HAS_BIAS: tl.constexpr,
-                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                          NUM_STAGES: tl.constexpr, EXACT_DOT: tl.constexpr):
-        # x: (M, K); W: (2N, K), rows [0, N) give h and rows [N, 2N) give g; y: (M, N). Tiles come in through
+    def _geglu_projection(x_desc, w_desc, xs_ptr, ws_ptr, b_ptr, y_desc, M, N, K, NUM_PROGRAMS,
+                          HAS_BIAS: tl.constexpr, SCALED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                          BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, NUM_STAGES: tl.constexpr,
+                          EXACT_DOT: tl.constexpr):
+        # x: (M, K); W: (2N, K), rows [0, N) give h and rows [N, 2N) give g; y: (M, N). SCALED: x and W are e4m3,
+        # with float32 scales per row of x (xs) and per row of W (ws) applied to the sums. Tiles come in through
         # tensor descriptors (Hopper's copy engine: out-of-range rows and columns read as zero, stores are
         # clipped). One program per SM walks the output tiles in turn, GROUP_M row tiles down one column
         # before the next, so that x tiles are reused from L2.
@@ -91,6 +137,11 @@ if triton is not None:
                     acc_h = tl.dot(a, b_h, acc_h)
                     acc_g = tl.dot(a, b_g, acc_g)
             cols = off_n + tl.arange(0, BLOCK_N)
+            if SCALED:
+                rows = off_m + tl.arange(0, BLOCK_M)
+                x_scale = tl.load(xs_ptr + rows, mask=rows < M, other=0.0)[:, None]
+                acc_h = acc_h * x_scale * tl.load(ws_ptr + cols, mask=cols < N, other=0.0)[None, :]
+                acc_g = acc_g * x_scale * tl.load(ws_ptr + N + cols, mask=cols < N, other=0.0)[None, :]
             if HAS_BIAS:
                 col_ok = cols < N
                 acc_h += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
@@ -107,10 +158,23 @@ def launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *, 
     """Run the kernel: `h * gelu(g)` of `x @ weight.T + bias` into `out` (new when None), which is returned.
 
     `blocks`: (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages), default `DEFAULT_BLOCKS`."""
+    return _launch(x, weight, bias, None, None, x.dtype, out, blocks or DEFAULT_BLOCKS)
+
+
+def launch_fp8(q: torch.Tensor, x_scale: torch.Tensor, weight_fp8: torch.Tensor, weight_scale: torch.Tensor,
+               bias: torch.Tensor | None, out_dtype: torch.dtype, *, out: torch.Tensor | None = None,
+               blocks: tuple[int, int, int, int, int, int] | None = None) -> torch.Tensor:
+    """Run the kernel on e4m3 inputs (`reference_fp8`'s arguments): `h * gelu(g)` in `out_dtype`.
+
+    `blocks` as for `launch`, default `DEFAULT_BLOCKS_FP8`."""
+    return _launch(q, weight_fp8, bias, x_scale, weight_scale, out_dtype, out, blocks or DEFAULT_BLOCKS_FP8)
+
+
+def _launch(x, weight, bias, x_scale, weight_scale, out_dtype, out, blocks):
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     features = weight.shape[0] // 2
-    y = torch.empty((*x.shape[:-1], features), device=x.device, dtype=x.dtype) if out is None else out
+    y = torch.empty((*x.shape[:-1], features), device=x.device, dtype=out_dtype) if out is None else out
     if x.numel() == 0:
         return y
     x2 = x.reshape(-1, x.shape[-1])
@@ -118,13 +182,15 @@ def launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *, 
         x2 = x2.contiguous()  # rows on 16 bytes, as tensor descriptors need
     y2 = y.view(-1, features)
     m, k = x2.shape
-    block_m, block_n, block_k, group_m, num_warps, num_stages = blocks or DEFAULT_BLOCKS
+    block_m, block_n, block_k, group_m, num_warps, num_stages = blocks
     # One program per SM; the interpreter runs programs one after another, so a few do there.
     programs = min(multiprocessors(x.device) or 4, _tiles(m, features, block_m, block_n))
     _geglu_projection[(programs,)](
         TensorDescriptor.from_tensor(x2, [block_m, block_k]), TensorDescriptor.from_tensor(weight, [block_n, block_k]),
-        weight if bias is None else bias, TensorDescriptor.from_tensor(y2, [block_m, block_n]), m, features, k,
-        NUM_PROGRAMS=programs, HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        y2 if x_scale is None else x_scale, y2 if weight_scale is None else weight_scale,
+        y2 if bias is None else bias, TensorDescriptor.from_tensor(y2, [block_m, block_n]), m, features, k,
+        NUM_PROGRAMS=programs, HAS_BIAS=bias is not None, SCALED=x_scale is not None,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         GROUP_M=group_m, NUM_STAGES=num_stages, EXACT_DOT=INTERPRET, num_warps=num_warps)
     return y
 
@@ -171,3 +237,21 @@ def geglu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> t
 @geglu.register_fake
 def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return x.new_empty((*x.shape[:-1], weight.shape[0] // 2))
+
+
+@torch.library.custom_op("diffjet::geglu_fp8", mutates_args=())
+def geglu_fp8(q: torch.Tensor, x_scale: torch.Tensor, weight_fp8: torch.Tensor, weight_scale: torch.Tensor,
+              bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    """`reference_fp8`'s result; Triton where `supported_fp8`, PyTorch otherwise."""
+    if not supported_fp8(q, x_scale, weight_fp8, weight_scale, bias, out_dtype):
+        warn_fallback(logger, q, ("geglu_fp8", tuple(q.shape), out_dtype, tuple(weight_fp8.shape)),
+                      "geglu_fp8: the Triton kernel does not take %s e4m3 rows to %s with a %s weight; running "
+                      "the slower PyTorch reference", tuple(q.shape), out_dtype, tuple(weight_fp8.shape))
+        return reference_fp8(q, x_scale, weight_fp8, weight_scale, bias, out_dtype)
+    return launch_fp8(q, x_scale, weight_fp8, weight_scale, bias, out_dtype)
+
+
+@geglu_fp8.register_fake
+def _(q: torch.Tensor, x_scale: torch.Tensor, weight_fp8: torch.Tensor, weight_scale: torch.Tensor,
+      bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    return q.new_empty((*q.shape[:-1], weight_fp8.shape[0] // 2), dtype=out_dtype)

@@ -11,8 +11,10 @@ Blocks in another configuration are left alone and counted.
 `geglu` changes the class of every diffusers `GEGLU` (the first half of a transformer block's feed-forward)
 to `FusedGEGLU`, whose projection writes `h * gelu(g)` directly where that pays (large outputs), on GPUs
 the kernel runs on (Hopper on). A projection that the fp8 pass (`passes/fp8.py`, run before this one) made
-an fp8 GEMM keeps that at the calls where fp8 pays; the others take the kernel where it pays. The kernels
-take CUDA half-precision (float16/bfloat16) channels-last activations; the pass is not applied elsewhere.
+an fp8 GEMM keeps that at the calls where fp8 pays; the others take the kernel where it pays. `geglu_fp8`
+(opt-in, with `Config.fp8`) runs those fp8 calls through the same kernel on e4m3 inputs, gate included,
+where the kernel pays. The kernels take CUDA half-precision (float16/bfloat16) channels-last activations;
+the pass is not applied elsewhere.
 """
 
 from __future__ import annotations
@@ -27,9 +29,9 @@ from torch import nn
 
 from ..config import Config
 from ..kernels import geglu as gg
-from ..kernels.geglu import geglu
+from ..kernels.geglu import geglu, geglu_fp8
 from ..kernels.group_norm_silu import group_norm_silu
-from .fp8 import Fp8Linear
+from .fp8 import Fp8Linear, quantize_rows
 
 logger = logging.getLogger(__name__)
 
@@ -94,18 +96,29 @@ class FusedGEGLU(GEGLU):
     """diffusers' `GEGLU` through `diffjet::geglu`: the projection and `h * gelu(g)` in one kernel, reading
     the projection's own parameters at every call (so in-place LoRA merges reach it). Sizes where the kernel
     does not pay on this GPU (`sms`, its SM count: see `kernels.geglu.pays`), calls that the projection
-    computes in fp8 (`Config.fp8`), and a projection that is neither a plain `nn.Linear` nor an `Fp8Linear`
-    (a PEFT LoRA layer, say) run diffusers' forward, which Inductor compiles as before."""
+    computes in fp8 (`Config.fp8`) unless `fp8_kernel` (then `diffjet::geglu_fp8`, on the input quantized
+    per row as the fp8 pass does it), calls in fp16 unless `fp16_kernel`, and a projection that is neither
+    a plain `nn.Linear` nor an `Fp8Linear` (a PEFT LoRA layer, say) run diffusers' forward, which Inductor
+    compiles as before."""
 
     sms: int | None = None
+    fp16_kernel: bool = True
+    fp8_kernel: bool = False
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         rows = hidden_states.numel() // hidden_states.shape[-1]
         proj = self.proj
-        fp16 = type(proj) is nn.Linear or (type(proj) is Fp8Linear and not proj.uses_fp8(rows))
-        if not fp16 or not gg.pays(rows, proj.out_features // 2, self.sms):
+        fp8 = type(proj) is Fp8Linear and proj.uses_fp8(rows)
+        fp16 = type(proj) is nn.Linear or (type(proj) is Fp8Linear and not fp8)
+        kernel = (fp8 and self.fp8_kernel) or (fp16 and self.fp16_kernel)
+        if not kernel or not gg.pays(rows, proj.out_features // 2, self.sms):
             return super().forward(hidden_states, *args, **kwargs)
-        return geglu(hidden_states, proj.weight, proj.bias)
+        if fp16:
+            return geglu(hidden_states, proj.weight, proj.bias)
+        # The quantization stays in Inductor's graph, where it can join the kernel that writes the input.
+        q, scale = quantize_rows(hidden_states.reshape(rows, -1))
+        y = geglu_fp8(q, scale, proj.weight_fp8, proj.weight_scale, proj.bias, hidden_states.dtype)
+        return y.view(*hidden_states.shape[:-1], -1)
 
 
 def _resnet_fits(block: ResnetBlock2D) -> bool:
@@ -130,7 +143,8 @@ def applies(module: nn.Module, config: Config) -> bool:
 def apply(module: nn.Module, config: Config) -> nn.Module:
     """Swap the kernels named in `config.kernels` into `module`'s blocks, in place; idempotent."""
     device = next(module.parameters()).device
-    gegl = [block for block in module.modules() if type(block) is GEGLU] if "geglu" in config.kernels else []
+    named = {"geglu", "geglu_fp8"} & set(config.kernels)
+    gegl = [block for block in module.modules() if type(block) is GEGLU] if named else []
     if gegl and not gg.runs_on(device):
         logger.info("geglu: the kernel needs a Hopper or later GPU; %s's GEGLU blocks stay with Inductor",
                     type(module).__name__)
@@ -138,6 +152,7 @@ def apply(module: nn.Module, config: Config) -> nn.Module:
     for block in gegl:
         block.__class__ = FusedGEGLU
         block.sms = gg.multiprocessors(device)
+        block.fp16_kernel, block.fp8_kernel = "geglu" in named, "geglu_fp8" in named
     if "group_norm_silu" not in config.kernels:
         return module
     for block in list(module.modules()):
