@@ -67,6 +67,19 @@ def test_fp8_op_falls_back_to_its_reference_and_has_a_fake():
         torch.library.opcheck(torch.ops.diffjet.geglu_fp8.default, args, test_utils=("test_faketensor",))
 
 
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_fp8_op_traces_with_the_quantization_in_the_graph(backend):
+    x, bias, q, xs, w8, ws, _ = fp8_inputs(6, 32, 16)
+
+    def f(x):
+        q, scale = fp8.quantize_rows(x * 2)
+        return torch.ops.diffjet.geglu_fp8(q, scale, w8, ws, bias, torch.float16) + 1
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, backend=backend, fullgraph=True)
+    torch.testing.assert_close(compiled(x), f(x), rtol=0, atol=0)
+
+
 def _fp8_block(kernels, seed=0):
     torch.manual_seed(seed)
     block = GEGLU(64, 48).to(DEVICE, torch.float16)
