@@ -158,3 +158,12 @@ def test_fp8_kernel_at_sdxls_shapes_and_under_inductor(shape):
 
     compiled = torch.compile(f, fullgraph=True)
     assert relative_error(compiled(x).float(), unfused.float()) < 1e-3
+
+
+def test_naming_the_fp8_kernel_without_fp8_is_refused():
+    from diffjet.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="geglu_fp8.*fp8 is off"):
+        Config(kernels=("group_norm_silu", "geglu", "geglu_fp8"))
+    assert Config(kernels=("geglu_fp8",), fp8="auto").kernels == ("geglu_fp8",)
+    assert "geglu_fp8" in Config.fast().replace(kernels=("geglu", "geglu_fp8")).kernels

@@ -169,6 +169,9 @@ class Config:
             raise ConfigError(f"graph_memory_gib must be a positive number of GiB or None, got {cap!r}")
         if not (self.fp8 is True or self.fp8 is False or self.fp8 == "auto"):
             raise ConfigError(f"fp8 must be False, True or 'auto', got {self.fp8!r}")
+        if "geglu_fp8" in self.kernels and not self.fp8:
+            raise ConfigError('kernels: "geglu_fp8" runs the fp8 GEGLU projections and fp8 is off; '
+                              'set fp8=True (or "auto") with it, or leave it out')
 
     @property
     def torch_dtype(self) -> torch.dtype | None:
