@@ -549,6 +549,13 @@ def test_cache_commands_refuse_an_unsafe_folder_and_bad_options(tmp_path, capsys
     assert code == 2 and "--max-gib goes with prune" in err
 
 
+@pytest.mark.parametrize("action", ["ls", "verify", "prune"])
+def test_cache_commands_on_a_cache_not_created_yet_say_so_and_create_nothing(tmp_path, capsys, action):
+    code, out, err = run(["cache", action, "--cache", str(tmp_path / "none")], capsys)
+    assert code == 0 and "not created yet, 0 entries" in out and err == ""
+    assert not (tmp_path / "none").exists()
+
+
 @pytest.mark.parametrize("resolutions", [[], ["--resolutions", "64x64,80x48"]], ids=["one-size", "two-sizes"])
 def test_bench_keeps_the_runs_finished_so_far_in_its_json(tmp_path, capsys, monkeypatch, resolutions):
     # A bench stopped part-way (a time limit, a crash in a later variant's worker) keeps what it measured;

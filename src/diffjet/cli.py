@@ -452,10 +452,15 @@ def _gib(size: int) -> str:
 def cmd_cache(args: argparse.Namespace) -> int:
     import datetime as dt
 
-    from .runtime.compile_cache import open_cache
+    from .runtime.compile_cache import default_cache_dir, open_cache
 
     if args.max_gib is not None and (args.action != "prune" or args.max_gib < 0):
         raise ConfigError("--max-gib goes with prune, as a number of GiB (0 or more)")
+    folder = Path(args.cache) if args.cache else default_cache_dir()
+    if not folder.exists():  # nothing compiled with it yet: nothing to list, check or prune
+        print(f"compile cache {folder}: not created yet, 0 entries (`diffjet compile` or a compiled pipeline's "
+              "first call at a new size fills it)")
+        return 0
     # ls and verify read meta.json and hash files; nothing is unpickled, and nothing is written.
     cache = open_cache(args.cache, read_only=args.action != "prune")
     signed = "signed entries only" if cache.key is not None else "unsigned ($DIFFJET_CACHE_KEY not set)"
