@@ -64,6 +64,8 @@ BAD_INPUTS = [
     (["--seed", "99999999999999999999999"], "--seed must be a whole number"),
     (["--seed", "-1"], "--seed must be a whole number"),
     (["--guidance", "nan"], "--guidance must be a finite number"),
+    (["--guidance", "-1"], "--guidance must be from 0 to 50"),
+    (["--guidance", "75"], "--guidance must be from 0 to 50"),
     (["--device", "cuda"], "CUDA"),
 ]
 BAD_MODELS = [(["--model", "no-such-preset"], "no-such-preset"), (["--model", "/nonexistent/folder"], "/nonexistent/folder")]

@@ -131,6 +131,8 @@ def _check_for_pipeline(pipeline_class: str | None, scheduler: str, negative_pro
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
+    from .config import MAX_GUIDANCE
+
     device = _device(args.device)
     model = args.model or _default_model(device)
     steps = _positive("--steps", args.steps)
@@ -138,8 +140,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     height = _size("--height", args.height) or native_h
     width = _size("--width", args.width) or native_w
     _seed(args.seed)
-    if args.guidance is not None:
-        _finite("--guidance", args.guidance)
+    if args.guidance is not None and not 0 <= _finite("--guidance", args.guidance) <= MAX_GUIDANCE:
+        raise ConfigError(f"--guidance must be from 0 to {MAX_GUIDANCE:g} (1 or less turns classifier-free guidance "
+                          f"off), got {args.guidance:g}")
     out = _writable_file(args.out, (".png",))
 
     from PIL.PngImagePlugin import PngInfo

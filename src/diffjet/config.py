@@ -18,6 +18,8 @@ _ATTENTION = ("sdpa-fused-qkv", "keep")
 _COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
 #: `torch.compile` backends: Inductor, and the two that tests use to trace without compiling.
 _BACKENDS = ("inductor", "eager", "aot_eager")
+#: The largest guidance scale `diffjet generate` and the server's APIs take (from 0).
+MAX_GUIDANCE = 50.0
 #: diffjet's Triton kernels (`diffjet/kernels/`) that `Config.kernels` may name.
 KNOWN_KERNELS = ("group_norm_silu", "geglu", "geglu_fp8")
 #: The kernels on by default: those measured faster than Inductor's own code on the H100 (docs/kernels.md).
