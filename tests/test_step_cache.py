@@ -208,6 +208,7 @@ def test_audit_compares_every_reused_step_with_the_full_unet(paths):
 # --- compiled parts -------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # 8 s each: Inductor compiles every part (CI's slow step runs it)
 @pytest.mark.parametrize("settings", [StepCache(interval=3, branch=1), StepCache(interval=3, threshold=0.3)],
                          ids=["uniform", "adaptive"])
 def test_parts_compile_whole_and_never_recompile(paths, settings):
