@@ -71,7 +71,8 @@ class OpenAIImageRequest(_Strict):
     user: str | None = Field(None, max_length=256)
     negative_prompt: str | None = Field(None, max_length=MAX_PROMPT_CHARS)
     steps: int | None = Field(None, ge=1)
-    guidance_scale: float | None = Field(None, ge=0, le=MAX_GUIDANCE, allow_inf_nan=False, description="default: the model's own")
+    guidance_scale: float | None = Field(None, ge=0, le=MAX_GUIDANCE, allow_inf_nan=False,
+                                         description="default: the model's own")
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     scheduler: Scheduler = "default"
     lora: dict[str, LoraScale] = Field(default_factory=dict, max_length=MAX_LORAS)
@@ -89,7 +90,8 @@ class A1111Request(_Strict):
     prompt: str = Field("", max_length=MAX_PROMPT_CHARS)
     negative_prompt: str = Field("", max_length=MAX_PROMPT_CHARS)
     steps: int | None = Field(None, ge=1)
-    cfg_scale: float | None = Field(None, ge=0, le=MAX_GUIDANCE, allow_inf_nan=False, description="default: the model's own")
+    cfg_scale: float | None = Field(None, ge=0, le=MAX_GUIDANCE, allow_inf_nan=False,
+                                    description="default: the model's own")
     width: int | None = Field(None, ge=1)
     height: int | None = Field(None, ge=1)
     seed: int = Field(-1, ge=-1, le=MAX_SEED, description="-1: a random seed")
