@@ -32,9 +32,10 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
 
 def _unet_and_inputs(model: str, device: str):
-    import torch
     from unet_step import prepared_unet  # bench/, the script's own folder
 
     from diffjet.models import PRESETS
@@ -58,7 +59,7 @@ def step(unet, sample, timestep, states, added_cond_kwargs=None):
     return unet(sample, timestep, states, added_cond_kwargs=added_cond_kwargs, return_dict=False)[0]
 
 
-class _Step(__import__("torch").nn.Module):
+class _Step(torch.nn.Module):
     """The UNet step as a module, for `torch.export` (its weights keep their FQNs under `unet.`)."""
 
     def __init__(self, unet):
@@ -71,22 +72,16 @@ class _Step(__import__("torch").nn.Module):
 
 def _probe_weights(unet) -> dict:
     """Two weights an in-place LoRA merge would write: the last Linear's and the output convolution's."""
-    import torch
-
     linear = [m for m in unet.modules() if isinstance(m, torch.nn.Linear)][-1]
     return {"linear": linear.weight, "conv_out": unet.conv_out.weight}
 
 
 def _sync():
-    import torch
-
     if torch.cuda.is_available():
         torch.cuda.synchronize()
 
 
 def save(model: str, device: str, path: str, method: str = "aot-compile") -> dict:
-    import torch
-
     unet, args, kwargs = _unet_and_inputs(model, device)
     if method == "aoti":
         start = time.perf_counter()
@@ -112,8 +107,6 @@ def save(model: str, device: str, path: str, method: str = "aot-compile") -> dic
 
 def load(model: str, device: str, path: str, spawned_at: float, method: str = "aot-compile") -> dict:
     import diffusers  # noqa: F401 - imports are timed apart from loading
-    import torch
-
     import diffjet  # noqa: F401
 
     imported = time.time()
