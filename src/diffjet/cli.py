@@ -465,7 +465,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
               "first call at a new size fills it)")
         return 0
     # ls and verify read meta.json and hash files; nothing is unpickled, and nothing is written.
-    cache = open_cache(args.cache, read_only=args.action != "prune")
+    cache = open_cache(folder, read_only=args.action != "prune")
     signed = "signed entries only" if cache.key is not None else "unsigned ($DIFFJET_CACHE_KEY not set)"
     if args.action == "prune":
         removed = cache.prune(None if args.max_gib is None else int(args.max_gib * 2**30))
