@@ -13,6 +13,7 @@ from diffusers import UNet2DConditionModel
 from diffusers.models.activations import GEGLU
 
 from diffjet import Config
+from diffjet.config import DEFAULT_KERNELS
 from diffjet.kernels import geglu as gg
 from diffjet.passes import fp8
 from diffjet.passes import kernels as kernel_pass
@@ -160,10 +161,16 @@ def test_fp8_kernel_at_sdxls_shapes_and_under_inductor(shape):
     assert relative_error(compiled(x).float(), unfused.float()) < 1e-3
 
 
-def test_naming_the_fp8_kernel_without_fp8_is_refused():
+def test_naming_the_fp8_kernel_without_fp8_is_refused_but_the_default_list_is_not():
     from diffjet.errors import ConfigError
 
     with pytest.raises(ConfigError, match="geglu_fp8.*fp8 is off"):
-        Config(kernels=("group_norm_silu", "geglu", "geglu_fp8"))
+        Config(kernels=("geglu", "geglu_fp8"))
     assert Config(kernels=("geglu_fp8",), fp8="auto").kernels == ("geglu_fp8",)
-    assert "geglu_fp8" in Config.fast().replace(kernels=("geglu", "geglu_fp8")).kernels
+    # On by default: it acts only with fp8, so the lossless default holds it without fp8.
+    assert "geglu_fp8" in Config().kernels and "geglu_fp8" in Config(fp8=True).kernels
+    assert Config(kernels=DEFAULT_KERNELS).kernels == DEFAULT_KERNELS
+    # ... and is named (in the compile report, so in the cache key) only where fp8 is on.
+    assert kernel_pass.acting(Config(), fp8_on=False) == ["group_norm_silu", "geglu"]
+    assert kernel_pass.acting(Config(fp8="auto"), fp8_on=False) == ["group_norm_silu", "geglu"]
+    assert kernel_pass.acting(Config(fp8=True), fp8_on=True) == ["group_norm_silu", "geglu", "geglu_fp8"]

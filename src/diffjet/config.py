@@ -22,8 +22,9 @@ _BACKENDS = ("inductor", "eager", "aot_eager")
 MAX_GUIDANCE = 50.0
 #: diffjet's Triton kernels (`diffjet/kernels/`) that `Config.kernels` may name.
 KNOWN_KERNELS = ("group_norm_silu", "geglu", "geglu_fp8")
-#: The kernels on by default: those measured faster than Inductor's own code on the H100 (docs/kernels.md).
-DEFAULT_KERNELS = ("group_norm_silu", "geglu")
+#: The kernels on by default: those measured faster than Inductor's own code (docs/kernels.md). `geglu_fp8`
+#: acts only where `Config.fp8` is on.
+DEFAULT_KERNELS = ("group_norm_silu", "geglu", "geglu_fp8")
 
 
 @dataclass(frozen=True)
@@ -93,9 +94,9 @@ class Config:
             (UNet, transformer), ControlNet and VAE. Text encoders run once per image, so by default they
             get CUDA graphs but no compile time.
         kernels: diffjet's Triton kernels to put in (`passes/kernels.py`): "group_norm_silu" and
-            "geglu" (both by default), "geglu_fp8" (the GEGLU kernel on the fp8 pass's e4m3 inputs where
-            `fp8` is on; opt-in until measured faster on a GPU); `()` for none. Applied on CUDA to
-            half-precision channels-last UNet, ControlNet and VAE only.
+            "geglu", and "geglu_fp8" (the GEGLU kernel on the fp8 pass's e4m3 inputs; nothing unless `fp8`
+            is on), all three by default; `()` for none. Applied on CUDA to half-precision channels-last
+            UNet, ControlNet and VAE only.
         compile_mode: "default" or "max-autotune-no-cudagraphs" (much longer compilation).
         backend: the `torch.compile` backend: "inductor", or "eager" / "aot_eager" (tests: traced, not compiled).
         cuda_graphs: capture each component call per input signature into a CUDA graph.
@@ -160,6 +161,9 @@ class Config:
         if unknown:
             raise ConfigError(f"kernels: unknown {unknown}; known: {list(KNOWN_KERNELS)}")
         object.__setattr__(self, "kernels", tuple(self.kernels))
+        if "geglu_fp8" in self.kernels and not self.fp8 and self.kernels != DEFAULT_KERNELS:
+            raise ConfigError('kernels: "geglu_fp8" runs the fp8 GEGLU projections and fp8 is off; '
+                              'set fp8=True (or "auto") with it, or leave it out')
         if not isinstance(self.max_graphs, int) or self.max_graphs < 1:
             raise ConfigError(f"max_graphs must be a positive integer, got {self.max_graphs!r}")
         if not isinstance(self.cache, bool) and self.cache != "read-only":
@@ -171,9 +175,6 @@ class Config:
             raise ConfigError(f"graph_memory_gib must be a positive number of GiB or None, got {cap!r}")
         if not (self.fp8 is True or self.fp8 is False or self.fp8 == "auto"):
             raise ConfigError(f"fp8 must be False, True or 'auto', got {self.fp8!r}")
-        if "geglu_fp8" in self.kernels and not self.fp8:
-            raise ConfigError('kernels: "geglu_fp8" runs the fp8 GEGLU projections and fp8 is off; '
-                              'set fp8=True (or "auto") with it, or leave it out')
 
     @property
     def torch_dtype(self) -> torch.dtype | None:

@@ -19,8 +19,8 @@
 - `diffjet-fast`: `Config.fast()`, every lossy option where the device supports it (LOSSY).
 - `diffjet-deepcache`: the default plus the step cache alone, DeepCache's setting (interval 3, branch 0).
 - `diffjet-fp8`: the default plus fp8 GEMMs alone (`Config(fp8=True)`: Ada and Hopper GPUs only).
-- `diffjet-fp8-geglu`: `diffjet-fp8` with the GEGLU projections' fp8 calls through diffjet's GEGLU kernel on
-  e4m3 inputs (`kernels` + "geglu_fp8", opt-in until it measures faster).
+- `diffjet-fp8-no-geglu-fp8`: `diffjet-fp8` without the fp8 GEGLU kernel (the GEGLU projections' fp8 calls
+  as `torch._scaled_mm`, then the gate in Inductor's code), to measure that kernel end to end.
 - `deepcache`: the `DeepCache` package's own helper (same interval and branch) on the eager pipeline.
   On torch.compile its per-step Python state makes Dynamo recompile at every cached step until it
   gives up (DeepCache issue #26), so the package is measured the way it works: eager.
@@ -38,7 +38,7 @@ DIFFJET = {
     "diffjet-fast": lambda: _config(preset="fast"),
     "diffjet-deepcache": lambda: _config(step_cache=_deepcache_setting()),
     "diffjet-fp8": lambda: _config(fp8=True),
-    "diffjet-fp8-geglu": lambda: _config(fp8=True, kernels=("group_norm_silu", "geglu", "geglu_fp8")),
+    "diffjet-fp8-no-geglu-fp8": lambda: _config(fp8=True, kernels=("group_norm_silu", "geglu")),
 }
 COMPILERS = ("eager", "torch-compile", *DIFFJET, "deepcache")
 TORCH_COMPILE_MODE = "reduce-overhead"

@@ -151,7 +151,8 @@ def compile_pipeline(pipe, config: Config) -> CompileReport:
             placed = kernels.placements(module)
             counts = [f"{placed['resnet_blocks']} resnet blocks"] + (
                 [f"{placed['geglu']} geglu"] if {"geglu", "geglu_fp8"} & set(config.kernels) else [])
-            applied.append("kernels(" + ",".join(config.kernels) + ": " + ", ".join(counts) + ")")
+            named = kernels.acting(config, fp8_on=bool(config.fp8) and not fp8_off)
+            applied.append("kernels(" + ",".join(named) + ": " + ", ".join(counts) + ")")
         target = _graph_target(name, module)
         if name in ("unet", "transformer") and config.step_cache is not None:
             report.step_cache = _step_cache(pipe, name, module, config, cache, applied, report)

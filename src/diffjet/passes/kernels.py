@@ -12,8 +12,8 @@ Blocks in another configuration are left alone and counted.
 to `FusedGEGLU`, whose projection writes `h * gelu(g)` directly where that pays (large outputs), on GPUs
 the kernel runs on (Hopper on). A projection that the fp8 pass (`passes/fp8.py`, run before this one) made
 an fp8 GEMM keeps that at the calls where fp8 pays; the others take the kernel where it pays. `geglu_fp8`
-(opt-in, with `Config.fp8`) runs those fp8 calls through the same kernel on e4m3 inputs, gate included,
-where the kernel pays. The kernels take CUDA half-precision (float16/bfloat16) channels-last activations;
+(on by default; it acts only with `Config.fp8`) runs those fp8 calls through the same kernel on e4m3
+inputs, gate included, where the kernel pays. The kernels take CUDA half-precision (float16/bfloat16) channels-last activations;
 the pass is not applied elsewhere.
 """
 
@@ -138,6 +138,12 @@ def applies(module: nn.Module, config: Config) -> bool:
         and parameter.is_cuda
         and parameter.dtype in (torch.float16, torch.bfloat16)
     )
+
+
+def acting(config: Config, fp8_on: bool) -> list[str]:
+    """The kernels of `config` that act on a module, as the compile report (and so the cache key) names
+    them: `geglu_fp8` only where fp8 is on, so that its being on by default leaves lossless keys as they were."""
+    return [k for k in config.kernels if k != "geglu_fp8" or fp8_on]
 
 
 def apply(module: nn.Module, config: Config) -> nn.Module:
