@@ -249,6 +249,21 @@ def test_lru_eviction_under_the_count_and_memory_caps(held, max_graphs, max_byte
     assert lru_victims(held, max_graphs, max_bytes) == victims
 
 
+def test_inputs_that_differ_only_in_layout_share_a_graph_key_but_other_layouts_do_not():
+    from diffjet.runtime.cuda_graph import _leaf_key
+
+    timesteps = torch.tensor(999.0).expand(2)  # as SD 3's pipeline passes them: stride 0
+    assert timesteps.stride() == (0,)
+    assert _leaf_key(timesteps) == _leaf_key(torch.full((2,), 999.0))
+    text = torch.randn(1, 77, 32).expand(2, 77, 32)
+    assert _leaf_key(text) == _leaf_key(text.contiguous())
+    # Dense layouts are kept by the runner's copy, so a graph compiled for one is not used for the other.
+    x = torch.randn(2, 4, 8, 8)
+    assert _leaf_key(x) != _leaf_key(x.to(memory_format=torch.channels_last))
+    assert _leaf_key(x[0, 0]) != _leaf_key(x[0, 0].t())
+    assert _leaf_key(x) != _leaf_key(x.half())
+
+
 def test_compile_rejects_what_is_not_a_pipeline_or_config(pipes):
     _, compiled = pipes
     with pytest.raises(ConfigError):

@@ -39,6 +39,14 @@ def test_one_capture_per_signature_then_replays():
     assert runner.stats.replays == 10 and runner.stats.eager_calls == 0
 
 
+def test_an_expanded_input_and_a_dense_one_of_the_same_shape_share_one_graph():
+    module, runner = make_runner()
+    x = torch.randn(1, 16, device="cuda")
+    for batch in (x.expand(4, 16), x.expand(4, 16).contiguous(), x.repeat(4, 1) * 2):
+        torch.testing.assert_close(runner(batch, 0.5)["out"], module(batch, 0.5)["out"])
+    assert runner.stats.captures == 1 and runner.stats.replays == 3
+
+
 def test_returned_tensors_never_alias_graph_buffers():
     _, runner = make_runner()
     x = torch.randn(4, 16, device="cuda")

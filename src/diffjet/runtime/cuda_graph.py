@@ -129,9 +129,28 @@ def lru_victims(held: list[tuple[Any, int]], max_graphs: int, max_bytes: int | N
     return victims
 
 
+# (shape, strides, device) of an input -> the strides of its copy in a graph's static input.
+_STATIC_STRIDES: dict[tuple, tuple[int, ...]] = {}
+
+
+def _static_strides(leaf: torch.Tensor) -> tuple[int, ...]:
+    """The strides of `torch.empty_like(leaf)`, the runner's copy of it, which is what a graph is captured
+    with. Keying on them rather than on `leaf`'s own strides lets inputs that differ only in how they are
+    laid out share a graph: SD 3's pipeline passes its timesteps expanded (stride 0), a caller who builds
+    them with `torch.full` does not, and each way used to compile and capture a graph of its own."""
+    memo = (tuple(leaf.shape), tuple(leaf.stride()), leaf.device)
+    strides = _STATIC_STRIDES.get(memo)
+    if strides is None:
+        if len(_STATIC_STRIDES) > 4096:
+            _STATIC_STRIDES.clear()
+        # empty_like's rules (dense layouts kept, others made dense) as the device applies them.
+        strides = _STATIC_STRIDES[memo] = tuple(torch.empty_like(leaf).stride())
+    return strides
+
+
 def _leaf_key(leaf: Any) -> Any:
     if isinstance(leaf, torch.Tensor):
-        return ("T", tuple(leaf.shape), tuple(leaf.stride()), leaf.dtype, leaf.device.type)
+        return ("T", tuple(leaf.shape), _static_strides(leaf), leaf.dtype, leaf.device.type)
     if isinstance(leaf, (int, float, bool, str, type(None))):
         return ("V", type(leaf).__name__, leaf)
     # Anything else (a callable, a custom object) is keyed by identity: a new object means a new graph.
