@@ -13,8 +13,8 @@ to `FusedGEGLU`, whose projection writes `h * gelu(g)` directly where that pays 
 the kernel runs on (Hopper on). A projection that the fp8 pass (`passes/fp8.py`, run before this one) made
 an fp8 GEMM keeps that at the calls where fp8 pays; the others take the kernel where it pays. `geglu_fp8`
 (on by default; it acts only with `Config.fp8`) runs those fp8 calls through the same kernel on e4m3
-inputs, gate included, where the kernel pays. The kernels take CUDA half-precision (float16/bfloat16) channels-last activations;
-the pass is not applied elsewhere.
+inputs, gate included, where the kernel pays. The kernels take CUDA half-precision (float16/bfloat16)
+channels-last activations; the pass is not applied elsewhere.
 """
 
 from __future__ import annotations
