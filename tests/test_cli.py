@@ -27,9 +27,9 @@ def run(args, capsys):
 
 def test_generate_is_deterministic_and_carries_its_parameters(tmp_path, capsys):
     first, second = tmp_path / "a.png", tmp_path / "b.png"
-    for out in (first, second):
+    for out, flag in ((first, "--out"), (second, "-o")):
         code, _, _ = run(["generate", *FAST, "--prompt", "a red cube", "--seed", "7", "--compiler", "eager",
-                          "--out", str(out)], capsys)
+                          flag, str(out)], capsys)
         assert code == 0
     assert first.read_bytes() == second.read_bytes()
     image = Image.open(first)

@@ -617,7 +617,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--negative-prompt")
     gen.add_argument("--guidance", type=float, help="default: the model's own (SD 7.5, FLUX.1-dev 3.5, SD 3.5 7.0)")
     gen.add_argument("--scheduler", choices=tuple(SCHEDULERS), default="default", help="default: the model's own")
-    gen.add_argument("--out", required=True, help="PNG file to write")
+    gen.add_argument("--out", "-o", required=True, help="PNG file to write")
     gen.add_argument("--compiler", choices=COMPILERS, default="diffjet")
     gen.add_argument("--fast", action="store_true", help="lossy fast modes where supported (= --compiler "
                      "diffjet-fast): step cache, and fp8 GEMMs on GPUs that have them; `diffjet verify --fast` prints "
