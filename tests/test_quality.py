@@ -38,3 +38,11 @@ def test_unet_output_keeps_the_timestep_dtype_the_pipeline_calls_with():
     out = quality.unet_output(pipe, inputs)
     assert unet.seen == [(torch.float16, torch.float32, torch.float16)]
     assert out.dtype == torch.float32 and out.shape == (2, 4, 8, 8)
+
+
+def test_the_lossy_cost_table_gives_the_median_and_max_of_the_reused_steps():
+    cost = quality.LossyCost(options=["step_cache"], latents_error=0.06, psnr_db=37.0, ssim=0.99,
+                             reused_steps=[(1, 0.4), (2, 0.5)])
+    assert "reused steps: 2, UNet output error vs the full UNet: median 4.500e-01, max 5.000e-01" in cost.table()
+    cost.reused_steps = [(1, 0.1), (2, 0.3), (4, 0.2)]
+    assert "reused steps: 3, UNet output error vs the full UNet: median 2.000e-01, max 3.000e-01" in cost.table()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import gc
 import math
+import statistics
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -64,7 +65,7 @@ class LossyCost:
         if self.reused_steps:
             errors = [e for _, e in self.reused_steps]
             rows.append(f"  reused steps: {len(errors)}, {self.denoiser} output error vs the full {self.denoiser}: "
-                        f"median {sorted(errors)[len(errors) // 2]:.3e}, max {max(errors):.3e}")
+                        f"median {statistics.median(errors):.3e}, max {max(errors):.3e}")
             rows.append("    " + ", ".join(f"step {i}: {e:.2e}" for i, e in self.reused_steps))
         return "\n".join(rows)
 
