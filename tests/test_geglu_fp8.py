@@ -1,5 +1,5 @@
 """diffjet's GEGLU kernel on e4m3 inputs (`geglu_fp8`) against the unfused fp8 computation, and its place in the
-kernel pass (opt-in with `Config(kernels=(..., "geglu_fp8"), fp8=True)`).
+kernel pass (on by default, acting only with `Config(fp8=...)`).
 
 Without a GPU the kernel runs in Triton's interpreter on CPU tensors (conftest sets TRITON_INTERPRET=1). The
 products of e4m3 values are exact in float32, so the kernel and `reference_fp8` differ only in the order of

@@ -149,9 +149,9 @@ def compile_pipeline(pipe, config: Config) -> CompileReport:
         if name in ("unet", "controlnet", "vae") and kernels.applies(module, config):
             kernels.apply(module, config)
             placed = kernels.placements(module)
-            counts = [f"{placed['resnet_blocks']} resnet blocks"] + (
-                [f"{placed['geglu']} geglu"] if {"geglu", "geglu_fp8"} & set(config.kernels) else [])
             named = kernels.acting(config, fp8_on=bool(config.fp8) and not fp8_off)
+            counts = [f"{placed['resnet_blocks']} resnet blocks"] + (
+                [f"{placed['geglu']} geglu"] if {"geglu", "geglu_fp8"} & set(named) else [])
             applied.append("kernels(" + ",".join(named) + ": " + ", ".join(counts) + ")")
         target = _graph_target(name, module)
         if name in ("unet", "transformer") and config.step_cache is not None:
