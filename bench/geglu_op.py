@@ -2,6 +2,7 @@
 
     python bench/geglu_op.py --model sdxl --json geglu-op-sdxl.json
     python bench/geglu_op.py --model sd15 --blocks 128,64,64,8,8,3/128,128,64,8,8,3
+    python bench/geglu_op.py --model sdxl --fp8 --json geglu-fp8-op-sdxl.json
 
 Records the input of every diffusers `GEGLU` in one forward of the preset's UNet (fp16, channels-last,
 fused-QKV SDPA), then times all of those calls replayed from one CUDA graph: Inductor's code for diffusers'
@@ -9,6 +10,12 @@ fused-QKV SDPA), then times all of those calls replayed from one CUDA graph: Ind
 `diffjet::geglu` with each tile setting given, over all calls and over each shape's calls alone. A setting is
 (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages). Each result's error against float32 is printed
 beside the eager half-precision module's.
+
+With `--fp8` the same calls run on e4m3 inputs (`Config.fp8`): each input quantized per row and each weight
+per output channel beforehand (inside a UNet that quantization is fused into the kernel that writes the
+input), then `torch._scaled_mm` alone (the projection without its gate: the floor), the unfused fp8 path
+(`_scaled_mm`, then Inductor's gate) and `diffjet::geglu_fp8` with each tile setting. Errors are against
+the unfused computation in float32 on the same e4m3 values (`geglu.reference_fp8`).
 """
 
 from __future__ import annotations
@@ -23,6 +30,8 @@ from group_norm_op import time_graph  # bench/, the script's own folder
 from unet_step import prepared_unet, unet_inputs
 
 DEFAULT_SETTINGS = "128,128,64,8,8,3/128,128,64,16,8,3/128,128,64,8,8,4/128,64,64,8,4,3"
+FP8_SETTINGS = ("128,128,128,8,8,3/128,128,128,8,8,4/128,128,128,16,8,3/128,64,128,8,4,4/128,64,256,8,4,3/"
+                "64,128,128,8,4,4/128,128,64,8,8,4/256,64,128,8,8,3")
 
 
 def record_calls(model: str):
@@ -47,15 +56,18 @@ def record_calls(model: str):
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="sdxl")
-    parser.add_argument("--blocks", default=DEFAULT_SETTINGS, help="tile settings, '/'-separated")
+    parser.add_argument("--blocks", help="tile settings, '/'-separated (default: a list for each dtype)")
+    parser.add_argument("--fp8", action="store_true", help="e4m3 inputs: diffjet::geglu_fp8 against _scaled_mm")
     parser.add_argument("--json")
     args = parser.parse_args()
+    args.blocks = args.blocks or (FP8_SETTINGS if args.fp8 else DEFAULT_SETTINGS)
 
     from diffjet.bench import environment
     from diffjet.kernels import geglu as gg
 
     calls = record_calls(args.model)
-    shapes = sorted({(tuple(x.shape), tuple(w.shape)) for x, w, _ in calls})
+    call_shapes = [(tuple(x.shape), tuple(w.shape)) for x, w, _ in calls]
+    shapes = sorted(set(call_shapes))
     print(f"{len(calls)} GEGLU calls, shapes {shapes}", file=sys.stderr)
 
     def geglu_forward(x, w, b):  # diffusers' GEGLU.forward
@@ -64,14 +76,22 @@ def main() -> None:
 
     compiled = torch.compile(geglu_forward, dynamic=False)
     with torch.no_grad():
-        references = [gg.reference(x.float(), w.float(), b.float()) for x, w, b in calls]
-        baseline = max(float((geglu_forward(x, w, b).float() - r).norm() / r.norm())
-                       for (x, w, b), r in zip(calls, references))
+        if args.fp8:
+            calls, references, baseline, variants = fp8_calls(calls)
+        else:
+            references = [gg.reference(x.float(), w.float(), b.float()) for x, w, b in calls]
+            baseline = max(float((geglu_forward(x, w, b).float() - r).norm() / r.norm())
+                           for (x, w, b), r in zip(calls, references))
+            variants = [("inductor", compiled)] + [
+                (f"diffjet {setting}", lambda x, w, b, blocks=_blocks(setting): gg.launch(x, w, b, blocks=blocks))
+                for setting in args.blocks.split("/")]
 
-        def max_error(outputs):
-            return max(float((y.float() - r).norm() / r.norm()) for y, r in zip(outputs, references))
+        def max_error(outputs):  # None for the projection alone, which writes both halves
+            if any(y.numel() != r.numel() for y, r in zip(outputs, references)):
+                return None
+            return max(float((y.float().view_as(r) - r).norm() / r.norm()) for y, r in zip(outputs, references))
 
-        by_shape = {shape: [c for c in calls if (tuple(c[0].shape), tuple(c[1].shape)) == shape] for shape in shapes}
+        by_shape = {shape: [c for c, s in zip(calls, call_shapes) if s == shape] for shape in shapes}
 
         def timed(variant, op):
             """Time `op` over all calls (and its error), then over each shape's calls alone."""
@@ -82,23 +102,60 @@ def main() -> None:
                 return {"variant": variant, "error": f"{type(exc).__name__}: {exc}"[:300]}
             return {"variant": variant, "ms": ms, "ms_by_shape": per_shape, "max_error": max_error(outputs)}
 
-        rows = [timed("inductor", compiled)]
-        for setting in args.blocks.split("/"):
-            blocks = tuple(int(v) for v in setting.split(","))
-            rows.append(timed(f"diffjet {setting}", lambda x, w, b, blocks=blocks: gg.launch(x, w, b, blocks=blocks)))
-    print(f"max error of eager fp16: {baseline:.2e}; shapes (calls): "
+        if args.fp8:
+            variants = variants + [
+                (f"diffjet fp8 {setting}", lambda x, w, b, blocks=_blocks(setting): gg.launch_fp8(
+                    *x, *w, b, torch.float16, blocks=blocks))
+                for setting in args.blocks.split("/")]
+        rows = [timed(name, op) for name, op in variants]
+    print(f"max error of {'the unfused fp8 path' if args.fp8 else 'eager fp16'}: {baseline:.2e}; shapes (calls): "
           + ", ".join(f"{s[0]}x{s[1][0]} ({len(g)})" for s, g in by_shape.items()))
     print(f"{'variant':30} {'ms':>7} {'error':>8}  ms by shape")
     for r in rows:
-        print(f"{r['variant']:30} " + (f"{r['ms']:7.3f} {r['max_error']:8.2e}  "
+        error = "" if r.get("max_error") is None else f"{r['max_error']:.2e}"
+        print(f"{r['variant']:30} " + (f"{r['ms']:7.3f} {error:>8}  "
                                        + " ".join(f"{v:7.3f}" for v in r["ms_by_shape"]) if "ms" in r
                                        else r["error"]))
     if args.json:
         report = {**environment("cuda"), "command": "python " + " ".join(sys.argv), "model": args.model,
+                  "inputs": "e4m3, quantized beforehand" if args.fp8 else "float16",
                   "calls": len(calls), "shapes": [list(map(list, s)) for s in shapes],
-                  "eager_fp16_max_error": baseline, "results": rows}
+                  ("unfused_fp8_max_error" if args.fp8 else "eager_fp16_max_error"): baseline, "results": rows}
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)
+
+
+def _blocks(setting: str) -> tuple[int, ...]:
+    return tuple(int(v) for v in setting.split(","))
+
+
+def fp8_calls(calls):
+    """The calls on e4m3 values, as `(q, x_scale), (weight_fp8, weight_scale), bias`, their float32 references
+    (`geglu.reference_fp8`), the unfused fp8 path's largest error, and the two fp8 baselines to time."""
+    from diffjet.kernels import geglu as gg
+    from diffjet.passes.fp8 import quantize_rows
+
+    def quantized(x, w, b):
+        q, x_scale = quantize_rows(x.reshape(-1, x.shape[-1]))
+        w8, w_scale = quantize_rows(w)
+        return (q.view(*x.shape), x_scale.reshape(-1).contiguous()), (w8, w_scale.reshape(-1).contiguous()), b
+
+    def projection(x, w, b):  # the GEMM alone: the floor for any fused kernel
+        q, x_scale = x
+        w8, w_scale = w
+        return torch._scaled_mm(q.reshape(-1, q.shape[-1]), w8.t(), scale_a=x_scale.view(-1, 1),
+                                scale_b=w_scale.view(1, -1), bias=b, out_dtype=torch.float16, use_fast_accum=True)
+
+    def unfused(x, w, b):  # the fp8 pass without the kernel: _scaled_mm, then Inductor's gate
+        hidden, gate = projection(x, w, b).chunk(2, dim=-1)
+        return hidden * F.gelu(gate)
+
+    calls8 = [quantized(x, w, b) for x, w, b in calls]
+    references = [gg.reference_fp8(*x, *w, b.float(), torch.float32) for x, w, b in calls8]
+    compiled = torch.compile(unfused, dynamic=False)
+    baseline = max(float((compiled(x, w, b).float().view_as(r) - r).norm() / r.norm())
+                   for (x, w, b), r in zip(calls8, references))
+    return calls8, references, baseline, [("scaled_mm alone", projection), ("unfused fp8", compiled)]
 
 
 if __name__ == "__main__":

@@ -71,6 +71,13 @@ VARIANTS = {
                            "__fp8": "rule"},
     "fp8-all-geglu-fp8": {"conv_1x1_as_mm": True, "__kernels": ("group_norm_silu", "geglu", "geglu_fp8"),
                           "__fp8": "all"},
+    # The rule with fewer waves of output tiles required (`fp8.MIN_WAVES`): at 3, SDXL's fused QKV projections go
+    # fp8 too (their input is a LayerNorm's output, whose quantization Inductor can fuse into the norm); at 2,
+    # also the 640-wide projections and feed-forward outputs at 64×64.
+    "fp8-waves3-geglu-fp8": {"conv_1x1_as_mm": True, "__kernels": ("group_norm_silu", "geglu", "geglu_fp8"),
+                             "__fp8": "rule", "__fp8_min_waves": 3},
+    "fp8-waves2-geglu-fp8": {"conv_1x1_as_mm": True, "__kernels": ("group_norm_silu", "geglu", "geglu_fp8"),
+                             "__fp8": "rule", "__fp8_min_waves": 2},
     # Diffusers' speed guide in place of diffjet's passes and CudaGraphRunner (`recipes.compiled_denoiser`): its
     # Inductor flags and torch.compile's reduce-overhead mode (Inductor plus CUDA-graph trees), fullgraph.
     "torch-compile": {"conv_1x1_as_mm": True, "epilogue_fusion": False, "__mode": "reduce-overhead"},
@@ -328,6 +335,10 @@ def run_one(model: str, variant: str, batch: int, size: int | None, profile: boo
     if name != "unet":
         kernels = ()  # as diffjet.compile: a DiT has no GroupNorm or GEGLU blocks for them
     fp8 = options.pop("__fp8", None) if options else None
+    if options and "__fp8_min_waves" in options:
+        from diffjet.passes import fp8 as fp8_pass
+
+        fp8_pass.MIN_WAVES = options.pop("__fp8_min_waves")  # read by `fp8.pays` as the step is traced
     mode = options.pop("__mode", None) if options else None
     height = size or PRESETS[model].height
     denoiser, args, kwargs = step_inputs(model, height, batch)
