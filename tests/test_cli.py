@@ -173,6 +173,17 @@ def test_bad_bench_input_is_refused_before_work(capsys, extra, message, no_work)
     assert code == 2 and message in err and err.count("\n") == 1 and no_work == []
 
 
+@pytest.mark.parametrize("command", [["bench", *FAST, "--compiler", "eager,diffjet-fp8"],
+                                     ["verify", *FAST, "--compiler", "diffjet-fp8-no-geglu-fp8"]], ids=["bench", "verify"])
+def test_an_fp8_variant_is_refused_before_work_where_fp8_cannot_run(capsys, command, no_work):
+    """`Config(fp8=True)` fails where the GPU has no fp8 GEMMs: the CLI says so before loading anything (it
+    used to fail each bench row after building its pipeline, with a traceback's last lines)."""
+    code, _, err = run(command, capsys)
+    variant = command[-1].split(",")[-1]
+    assert code == 2 and err.count("\n") == 1 and no_work == []
+    assert f"--compiler {variant}" in err and "compute capability 8.9" in err and "diffjet-fast" in err
+
+
 def test_a_results_file_that_cannot_be_written_after_the_run_is_one_line_after_the_table(tmp_path, capsys, monkeypatch):
     import shutil
 

@@ -106,6 +106,20 @@ def _compilers(text: str) -> list[str]:
     return names
 
 
+def _refuse_fp8_where_it_cannot_run(compilers: Sequence[str], device: str) -> None:
+    """A variant that forces fp8 (`Config(fp8=True)`) fails on a device without fp8 GEMMs: say so before any
+    pipeline is built, in the CLI's terms (`diffjet-fast` asks for fp8 only where the GPU has it)."""
+    import torch
+
+    from .bench import recipes
+    from .passes import fp8
+
+    forced = [c for c in compilers if c in recipes.DIFFJET and recipes.DIFFJET[c]().fp8 is True]
+    reason = fp8.unsupported(torch.device(device)) if forced else None
+    if reason:
+        raise DeviceError(f"--compiler {', '.join(forced)}: {reason}; diffjet-fast uses fp8 only where the GPU has it")
+
+
 def _default_model(device: str) -> str:
     return "sd15" if device == "cuda" else "tiny"
 
@@ -203,6 +217,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     device = _device(args.device)
     models = [m.strip() for m in (args.model or _default_model(device)).split(",") if m.strip()]
     compilers = _compilers(args.compiler)
+    _refuse_fp8_where_it_cannot_run(compilers, device)
     steps = _positive("--steps", args.steps)
     batch = _positive("--batch", args.batch)
     repeats = _positive("--repeats", args.repeats)
@@ -308,6 +323,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from .models import half_precision, load_pipeline
 
     device = _device(args.device)
+    _refuse_fp8_where_it_cannot_run([_fast_or(args)], device)
     model = args.model or _default_model(device)
     steps = _positive("--steps", args.steps if args.steps is not None else (30 if device == "cuda" else 4))
     native_h, native_w = _native_size(model)
