@@ -26,7 +26,6 @@ from .errors import CacheError, ConfigError, DeviceError, DiffjetError, OutputEr
 from .runtime.files import write_atomically
 
 #: The seeds `torch.Generator.manual_seed` takes without a sign: 64 bits.
-MAX_SEED = 2**64 - 1
 
 
 def _write_atomically(target: Path, write) -> None:
@@ -52,6 +51,8 @@ def _size(name: str, value: int | None) -> int | None:
 
 
 def _seed(value: int) -> int:
+    from .config import MAX_SEED
+
     if not 0 <= value <= MAX_SEED:
         raise ConfigError(f"--seed must be a whole number from 0 to {MAX_SEED}, got {value}")
     return value
@@ -685,9 +686,9 @@ def build_parser() -> argparse.ArgumentParser:
                      "on its first request)")
     srv.add_argument("--max-pixels", type=int, default=1536 * 1536, help="cap on width x height")
     srv.add_argument("--lora-dir", help="folder of NAME.safetensors LoRAs that requests may name")
-    srv.add_argument("--lora-base-copy", choices=("host", "device"), default="host",
-                     help="where the copies of the weights a LoRA changes live: pinned host memory, or GPU memory "
-                          "(faster switches, as much GPU memory again as the weights a LoRA touches)")
+    srv.add_argument("--lora-base-copy", default="host",
+                     help="where the copies of the weights a LoRA changes live: host (pinned host memory) or device "
+                          "(GPU memory: faster switches, as much GPU memory again as the weights a LoRA touches)")
     srv.add_argument("--host", default="127.0.0.1", help="address to listen on; another than loopback needs --api-key-file")
     srv.add_argument("--port", type=int, default=8000, help="0: a free port (printed)")
     srv.add_argument("--api-key-file", help="file whose first line is the bearer token requests must send")

@@ -20,6 +20,8 @@ _COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
 _BACKENDS = ("inductor", "eager", "aot_eager")
 #: The largest guidance scale `diffjet generate` and the server's APIs take (from 0).
 MAX_GUIDANCE = 50.0
+#: The largest seed `torch.Generator.manual_seed` takes (seeds are from 0), in the CLI and the server's APIs.
+MAX_SEED = 2**64 - 1
 #: diffjet's Triton kernels (`diffjet/kernels/`) that `Config.kernels` may name.
 KNOWN_KERNELS = ("group_norm_silu", "geglu", "geglu_fp8")
 #: The kernels on by default: those measured faster than Inductor's own code (docs/kernels.md). `geglu_fp8`

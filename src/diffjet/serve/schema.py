@@ -15,10 +15,8 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..bench.recipes import SCHEDULERS
-from ..config import MAX_GUIDANCE
+from ..config import MAX_GUIDANCE, MAX_SEED
 
-#: torch.Generator.manual_seed takes 64-bit seeds; one image of a request for n takes seed + its index.
-MAX_SEED = 2**64 - 1
 MAX_PROMPT_CHARS = 4000
 MAX_LORAS = 8
 Scheduler = Literal[tuple(SCHEDULERS)]  # type: ignore[valid-type]
@@ -49,6 +47,7 @@ class Generation:
 
     @property
     def seeds(self) -> list[int]:
+        """One seed per image: the request's seed plus the image's index, wrapping past `MAX_SEED`."""
         return [(self.seed + i) % (MAX_SEED + 1) for i in range(self.n)]
 
 
