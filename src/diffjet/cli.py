@@ -25,8 +25,6 @@ from .bench.recipes import COMPILERS, DIFFJET, SCHEDULERS
 from .errors import CacheError, ConfigError, DeviceError, DiffjetError, OutputError
 from .runtime.files import write_atomically
 
-#: The seeds `torch.Generator.manual_seed` takes without a sign: 64 bits.
-
 
 def _write_atomically(target: Path, write) -> None:
     """Write an output file; a write that fails after the checks (a full disk, a folder removed meanwhile)
@@ -112,10 +110,9 @@ def _refuse_fp8_where_it_cannot_run(compilers: Sequence[str], device: str) -> No
     pipeline is built, in the CLI's terms (`diffjet-fast` asks for fp8 only where the GPU has it)."""
     import torch
 
-    from .bench import recipes
     from .passes import fp8
 
-    forced = [c for c in compilers if c in recipes.DIFFJET and recipes.DIFFJET[c]().fp8 is True]
+    forced = [c for c in compilers if c in DIFFJET and DIFFJET[c]().fp8 is True]
     reason = fp8.unsupported(torch.device(device)) if forced else None
     if reason:
         raise DeviceError(f"--compiler {', '.join(forced)}: {reason}; diffjet-fast uses fp8 only where the GPU has it")
