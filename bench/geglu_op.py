@@ -15,7 +15,8 @@ With `--fp8` the same calls run on e4m3 inputs (`Config.fp8`): each input quanti
 per output channel beforehand (inside a UNet that quantization is fused into the kernel that writes the
 input), then `torch._scaled_mm` alone (the projection without its gate: the floor), the unfused fp8 path
 (`_scaled_mm`, then Inductor's gate) and `diffjet::geglu_fp8` with each tile setting. Errors are against
-the unfused computation in float32 on the same e4m3 values (`geglu.reference_fp8`).
+the unfused computation in float32 on the same e4m3 values (`geglu.reference_fp8`). `--one-dot` adds the
+experimental layout of `bench/geglu_one_dot.py` (one wide `tl.dot` for both halves).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from group_norm_op import time_graph  # bench/, the script's own folder
 from unet_step import prepared_unet, unet_inputs
 
 DEFAULT_SETTINGS = "128,128,64,8,8,3/128,128,64,16,8,3/128,128,64,8,8,4/128,64,64,8,4,3"
+ONE_DOT_SETTINGS = "128,128,128,8,8,3/128,128,128,8,8,4/128,64,128,8,4,4"
 FP8_SETTINGS = ("128,128,128,8,8,3/128,128,128,8,8,4/128,128,128,16,8,3/128,64,128,8,4,4/128,64,256,8,4,3/"
                 "64,128,128,8,4,4/128,128,64,8,8,4/256,64,128,8,8,3")
 
@@ -58,6 +60,8 @@ def main() -> None:
     parser.add_argument("--model", default="sdxl")
     parser.add_argument("--blocks", help="tile settings, '/'-separated (default: a list for each dtype)")
     parser.add_argument("--fp8", action="store_true", help="e4m3 inputs: diffjet::geglu_fp8 against _scaled_mm")
+    parser.add_argument("--one-dot", default=ONE_DOT_SETTINGS, help="with --fp8: tile settings of the experimental "
+                        "one-dot layout (bench/geglu_one_dot.py), '/'-separated; empty: none")
     parser.add_argument("--json")
     args = parser.parse_args()
     args.blocks = args.blocks or (FP8_SETTINGS if args.fp8 else DEFAULT_SETTINGS)
@@ -106,7 +110,7 @@ def main() -> None:
             variants = variants + [
                 (f"diffjet fp8 {setting}", lambda x, w, b, blocks=_blocks(setting): gg.launch_fp8(
                     *x, *w, b, torch.float16, blocks=blocks))
-                for setting in args.blocks.split("/")]
+                for setting in args.blocks.split("/")] + one_dot_variants(calls, args.one_dot)
         rows = [timed(name, op) for name, op in variants]
     print(f"max error of {'the unfused fp8 path' if args.fp8 else 'eager fp16'}: {baseline:.2e}; shapes (calls): "
           + ", ".join(f"{s[0]}x{s[1][0]} ({len(g)})" for s, g in by_shape.items()))
@@ -127,6 +131,23 @@ def main() -> None:
 
 def _blocks(setting: str) -> tuple[int, ...]:
     return tuple(int(v) for v in setting.split(","))
+
+
+def one_dot_variants(calls8, settings: str) -> list:
+    """bench/geglu_one_dot.py's kernel for each tile setting, on the fp8 calls' weights reordered beforehand."""
+    import geglu_one_dot as one  # bench/, the script's own folder
+
+    variants = []
+    for setting in filter(None, settings.split("/")):
+        blocks = _blocks(setting)
+        reordered = {id(w[0]): tuple(None if t is None else one.interleave(t, blocks[1]) for t in (*w, b))
+                     for _, w, b in calls8}
+
+        def op(x, w, b, blocks=blocks, reordered=reordered):
+            return one.launch(*x, *reordered[id(w[0])], torch.float16, blocks)
+
+        variants.append((f"one-dot fp8 {setting}", op))
+    return variants
 
 
 def fp8_calls(calls):
