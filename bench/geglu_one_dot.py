@@ -7,8 +7,7 @@ BLOCK_N columns from two loads of W. Here the projection's rows are reordered on
 of each BLOCK_N chunk, then the g rows of the same chunk), so that one load of 2·BLOCK_N rows of W and one
 `tl.dot` as wide give both halves, which the epilogue splits. Whether one wide dot keeps Hopper's tensor
 cores busier than two narrow ones is what the bench measures; the GEMM floor is `torch._scaled_mm` alone.
-Same rounding as diffjet's kernel: h and g rounded to the output dtype after scales and bias, gelu(g)
-rounded, the product rounded.
+The tile order and the epilogue's rounding are diffjet's kernel's own (`geglu._tile_offsets`, `geglu._gate`).
 """
 
 from __future__ import annotations
@@ -19,6 +18,9 @@ import torch
 
 from diffjet.kernels import INTERPRET, tl, triton
 from diffjet.kernels.geglu import multiprocessors
+
+if triton is not None:
+    from diffjet.kernels.geglu import _gate, _tile_offsets  # the product kernel's tile order and epilogue
 
 #: (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages); BLOCK_N is each half's width.
 DEFAULT_BLOCKS = (128, 128, 128, 8, 8, 3)
@@ -44,12 +46,8 @@ if triton is not None:
         # per-row scales (ws) and bias in the same order; y: (M, N). Persistent, as diffjet's kernel.
         tiles_m = tl.cdiv(M, BLOCK_M)
         tiles_n = tl.cdiv(N, BLOCK_N)
-        per_group = GROUP_M * tiles_n
         for tile in range(tl.program_id(0), tiles_m * tiles_n, NUM_PROGRAMS):
-            first_m = (tile // per_group) * GROUP_M
-            group_m = tl.minimum(tiles_m - first_m, GROUP_M)
-            off_m = (first_m + (tile % per_group) % group_m) * BLOCK_M
-            off_n = ((tile % per_group) // group_m) * BLOCK_N
+            off_m, off_n = _tile_offsets(tile, tiles_m, tiles_n, GROUP_M, BLOCK_M, BLOCK_N)
             acc = tl.zeros((BLOCK_M, 2 * BLOCK_N), tl.float32)
             for k in tl.range(0, K, BLOCK_K):
                 a = x_desc.load([off_m, k])
@@ -65,11 +63,7 @@ if triton is not None:
             if HAS_BIAS:
                 acc += tl.load(b_ptr + cols).to(tl.float32)[None, :]
             h, g = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N)), (0, 2, 1)))
-            dtype = y_desc.dtype
-            h = h.to(dtype).to(tl.float32)
-            g = g.to(dtype).to(tl.float32)
-            gelu = (0.5 * g * (1.0 + tl.math.erf(g * 0.7071067811865476))).to(dtype).to(tl.float32)
-            y_desc.store([off_m, off_n], (h * gelu).to(dtype))
+            y_desc.store([off_m, off_n], _gate(h, g, y_desc.dtype))
 
 
 def launch(q: torch.Tensor, x_scale: torch.Tensor, weight_fp8: torch.Tensor, weight_scale: torch.Tensor,

@@ -106,6 +106,23 @@ def supported(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) 
 if triton is not None:
 
     @triton.jit
+    def _tile_offsets(tile, tiles_m, tiles_n, GROUP_M: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        # The first row and column of output tile `tile`, walking GROUP_M row tiles down one column before the
+        # next, so that x tiles are reused from L2.
+        per_group = GROUP_M * tiles_n
+        first_m = (tile // per_group) * GROUP_M
+        group_m = tl.minimum(tiles_m - first_m, GROUP_M)
+        return (first_m + (tile % per_group) % group_m) * BLOCK_M, ((tile % per_group) // group_m) * BLOCK_N
+
+    @triton.jit
+    def _gate(acc_h, acc_g, dtype: tl.constexpr):
+        # h * gelu(g) from float32 sums, rounded to `dtype` as the unfused modules round: h and g, gelu(g), the product.
+        h = acc_h.to(dtype).to(tl.float32)
+        g = acc_g.to(dtype).to(tl.float32)
+        gelu = (0.5 * g * (1.0 + tl.math.erf(g * 0.7071067811865476))).to(dtype).to(tl.float32)
+        return (h * gelu).to(dtype)
+
+    @triton.jit
     def _geglu_projection(x_desc, w_desc, xs_ptr, ws_ptr, b_ptr, y_desc, M, N, K, NUM_PROGRAMS,
                           HAS_BIAS: tl.constexpr, SCALED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                           BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, NUM_STAGES: tl.constexpr,
@@ -113,16 +130,11 @@ if triton is not None:
         # x: (M, K); W: (2N, K), rows [0, N) give h and rows [N, 2N) give g; y: (M, N). SCALED: x and W are e4m3,
         # with float32 scales per row of x (xs) and per row of W (ws) applied to the sums. Tiles come in through
         # tensor descriptors (Hopper's copy engine: out-of-range rows and columns read as zero, stores are
-        # clipped). One program per SM walks the output tiles in turn, GROUP_M row tiles down one column
-        # before the next, so that x tiles are reused from L2.
+        # clipped). One program per SM walks the output tiles in turn (`_tile_offsets`).
         tiles_m = tl.cdiv(M, BLOCK_M)
         tiles_n = tl.cdiv(N, BLOCK_N)
-        per_group = GROUP_M * tiles_n
         for tile in range(tl.program_id(0), tiles_m * tiles_n, NUM_PROGRAMS):
-            first_m = (tile // per_group) * GROUP_M
-            group_m = tl.minimum(tiles_m - first_m, GROUP_M)
-            off_m = (first_m + (tile % per_group) % group_m) * BLOCK_M
-            off_n = ((tile % per_group) // group_m) * BLOCK_N
+            off_m, off_n = _tile_offsets(tile, tiles_m, tiles_n, GROUP_M, BLOCK_M, BLOCK_N)
             acc_h = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
             acc_g = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
             for k in tl.range(0, K, BLOCK_K, num_stages=NUM_STAGES):
@@ -146,11 +158,7 @@ if triton is not None:
                 col_ok = cols < N
                 acc_h += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
                 acc_g += tl.load(b_ptr + N + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-            dtype = y_desc.dtype
-            h = acc_h.to(dtype).to(tl.float32)
-            g = acc_g.to(dtype).to(tl.float32)
-            gelu = (0.5 * g * (1.0 + tl.math.erf(g * 0.7071067811865476))).to(dtype).to(tl.float32)
-            y_desc.store([off_m, off_n], (h * gelu).to(dtype))
+            y_desc.store([off_m, off_n], _gate(acc_h, acc_g, y_desc.dtype))
 
 
 def launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *, out: torch.Tensor | None = None,
