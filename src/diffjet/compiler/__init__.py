@@ -96,6 +96,7 @@ def compile_pipeline(pipe, config: Config) -> CompileReport:
     fp8_off = fp8.unsupported(device) if config.fp8 else None
     if fp8_off and config.fp8 is True:
         raise DeviceError(f"{fp8_off}; use Config(fp8='auto') to run fp8 only where it is supported")
+    fp8_on = bool(config.fp8) and not fp8_off
     cache = None
     if on_cuda and config.cache and config.inductor:
         cache = _open_cache(config, report)
@@ -141,7 +142,7 @@ def compile_pipeline(pipe, config: Config) -> CompileReport:
         if config.attention != "keep" and not name.startswith("text_encoder"):
             attention.apply(module, config)
             applied.append("fused_qkv_sdpa")
-        if config.fp8 and not fp8_off and name in ("unet", "controlnet", "transformer"):
+        if fp8_on and name in ("unet", "controlnet", "transformer"):
             fp8.apply(module, config)
             applied.append(fp8.describe(module))
             if "fp8" not in report.lossy:
@@ -149,7 +150,7 @@ def compile_pipeline(pipe, config: Config) -> CompileReport:
         if name in ("unet", "controlnet", "vae") and kernels.applies(module, config):
             kernels.apply(module, config)
             placed = kernels.placements(module)
-            named = kernels.acting(config, fp8_on=bool(config.fp8) and not fp8_off)
+            named = kernels.acting(config, fp8_on=fp8_on)
             counts = [f"{placed['resnet_blocks']} resnet blocks"] + (
                 [f"{placed['geglu']} geglu"] if {"geglu", "geglu_fp8"} & set(named) else [])
             applied.append("kernels(" + ",".join(named) + ": " + ", ".join(counts) + ")")
