@@ -105,6 +105,60 @@ def save(model: str, device: str, path: str, method: str = "aot-compile") -> dic
     return {"compile_s": compile_s, "artifact_mb": Path(path).stat().st_size / 2**20}
 
 
+def _prewarm(device: str) -> float:
+    """Seconds to initialise cuBLAS, cuDNN and SDPA with one tiny half-precision call each: what a pipeline's
+    text encoder has done before its UNet's first call, and part of what a first call pays otherwise."""
+    start = time.perf_counter()
+    x = torch.randn(2, 64, 8, 8, device=device, dtype=torch.float16)
+    torch.nn.functional.conv2d(x, torch.randn(64, 64, 3, 3, device=device, dtype=x.dtype), padding=1)
+    q = torch.randn(2, 8, 64, 64, device=device, dtype=x.dtype)
+    torch.nn.functional.scaled_dot_product_attention(q, q, q) @ q.transpose(-1, -2)
+    _sync()
+    return time.perf_counter() - start
+
+
+def _profiled(call):
+    """`call()` under torch's profiler: its result and the 15 host-side operations and CUDA API calls that took
+    longest (self time), in ms."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        out = call()
+        _sync()
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:15]
+    return out, [{"name": e.key, "calls": e.count, "self_ms": round(e.self_cpu_time_total / 1000, 2)} for e in events]
+
+
+def _error(out: torch.Tensor, reference: torch.Tensor) -> float:
+    return ((out.float() - reference.float()).norm() / reference.float().norm()).item()
+
+
+def _median_ms(call, reps: int = 20) -> float:
+    times = []
+    for _ in range(reps):
+        _sync()
+        begin = time.perf_counter()
+        call()
+        _sync()
+        times.append((time.perf_counter() - begin) * 1000)
+    return sorted(times)[len(times) // 2]
+
+
+def _captured(call):
+    """`call` (already run once) captured in a CUDA graph, as diffjet's runner would hold it: the graph's
+    `replay` and its static output, replayed once."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        call()  # a warm-up on the capture's stream
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = call()
+    graph.replay()
+    return graph.replay, out
+
+
 def load(model: str, device: str, path: str, spawned_at: float, method: str = "aot-compile") -> dict:
     import diffusers  # noqa: F401 - imports are timed apart from loading
     import diffjet  # noqa: F401
@@ -113,12 +167,15 @@ def load(model: str, device: str, path: str, spawned_at: float, method: str = "a
     unet, args, kwargs = _unet_and_inputs(model, device)
     loaded_model = time.time()
     if method.startswith("aoti"):
-        if method == "aoti-direct":
+        if method.startswith("aoti-direct"):
             # The package's C++ loader alone: `aoti_load_package` first checks the CPU's vector instruction
             # sets (`load_pt2` → `get_device_information`), which builds and runs a test program per set.
             from torch.export.pt2_archive._package import AOTICompiledModel
 
-            runner = AOTICompiledModel(torch._C._aoti.AOTIModelPackageLoader(path, "model", False, 1, -1))
+            # Single-threaded runs skip the container's wait for its previous run (`cudaEventSynchronize`),
+            # which a CUDA graph's capture cannot contain.
+            single_threaded = "-graph" in method
+            runner = AOTICompiledModel(torch._C._aoti.AOTIModelPackageLoader(path, "model", single_threaded, 1, -1))
         else:
             runner = torch._inductor.aoti_load_package(path)
         package_loaded = time.time()
@@ -137,30 +194,36 @@ def load(model: str, device: str, path: str, spawned_at: float, method: str = "a
         timings = {}
         with open(path, "rb") as handle:
             function = torch.compiler.load_compiled_function(handle)
+    if "-prewarm" in method:
+        timings["prewarm_s"] = _prewarm(device)
     loaded_function = time.time()
     with torch.no_grad():
-        out = function(unet, *args, **kwargs)
+        if method.endswith("-profiled"):
+            out, timings["first_call_profile"] = _profiled(lambda: function(unet, *args, **kwargs))
+        else:
+            out = function(unet, *args, **kwargs)
         _sync()
         first = time.time()
         reference = step(unet, *args, **kwargs)
-        error = ((out.float() - reference.float()).norm() / reference.float().norm()).item()
+        error = _error(out, reference)
+        if "-graph" in method:
+            replay, graph_out = _captured(lambda: function(unet, *args, **kwargs))
+            timings["graph_error_vs_eager"] = _error(graph_out, reference)
         seen = {}
         for name, weight in _probe_weights(unet).items():  # what an in-place LoRA merge does to a weight
             before = function(unet, *args, **kwargs).clone()
             weight.mul_(1.5)
             seen[name] = not torch.equal(function(unet, *args, **kwargs), before)
-        times = []
-        for _ in range(20):
-            _sync()
-            begin = time.perf_counter()
-            function(unet, *args, **kwargs)
-            _sync()
-            times.append((time.perf_counter() - begin) * 1000)
+        if "-graph" in method:  # the weights changed in place above: a replay must see that too
+            replay()
+            timings["graph_sees_weight_updates"] = _error(graph_out, function(unet, *args, **kwargs)) < 1e-3
+            timings["graph_replay_ms"] = _median_ms(replay)
+        call_ms = _median_ms(lambda: function(unet, *args, **kwargs))
     return {
         "import_s": imported - spawned_at, "load_model_s": loaded_model - imported,
         "load_compiled_s": loaded_function - loaded_model, "first_call_s": first - loaded_function,
         "start_to_first_step_s": first - spawned_at, "error_vs_eager": error,
-        "in_place_weight_update_seen": seen, "call_ms_median": sorted(times)[len(times) // 2], **timings,
+        "in_place_weight_update_seen": seen, "call_ms_median": call_ms, **timings,
     }
 
 
@@ -170,7 +233,12 @@ def main() -> None:
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     parser.add_argument("--method", default="aot-compile",
                         help="comma-separated: aot-compile (what diffjet's cache keeps), aoti (loaded with "
-                             "aoti_load_package) and/or aoti-direct (the same package, loaded by its C++ loader)")
+                             "aoti_load_package), aoti-direct (the same package, loaded by its C++ loader) and/or "
+                             "aoti-direct-prewarm (the same, with cuBLAS, cuDNN and SDPA used once before the "
+                             "first call, as a pipeline's text encoder does: prewarm_s); '-graph' in a method's name "
+                             "also captures the function in a CUDA graph (graph_error_vs_eager, "
+                             "graph_sees_weight_updates, graph_replay_ms); a method ending in -profiled runs "
+                             "its first call under torch's profiler (first_call_profile)")
     parser.add_argument("--json")
     parser.add_argument("--phase", choices=("save", "load"), help=argparse.SUPPRESS)
     parser.add_argument("--path", help=argparse.SUPPRESS)
@@ -191,7 +259,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         for method in args.method.split(","):
             report[method] = {}
-            kind = "aoti" if method.startswith("aoti") else method  # aoti-direct loads aoti's package
+            kind = "aoti" if method.startswith("aoti") else method.removesuffix("-profiled")  # one package
             path = str(Path(folder) / f"unet-step-{kind}.pt2")
             for phase in ("save", "load") if not Path(path).exists() else ("load",):
                 # Each process with Inductor and Triton folders of its own: the loading one finds only the file.

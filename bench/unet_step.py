@@ -69,6 +69,9 @@ VARIANTS = {
     # The same with the GEGLU projections' fp8 calls through diffjet's GEGLU kernel on e4m3 inputs (gate fused).
     "fp8-rule-geglu-fp8": {"conv_1x1_as_mm": True, "__kernels": ("group_norm_silu", "geglu", "geglu_fp8"),
                            "__fp8": "rule"},
+    # The same with the fp8 GEGLU kernel swapped for bench/geglu_one_dot.py's layout (one wide dot for h and g).
+    "fp8-rule-geglu-one-dot": {"conv_1x1_as_mm": True, "__kernels": ("group_norm_silu", "geglu", "geglu_fp8"),
+                               "__fp8": "rule", "__geglu_one_dot": True},
     "fp8-all-geglu-fp8": {"conv_1x1_as_mm": True, "__kernels": ("group_norm_silu", "geglu", "geglu_fp8"),
                           "__fp8": "all"},
     # The rule with fewer waves of output tiles required (`fp8.MIN_WAVES`): at 3, SDXL's fused QKV projections go
@@ -316,6 +319,25 @@ def step_errors(model: str, runner, args: tuple, kwargs: dict) -> dict:
     return {"error_vs_fp32": relative_error(got, want), f"eager_{half_name}_error_vs_fp32": relative_error(eager, want)}
 
 
+def _use_one_dot_geglu() -> None:
+    """Make `diffjet::geglu_fp8` run bench/geglu_one_dot.py's kernel: each weight, its scales and its bias are
+    reordered at their first call (the runner's warm-up, before capture) and kept."""
+    import geglu_one_dot as one  # bench/, the script's own folder
+
+    from diffjet.kernels import geglu as gg
+
+    reordered = {}
+
+    def launch_fp8(q, x_scale, weight_fp8, weight_scale, bias, out_dtype, *, out=None, blocks=None):
+        key = (weight_fp8.data_ptr(), weight_scale.data_ptr())
+        if key not in reordered:
+            reordered[key] = tuple(None if t is None else one.interleave(t, one.DEFAULT_BLOCKS[1])
+                                   for t in (weight_fp8, weight_scale.reshape(-1), bias))
+        return one.launch(q, x_scale, *reordered[key], out_dtype)
+
+    gg.launch_fp8 = launch_fp8  # what the op calls where the kernel takes its inputs
+
+
 def run_one(model: str, variant: str, batch: int, size: int | None, profile: bool = False,
             error: bool = False) -> dict:
     import gc
@@ -339,6 +361,8 @@ def run_one(model: str, variant: str, batch: int, size: int | None, profile: boo
         from diffjet.passes import fp8 as fp8_pass
 
         fp8_pass.MIN_WAVES = options.pop("__fp8_min_waves")  # read by `fp8.pays` as the step is traced
+    if options and options.pop("__geglu_one_dot", False):
+        _use_one_dot_geglu()
     mode = options.pop("__mode", None) if options else None
     height = size or PRESETS[model].height
     denoiser, args, kwargs = step_inputs(model, height, batch)
