@@ -3,7 +3,8 @@
 Run it twice with the same (empty at first) cache folder: the first run compiles and fills the cache,
 the second is the warm start. Each run prints the wall time of its phases (imports, loading,
 `diffjet.compile`, first image, one more image) and Dynamo's per-phase compile times; `--cprofile FILE`
-profiles `diffjet.compile` and the first image and prints the functions that took longest.
+profiles `diffjet.compile` and the first image and prints the functions that took longest. `--precompile aoti`
+keeps AOTInductor packages in the cache instead of saved functions (`Config.precompile`).
 """
 
 import argparse
@@ -32,6 +33,7 @@ def main() -> None:
     parser.add_argument("--cprofile", help="write the profile of diffjet.compile and the first image here")
     parser.add_argument("--json", help="append the phases to this file (one JSON line per run)")
     parser.add_argument("--top", type=int, default=45, help="functions printed per profile order")
+    parser.add_argument("--precompile", default="function", help="Config.precompile: function or aoti")
     args = parser.parse_args()
     phases = {"imports": time.time() - START}
     t = time.time()
@@ -43,7 +45,7 @@ def main() -> None:
     if profile:
         profile.enable()
     t = time.time()
-    diffjet.compile(pipe, diffjet.Config(cache_dir=args.cache_dir))
+    diffjet.compile(pipe, diffjet.Config(cache_dir=args.cache_dir, precompile=args.precompile))
     phases["compile"] = time.time() - t
     t = time.time()
     pipe("warm start", num_inference_steps=args.steps, generator=torch.Generator().manual_seed(0))
@@ -59,7 +61,8 @@ def main() -> None:
     phases["diffjet_part"] = phases["compile"] + phases["first_image"] - phases["next_image"]
     phases["total"] = time.time() - START
     frames = sum(torch._dynamo.utils.counters["frames"].values())
-    record = {"phases": phases, "cache": vars(pipe.diffjet.cache.stats), "dynamo_frames": frames,
+    record = {"precompile": args.precompile, "phases": phases, "cache": vars(pipe.diffjet.cache.stats),
+              "dynamo_frames": frames,
               "dont_write_bytecode": bool(sys.flags.dont_write_bytecode), "pycache_prefix": sys.pycache_prefix}
     print(json.dumps(record))
     if args.json:

@@ -477,3 +477,19 @@ def test_verify_reports_damaged_entries_without_loading_them(tmp_path):
     problems = [cache.verify(info) for info in cache.entries()]
     assert problems[0] is None and "hash does not match" in problems[1] and problems[2] is None
     assert folders[1].exists(), "verify deletes nothing"
+
+
+def test_entries_of_an_aoti_package_and_of_a_saved_function_are_apart_and_the_default_keys_stay(unet, monkeypatch):
+    # An AOTInductor package in an entry's function file would fail to unpickle as a saved function (and the
+    # other way round): each kind has entries of its own. The default's parts are those written before
+    # there was a choice, so caches in use keep their entries.
+    import diffjet.compiler as compiler
+
+    parts = {kind: compiler._cache_parts("unet", unet, Config(precompile=kind), ["channels_last"], "forward")
+             for kind in ("function", "aoti")}
+    assert entry_key(parts["function"]) != entry_key(parts["aoti"])
+    assert parts["function"]["compile"] == {"mode": "default", "backend": "inductor"}
+    assert isinstance(compiler._precompiler(unet, Config(precompile="aoti"), compiler.precompiled.forward),
+                      compiler.precompiled.AotiPrecompiler)
+    with pytest.raises(ConfigError, match="precompile must be one of"):
+        Config(precompile="so")

@@ -11,7 +11,7 @@ import torch
 
 from diffjet.runtime import precompiled
 from diffjet.runtime.compile_cache import FUNCTION, CompileCache
-from diffjet.runtime.precompiled import Precompiler
+from diffjet.runtime.precompiled import AotiPrecompiler, Precompiler
 
 from .precompiled_blocks import block_and_inputs, fused_and_inputs
 
@@ -132,3 +132,69 @@ def test_any_function_of_the_module_can_be_precompiled(compiled):
 
 def test_only_inductor_is_precompiled():
     assert not precompiled.supported("aot_eager")
+
+
+# -- AOTInductor packages (`Config(precompile="aoti")`) ----------------------------------------------------
+aoti = pytest.mark.skipif(not precompiled.supported("inductor", "aoti"), reason="this torch has no AOTInductor")
+
+
+@pytest.fixture(scope="module")
+def package():
+    block, x, temb = block_and_inputs()
+    function, data = AotiPrecompiler(block).compile((x,), {"temb": temb})
+    return block, x, temb, function, data
+
+
+@aoti
+def test_an_aoti_package_matches_eager_loads_anew_and_sees_in_place_weight_updates(package):
+    block, x, temb, compiled_here, data = package
+    loaded = AotiPrecompiler(block).load(data)  # as a new process does: the package alone, the module's tensors
+    with torch.no_grad():
+        for function in (compiled_here, loaded):
+            torch.testing.assert_close(function(x, temb=temb), block(x, temb), rtol=1e-5, atol=1e-5)
+        before = loaded(x, temb=temb)
+        original = block.conv2.weight.clone()
+        block.conv2.weight.mul_(1.5)  # what a LoRA merge does: the package reads the module's own tensor
+        try:
+            after = loaded(x, temb=temb)
+            assert not torch.allclose(after, before)
+            torch.testing.assert_close(after, block(x, temb), rtol=1e-5, atol=1e-5)
+        finally:
+            block.conv2.weight.copy_(original)
+
+
+@aoti
+def test_an_aoti_package_follows_tensors_that_were_replaced_and_refuses_ones_that_changed_dtype(package):
+    # The package holds raw pointers: after `pipe.to(...)` or a `.data` swap it must read the new tensors,
+    # never the freed ones, and a dtype it was not compiled for must raise rather than compute garbage.
+    block, x, temb, _, data = package
+    loaded = AotiPrecompiler(block).load(data)
+    original = block.conv2.weight.data
+    try:
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(x, temb=temb), block(x, temb), rtol=1e-5, atol=1e-5)
+            block.conv2.weight.data = original.clone() * 1.5
+            torch.testing.assert_close(loaded(x, temb=temb), block(x, temb), rtol=1e-5, atol=1e-5)
+            block.conv2.weight.data = original.double()
+            with pytest.raises(RuntimeError, match="changed dtype or shape"):
+                loaded(x, temb=temb)
+    finally:
+        block.conv2.weight.data = original
+
+
+@aoti
+def test_an_aoti_package_for_another_module_is_refused_at_load(package):
+    *_, data = package
+    outer, _, _ = fused_and_inputs()  # the same block one level down: its tensors have other names
+    with pytest.raises(ValueError, match="wants tensors the module does not have"):
+        AotiPrecompiler(outer).load(data)
+
+
+@aoti
+@pytest.mark.slow  # an AOTInductor compile; CI runs it in its -m slow step
+def test_an_aoti_package_runs_diffjets_kernels_through_the_op_registry():
+    outer, x, temb = fused_and_inputs()
+    function, data = AotiPrecompiler(outer).compile((x, temb), {})
+    assert b"diffjet::group_norm_silu" in data or b"diffjet.group_norm_silu" in data, "the op is called, not inlined"
+    with torch.no_grad():
+        torch.testing.assert_close(AotiPrecompiler(outer).load(data)(x, temb), outer(x, temb), rtol=1e-5, atol=1e-5)

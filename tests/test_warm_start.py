@@ -37,11 +37,13 @@ class Recorder:
 
 
 class FakePrecompiler:
-    """Compiles `args[0]` (a label standing for a signature's inputs) unless told to fail on it."""
+    """Compiles `args[0]` (a label standing for a signature's inputs) unless told to fail on it; its functions
+    run Inductor's cached code unless `inductor_artifacts` is False (as an AOTInductor package's do not)."""
 
-    def __init__(self, fail_on=(), recorder=None):
+    def __init__(self, fail_on=(), recorder=None, inductor_artifacts=True):
         self.fail_on, self.recorder = set(fail_on), recorder
         self.compiled, self.loaded = [], []
+        self.INDUCTOR_ARTIFACTS = inductor_artifacts
 
     def compile(self, args, kwargs):
         if args[0] in self.fail_on:
@@ -90,6 +92,25 @@ def test_each_entry_holds_only_what_its_own_signature_compiled(tmp_path):
         _run(store, signature)
     sizes = [len(_entry(_cache(tmp_path), s).artifacts) for s in ("s1", "s2", "s3", "s4")]
     assert sizes == [1000] * 4, "linear in the number of shapes, not quadratic"
+
+
+def test_an_entry_whose_function_needs_no_inductor_artifacts_keeps_none_unless_it_fell_back(tmp_path):
+    # An AOTInductor package holds all of its code: what its compile recorded in Inductor's caches would only
+    # be read and preloaded by every later process for nothing. A signature that could not be packaged runs
+    # the runner's own compiled function, which does need them.
+    recorder = Recorder()
+    cache = _cache(tmp_path, recorder)
+    store = WarmStartStore(cache, PARTS, name="unet",
+                           precompile=FakePrecompiler(fail_on={"s2"}, recorder=recorder, inductor_artifacts=False))
+
+    def compiled_here(*args):
+        recorder.record(b"j" * 700)  # the runner's function compiles in the process
+        return "jit"
+
+    assert _run(store, "s1", fn=compiled_here) == "precompiled s1"
+    assert _run(store, "s2", fn=compiled_here) == "jit"
+    assert _entry(_cache(tmp_path), "s1").artifacts == b"" and _entry(_cache(tmp_path), "s1").files
+    assert len(_entry(_cache(tmp_path), "s2").artifacts) == 700
 
 
 def test_entries_of_a_real_inductor_compile_are_linear_in_the_number_of_shapes(tmp_path):

@@ -16,6 +16,8 @@ KNOWN_COMPONENTS = ("unet", "controlnet", "transformer", "vae",
 _DTYPES = {"auto": None, "float16": torch.float16, "bfloat16": torch.bfloat16, "keep": None}
 _ATTENTION = ("sdpa-fused-qkv", "keep")
 _COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
+#: What the compile cache keeps of each input signature for a warm start (`runtime/precompiled.for_kind`).
+_PRECOMPILE = ("function", "aoti")
 #: `torch.compile` backends: Inductor, and the two that tests use to trace without compiling.
 _BACKENDS = ("inductor", "eager", "aot_eager")
 #: The largest guidance scale `diffjet generate` and the server's APIs take (from 0).
@@ -117,6 +119,10 @@ class Config:
             `~/.cache/diffjet/compile`). Entries are code: a folder that another user owns or can write is
             refused (the cache is off, with a warning); `$DIFFJET_CACHE_KEY` names a key file that signs
             entries (docs/compile-cache.md).
+        precompile: what the compile cache keeps of each input signature, for the next process to start
+            from: "function" (default: the traced and compiled function, loaded with its guards) or "aoti"
+            (experimental: an AOTInductor package, loaded by its C++ loader in a fraction of the time, and
+            compiled in about twice the time; docs/compile-cache.md).
         fp8: lossy, off by default. True: the UNet's and ControlNet's linear layers and 1×1 convolutions
             compute in fp8 e4m3 where that pays (`passes/fp8.py`); `diffjet.compile` raises `DeviceError`
             on anything but a CUDA GPU of compute capability 8.9 or newer (Ada, Hopper). "auto": on where
@@ -139,6 +145,7 @@ class Config:
     cache_dir: str | None = None
     step_cache: StepCache | None = None
     fp8: bool | str = False
+    precompile: str = "function"
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
@@ -177,6 +184,8 @@ class Config:
             raise ConfigError(f"graph_memory_gib must be a positive number of GiB or None, got {cap!r}")
         if not (self.fp8 is True or self.fp8 is False or self.fp8 == "auto"):
             raise ConfigError(f"fp8 must be False, True or 'auto', got {self.fp8!r}")
+        if self.precompile not in _PRECOMPILE:
+            raise ConfigError(f"precompile must be one of {list(_PRECOMPILE)}, got {self.precompile!r}")
 
     @property
     def torch_dtype(self) -> torch.dtype | None:

@@ -226,10 +226,8 @@ def _step_cache(pipe, name: str, model: nn.Module, config: Config, cache: Compil
         if cache is not None and inductor_on:
             parts = {**_cache_parts(name, model, config, applied_here, step_cache.__name__ + "." + part),
                      "step_cache": [part, config.step_cache.branch, config.step_cache.adaptive]}
-            precompile = None
-            if precompiled.supported(config.backend):
-                precompile = precompiled.Precompiler(model, inductor.inductor_options(config), saveable)
-            store = WarmStartStore(cache, parts, name=f"{name}.{part}", precompile=precompile,
+            store = WarmStartStore(cache, parts, name=f"{name}.{part}",
+                                   precompile=_precompiler(model, config, saveable),
                                    about={"model": getattr(pipe, "name_or_path", None)})
         tensor_args = _STEP_ARGS[name][1:] if part in step_parts else ()
         runner = _runner(f"{name}.{part}", model, fn, config, store, tensor_args)
@@ -256,9 +254,20 @@ def _cache_parts(name: str, target: nn.Module, config: Config, passes: Sequence[
         "device": str(_device_of(target)),
         "environment": environment_key(_device_of(target)),
         "passes": list(passes),
-        "compile": {"mode": config.compile_mode, "backend": config.backend},
+        # An AOTInductor package is not a saved function: entries of the two kinds are apart (and the default's
+        # keys are those of the caches written before there was a choice).
+        "compile": {"mode": config.compile_mode, "backend": config.backend,
+                    **({"precompile": config.precompile} if config.precompile != "function" else {})},
         "function": function,
     }
+
+
+def _precompiler(target: nn.Module, config: Config, function: Callable[..., Any]) -> precompiled.Precompiler | None:
+    """What the warm-start store precompiles `function(target, ...)` with (`config.precompile`); None where this
+    torch cannot save what `config.backend` compiles."""
+    if not precompiled.supported(config.backend, config.precompile):
+        return None
+    return precompiled.for_kind(config.precompile, target, inductor.inductor_options(config), function)
 
 
 def _runner(name: str, target: nn.Module, fn: Callable[..., Any], config: Config, store: WarmStartStore | None,
@@ -304,8 +313,5 @@ def graph_runner(
     store = None
     if cache is not None and compiled:
         parts = _cache_parts(name, target, config, passes, f"{function.__module__}.{function.__qualname__}")
-        precompile = None
-        if precompiled.supported(config.backend):
-            precompile = precompiled.Precompiler(target, inductor.inductor_options(config), function)
-        store = WarmStartStore(cache, parts, name=name, precompile=precompile, about=about)
+        store = WarmStartStore(cache, parts, name=name, precompile=_precompiler(target, config, function), about=about)
     return _runner(name, target, fn, config, store, _STEP_ARGS.get(name, ()) if tensor_args is None else tensor_args)

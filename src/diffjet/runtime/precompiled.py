@@ -11,6 +11,12 @@ the loaded function, and nothing of the weights is saved with it. Only guards th
 are kept (`keep_portable_guards_unsafe`), less those on the module's own tensors (`portable_guards`); the
 CUDA-graph runner calls each function only with the input signature it was compiled for, which is what
 the dropped guards would have checked.
+
+`AotiPrecompiler` keeps the same function as an AOTInductor package instead (`Config(precompile="aoti")`,
+experimental): no guards, no Python bytecode and no Inductor module to load, only a shared library that the
+package's C++ loader opens, handed the module's own tensors as its constants. On the H200 the sd15 UNet
+step's package loaded in 0.05 s and first ran in 0.8 s, against 1.1 and 0.7 s for a saved function, and took
+twice as long to compile (bench/NOTES.md, "Warm start").
 """
 
 from __future__ import annotations
@@ -18,19 +24,29 @@ from __future__ import annotations
 import contextlib
 import inspect
 import io
+import tempfile
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
 
-def supported(backend: str) -> bool:
-    """Whether this torch can save functions compiled with `backend` (Inductor's are serialisable)."""
-    return (
-        backend == "inductor"
-        and hasattr(torch.compiler, "load_compiled_function")
-        and hasattr(torch.compiler, "keep_portable_guards_unsafe")
-    )
+def supported(backend: str, kind: str = "function") -> bool:
+    """Whether this torch can save functions compiled with `backend` (Inductor's are serialisable) as `kind`."""
+    if backend != "inductor":
+        return False
+    if kind == "aoti":
+        return hasattr(torch._inductor, "aoti_compile_and_package") and hasattr(torch._C, "_aoti")
+    return hasattr(torch.compiler, "load_compiled_function") and hasattr(torch.compiler, "keep_portable_guards_unsafe")
+
+
+def for_kind(kind: str, module: nn.Module, options: dict | None, function: Callable[..., Any] | None = None
+             ) -> Precompiler:
+    """The precompiler of `kind` (`Config.precompile`: "function" or "aoti") for `function(module, ...)`
+    (default: the class forward)."""
+    cls = AotiPrecompiler if kind == "aoti" else Precompiler
+    return cls(module, options, function or forward)
 
 
 def portable_guards(module_argument: str = "module") -> Callable[[list], list[bool]]:
@@ -89,6 +105,9 @@ class Precompiler:
     input signature at a time; `function` is the module's class forward unless given (any function that
     takes the module first, such as one running part of it)."""
 
+    #: Whether the function runs code of Inductor's that its cache entry's artifacts preload.
+    INDUCTOR_ARTIFACTS = True
+
     def __init__(self, module: nn.Module, options: dict | None = None,
                  function: Callable[..., Any] = forward) -> None:
         self.module = module
@@ -119,3 +138,88 @@ class Precompiler:
             return function(module, *args, **kwargs)
 
         return call
+
+
+class _Bound(nn.Module):
+    """`function(module, ...)` as a module of its own, for `torch.export`: the module's tensors are this
+    one's under `module.`, which is how the package names the constants it is handed."""
+
+    def __init__(self, module: nn.Module, function: Callable[..., Any]) -> None:
+        super().__init__()
+        self.module = module
+        self.function = function
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.function(self.module, *args, **kwargs)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The module's parameters and buffers by the names the package gives them (tied ones by each name)."""
+        return {**dict(self.named_parameters(remove_duplicate=False)),
+                **dict(self.named_buffers(remove_duplicate=False))}
+
+
+class AotiPrecompiler(Precompiler):
+    """`Precompiler`'s interface, with the function exported (`torch.export`) and compiled into an
+    AOTInductor package whose weights are not inside it (`package_constants_in_so=False`).
+
+    A loaded package reads the module's own parameters and buffers (`user_managed=True`), so in-place weight
+    updates reach it as they reach a saved function. It runs single-threaded: the package's model container
+    otherwise waits for its previous run (`cudaEventSynchronize`), which a CUDA graph's capture cannot hold;
+    the CUDA-graph runner calls it under its lock. diffjet's Triton kernels (`torch.library.custom_op`s) run
+    through AOTInductor's fallback to the op registry, in Python."""
+
+    INDUCTOR_ARTIFACTS = False  # the package holds all of its code
+
+    def compile(self, args: tuple, kwargs: dict) -> tuple[Callable[..., Any], bytes]:
+        options = {**self.options, "aot_inductor.package_constants_in_so": False}
+        with torch.no_grad(), _without_instance_forward(self.module), \
+                tempfile.TemporaryDirectory(prefix="diffjet-aoti-") as folder:
+            program = torch.export.export(_Bound(self.module, self.function), args, kwargs, strict=False)
+            path = torch._inductor.aoti_compile_and_package(program, package_path=f"{folder}/function.pt2",
+                                                            inductor_configs=options)
+            data = Path(path).read_bytes()
+        return self.load(data), data
+
+    def load(self, data: bytes) -> Callable[..., Any]:
+        from torch.export.pt2_archive._package import AOTICompiledModel
+
+        bound = _Bound(self.module, self.function)
+        tensors = bound.tensors()
+        device = next(iter(tensors.values()), torch.empty(0)).device
+        index = device.index if device.type == "cuda" else -1
+        # The loader unpacks the package into a folder of its own; the file is not needed after.
+        with tempfile.TemporaryDirectory(prefix="diffjet-aoti-") as folder:
+            path = Path(folder) / "function.pt2"
+            path.write_bytes(data)
+            package = AOTICompiledModel(torch._C._aoti.AOTIModelPackageLoader(str(path), "model", True, 1, index))
+        missing = [name for name in package.get_constant_fqns() if name not in tensors]
+        if missing:
+            raise ValueError(f"the package wants tensors the module does not have: {missing[:3]}")
+        return _Package(package, bound)
+
+
+class _Package:
+    """A loaded package called with the module's tensors as they are now.
+
+    The package holds raw pointers to the tensors it was handed. A module whose tensors were replaced since
+    (`pipe.to(...)`, a parameter's `.data` set) hands it the new ones before the call; one whose tensors
+    changed shape or dtype no longer fits the package and raises. The CUDA-graph runner calls it only for a
+    warm-up and a capture, so the check costs nothing per step."""
+
+    def __init__(self, package: Any, bound: _Bound) -> None:
+        self.package = package
+        self.bound = bound
+        self.names = package.get_constant_fqns()
+        self.loaded: list[tuple] | None = None
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        tensors = self.bound.tensors()
+        now = [(tensors[n].data_ptr(), tensors[n].dtype, tensors[n].shape) for n in self.names]
+        if now != self.loaded:
+            if self.loaded is not None and [t[1:] for t in now] != [t[1:] for t in self.loaded]:
+                raise RuntimeError("the module's tensors changed dtype or shape since its AOTInductor package "
+                                   "was loaded")
+            self.package.load_constants({n: tensors[n] for n in self.names}, check_full_update=True,
+                                        user_managed=True)
+            self.loaded = now
+        return self.package(*args, **kwargs)

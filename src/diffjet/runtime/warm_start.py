@@ -51,6 +51,7 @@ class _Prepared:
     function: Callable[..., Any]
     entry: Entry | None  # the entry read (None: there was none, or it was broken)
     new_files: dict[str, bytes] = field(default_factory=dict)  # a function precompiled now
+    inductor_artifacts: bool = True  # whether the function runs Inductor's cached code (an AOTI package does not)
 
 
 class WarmStartStore:
@@ -120,7 +121,7 @@ class WarmStartStore:
                 function = self.precompile.load(entry.files[FUNCTION])
                 logger.info("%s: loaded the precompiled function for [%s] in %.1f s", self.name, description,
                             time.perf_counter() - start)
-                return _Prepared(function, entry)
+                return _Prepared(function, entry, inductor_artifacts=self.precompile.INDUCTOR_ARTIFACTS)
             except Exception as exc:  # noqa: BLE001 - whatever unpickling raises, the entry is at fault
                 self.cache.discard(parts, entry, f"its precompiled function does not load ({exc})")
                 entry, start = None, time.perf_counter()
@@ -131,15 +132,18 @@ class WarmStartStore:
                            self.name, description, exc)
             return _Prepared(fn, entry)
         logger.info("%s: precompiled [%s] in %.1f s", self.name, description, time.perf_counter() - start)
-        return _Prepared(function, entry, {FUNCTION: data})
+        return _Prepared(function, entry, {FUNCTION: data}, self.precompile.INDUCTOR_ARTIFACTS)
 
     def _keep(self, parts: dict, description: str, prepared: _Prepared, new: dict[str, bytes]) -> None:
         entry = prepared.entry
         if entry is not None and not new:
             return
         files = {**(entry.files if entry else {}), **new}
-        # An entry that is extended keeps its artifacts: nothing of its signature was compiled again.
+        # An entry that is extended keeps its artifacts: nothing of its signature was compiled again. A function
+        # that does not run Inductor's cached code needs none (b"": none are recorded into the entry).
         artifacts = entry.artifacts if entry is not None and entry.artifacts else None
+        if not prepared.inductor_artifacts:
+            artifacts = b""
         start = time.perf_counter()
         stored = self.cache.store(parts, files, artifacts=artifacts, replacing=entry,
                                   about={**self.about, "component": self.name, "signature": description})
