@@ -57,6 +57,33 @@ def test_generate_with_diffjet_matches_eager_pixels(tmp_path, capsys):
     assert np.abs(a - b).max() <= 1
 
 
+def test_generate_with_a_lora_changes_the_image_the_same_way_on_diffjet_and_on_eager(tmp_path, capsys):
+    # diffjet's compilers merge it into the compiled pipeline (diffjet.load_lora), the others through
+    # diffusers (load_lora_weights + fuse_lora): the same LoRA must give the same image either way.
+    from safetensors.torch import save_file
+
+    from diffjet.models import load_pipeline, random_lora
+
+    lora = tmp_path / "style.safetensors"
+    save_file(random_lora(load_pipeline("tiny", device="cpu"), seed=0, strength=0.5), str(lora))
+    outs = {name: tmp_path / f"{name}.png" for name in ("plain", "eager", "diffjet")}
+    for name, out in outs.items():
+        extra = [] if name == "plain" else ["--lora", str(lora), "--lora-scale", "0.8"]
+        compiler = "eager" if name == "plain" else name
+        assert run(["generate", *FAST, "--compiler", compiler, *extra, "--out", str(out)], capsys)[0] == 0
+    plain, eager, compiled = (np.asarray(Image.open(p), dtype=np.int16) for p in outs.values())
+    assert np.abs(eager - compiled).max() <= 1
+    assert np.abs(eager - plain).mean() > 2, "the LoRA must change the image"
+    params = json.loads(Image.open(outs["diffjet"]).text["parameters"])
+    assert params["lora"] == str(lora) and params["lora_scale"] == 0.8
+
+
+def test_generate_refuses_a_missing_lora_before_work(tmp_path, capsys, no_work):
+    code, _, err = run(["generate", *FAST, "--lora", str(tmp_path / "nope.safetensors"), "-o", str(tmp_path / "x.png")],
+                       capsys)
+    assert code == 2 and "--lora: no such file or folder" in err and no_work == []
+
+
 BAD_INPUTS = [
     (["--height", "100"], "multiple of 8"),
     (["--width", "0"], "multiple of 8"),

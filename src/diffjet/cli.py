@@ -62,6 +62,14 @@ def _finite(name: str, value: float) -> float:
     return value
 
 
+def _lora(args: argparse.Namespace, *, random_allowed: bool) -> None:
+    """Refuse a `--lora` that is not there (or "random" where it is allowed) and a `--lora-scale` that is not
+    finite, before any work."""
+    _finite("--lora-scale", args.lora_scale)
+    if args.lora and not (random_allowed and args.lora == "random") and not os.path.exists(args.lora):
+        raise ConfigError(f"--lora: no such file or folder: {args.lora}")
+
+
 def _device(requested: str) -> str:
     import torch
 
@@ -155,6 +163,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.guidance is not None and not 0 <= _finite("--guidance", args.guidance) <= MAX_GUIDANCE:
         raise ConfigError(f"--guidance must be from 0 to {MAX_GUIDANCE:g} (1 or less turns classifier-free guidance "
                           f"off), got {args.guidance:g}")
+    _lora(args, random_allowed=False)
     out = _writable_file(args.out, (".png",))
 
     from PIL.PngImagePlugin import PngInfo
@@ -170,7 +179,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
     recipes.set_scheduler(pipe, args.scheduler)
     guidance = args.guidance if args.guidance is not None else default_guidance(type(pipe).__name__)
     compiler = _fast_or(args)
+    on_diffjet = compiler in recipes.DIFFJET
+    if args.lora and not on_diffjet:  # the other recipes compile what diffusers merged
+        pipe.load_lora_weights(args.lora)
+        pipe.fuse_lora(lora_scale=args.lora_scale)
     applied = recipes.apply(pipe, compiler)
+    if args.lora and on_diffjet:
+        import diffjet
+
+        diffjet.load_lora(pipe, args.lora, scale=args.lora_scale)
     for option in applied.get("lossy", []):
         print(f"diffjet: LOSSY option on: {option} (diffjet verify --fast prints what it costs)", file=sys.stderr)
     image = pipe(
@@ -195,6 +212,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         "guidance": guidance,
         "scheduler": type(pipe.scheduler).__name__,
         "compiler": compiler,
+        **({"lora": args.lora, "lora_scale": args.lora_scale} if args.lora else {}),
         "device": device,
         "dtype": str(dtype).removeprefix("torch."),
     }
@@ -328,10 +346,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     height = _size("--height", args.height) or native_h
     width = _size("--width", args.width) or native_w
     _seed(args.seed)
-    _finite("--lora-scale", args.lora_scale)
+    _lora(args, random_allowed=True)
     json_path = _writable_file(args.json, (".json",)) if args.json else None
-    if args.lora and args.lora != "random" and not os.path.exists(args.lora):
-        raise ConfigError(f"--lora: no such file or folder: {args.lora}")
     from .models import resolve
 
     path = resolve(model)
@@ -633,6 +649,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--scheduler", choices=tuple(SCHEDULERS), default="default", help="default: the model's own")
     gen.add_argument("--out", "-o", required=True, help="PNG file to write")
     gen.add_argument("--compiler", choices=COMPILERS, default="diffjet")
+    gen.add_argument("--lora", help="a LoRA file (.safetensors, diffusers/PEFT or kohya format) or folder, merged at "
+                     "--lora-scale: with diffjet.load_lora on diffjet's compilers, with diffusers' load_lora_weights + "
+                     "fuse_lora (which needs peft) on the others")
+    gen.add_argument("--lora-scale", type=float, default=1.0)
     gen.add_argument("--fast", action="store_true", help="lossy fast modes where supported (= --compiler "
                      "diffjet-fast): step cache, and fp8 GEMMs on GPUs that have them; `diffjet verify --fast` prints "
                      "what they cost")
