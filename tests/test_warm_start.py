@@ -8,6 +8,7 @@ import os
 import pytest
 import torch
 
+from diffjet.runtime import precompiled
 from diffjet.runtime.compile_cache import FUNCTION, CompileCache, entry_key
 from diffjet.runtime.warm_start import WarmStartStore
 
@@ -274,3 +275,34 @@ def test_step_cache_parts_are_saved_and_loaded_without_tracing(model, settings, 
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["dynamo_frames"] == 0 and result["error"] < 1e-5
+
+
+@pytest.mark.skipif(not precompiled.supported("inductor", "aoti"), reason="this torch has no AOTInductor")
+def test_a_step_cache_part_that_takes_the_skip_stack_is_packaged_by_aoti_too(tiny_path):
+    # `Config(precompile="aoti")` exports each part the runner graphs; the UNet's `tail` takes the skip
+    # connections as a list and the branch's position as a Python int, which the export must keep as such.
+    from diffjet import StepCache
+    from diffjet.compiler import calls
+    from diffjet.runtime.precompiled import AotiPrecompiler
+
+    from .precompiled_parts import step_cached
+
+    seen = {}
+
+    def graph(name, part, saveable):
+        def run(*args, **kwargs):
+            seen.setdefault(name, (saveable, args, kwargs))
+            return part(*args, **kwargs)
+        return run
+
+    pipe, unet, step_cache = step_cached(str(tiny_path), StepCache(interval=3, threshold=0.5), graph)
+    unet.forward = step_cache
+    calls.serialize(pipe)
+    calls.add_hook(pipe, step_cache)
+    pipe("a red fox in the snow", num_inference_steps=4, height=64, width=64, output_type="latent")
+    saveable, args, kwargs = seen["tail"]
+    _, data = AotiPrecompiler(unet, function=saveable).compile(args, kwargs)
+    with torch.no_grad():
+        got = AotiPrecompiler(unet, function=saveable).load(data)(*args, **kwargs)
+        want = saveable(unet, *args, **kwargs)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
