@@ -22,6 +22,27 @@ def step_cached(folder: str, settings: StepCache, graph):
     return pipe, model, cls(model, settings, graph=graph)
 
 
+def recorded_parts(folder: str, settings: StepCache):
+    """Four steps of the pipeline at `folder` with a step cache, recording what each part was first called
+    with: the pipeline, its denoiser and `{part name: (saveable function, args, kwargs)}`."""
+    from diffjet.compiler import calls
+
+    seen = {}
+
+    def graph(name, part, saveable):
+        def run(*args, **kwargs):
+            seen.setdefault(name, (saveable, args, kwargs))
+            return part(*args, **kwargs)
+        return run
+
+    pipe, denoiser, step_cache = step_cached(folder, settings, graph)
+    denoiser.forward = step_cache
+    calls.serialize(pipe)
+    calls.add_hook(pipe, step_cache)
+    pipe("a red fox in the snow", num_inference_steps=4, height=64, width=64, output_type="latent")
+    return pipe, denoiser, seen
+
+
 def main(folder: str, settings: str, *files: str) -> None:
     from torch._dynamo.utils import counters
 

@@ -242,24 +242,10 @@ def test_step_cache_parts_are_saved_and_loaded_without_tracing(model, settings, 
     from diffjet import StepCache
     from diffjet.runtime.precompiled import Precompiler
 
-    from .precompiled_parts import step_cached
+    from .precompiled_parts import recorded_parts
 
     folder = str(request.getfixturevalue("tiny_flux_path" if model == "tiny-flux" else "tiny_path"))
-    seen = {}
-
-    def graph(name, part, saveable):
-        def run(*args, **kwargs):
-            seen.setdefault(name, (saveable, args, kwargs))
-            return part(*args, **kwargs)
-        return run
-
-    pipe, denoiser, step_cache = step_cached(folder, StepCache(**settings), graph)
-    denoiser.forward = step_cache
-    from diffjet.compiler import calls
-
-    calls.serialize(pipe)
-    calls.add_hook(pipe, step_cache)
-    pipe("a red fox in the snow", num_inference_steps=4, height=64, width=64, output_type="latent")
+    _, denoiser, seen = recorded_parts(folder, StepCache(**settings))
     files = []
     for name in names:
         saveable, args, kwargs = seen[name]
@@ -282,24 +268,11 @@ def test_a_step_cache_part_that_takes_the_skip_stack_is_packaged_by_aoti_too(tin
     # `Config(precompile="aoti")` exports each part the runner graphs; the UNet's `tail` takes the skip
     # connections as a list and the branch's position as a Python int, which the export must keep as such.
     from diffjet import StepCache
-    from diffjet.compiler import calls
     from diffjet.runtime.precompiled import AotiPrecompiler
 
-    from .precompiled_parts import step_cached
+    from .precompiled_parts import recorded_parts
 
-    seen = {}
-
-    def graph(name, part, saveable):
-        def run(*args, **kwargs):
-            seen.setdefault(name, (saveable, args, kwargs))
-            return part(*args, **kwargs)
-        return run
-
-    pipe, unet, step_cache = step_cached(str(tiny_path), StepCache(interval=3, threshold=0.5), graph)
-    unet.forward = step_cache
-    calls.serialize(pipe)
-    calls.add_hook(pipe, step_cache)
-    pipe("a red fox in the snow", num_inference_steps=4, height=64, width=64, output_type="latent")
+    _, unet, seen = recorded_parts(str(tiny_path), StepCache(interval=3, threshold=0.5))
     saveable, args, kwargs = seen["tail"]
     _, data = AotiPrecompiler(unet, function=saveable).compile(args, kwargs)
     with torch.no_grad():
