@@ -179,7 +179,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     recipes.set_scheduler(pipe, args.scheduler)
     guidance = args.guidance if args.guidance is not None else default_guidance(type(pipe).__name__)
     compiler = _fast_or(args)
-    on_diffjet = compiler in recipes.DIFFJET
+    on_diffjet = compiler in DIFFJET
     if args.lora and not on_diffjet:  # the other recipes compile what diffusers merged
         pipe.load_lora_weights(args.lora)
         pipe.fuse_lora(lora_scale=args.lora_scale)

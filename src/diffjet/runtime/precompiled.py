@@ -41,14 +41,6 @@ def supported(backend: str, kind: str = "function") -> bool:
     return hasattr(torch.compiler, "load_compiled_function") and hasattr(torch.compiler, "keep_portable_guards_unsafe")
 
 
-def for_kind(kind: str, module: nn.Module, options: dict | None, function: Callable[..., Any] | None = None
-             ) -> Precompiler:
-    """The precompiler of `kind` (`Config.precompile`: "function" or "aoti") for `function(module, ...)`
-    (default: the class forward)."""
-    cls = AotiPrecompiler if kind == "aoti" else Precompiler
-    return cls(module, options, function or forward)
-
-
 def portable_guards(module_argument: str = "module") -> Callable[[list], list[bool]]:
     """Dynamo's guard filter for a saved function whose first argument is called `module_argument`: the
     portable guards, less those on that module's tensors.
@@ -72,6 +64,12 @@ def portable_guards(module_argument: str = "module") -> Callable[[list], list[bo
 def forward(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
     """What is compiled: the class's forward (the instance's `forward` is the CUDA-graph runner)."""
     return type(module).forward(module, *args, **kwargs)
+
+
+def for_kind(kind: str, module: nn.Module, options: dict | None, function: Callable[..., Any] = forward
+             ) -> Precompiler:
+    """The precompiler of `kind` (`Config.precompile`: "function" or "aoti") for `function(module, ...)`."""
+    return (AotiPrecompiler if kind == "aoti" else Precompiler)(module, options, function)
 
 
 def _aot_enabled():
@@ -192,10 +190,7 @@ class AotiPrecompiler(Precompiler):
             path = Path(folder) / "function.pt2"
             path.write_bytes(data)
             package = AOTICompiledModel(torch._C._aoti.AOTIModelPackageLoader(str(path), "model", True, 1, index))
-        missing = [name for name in package.get_constant_fqns() if name not in tensors]
-        if missing:
-            raise ValueError(f"the package wants tensors the module does not have: {missing[:3]}")
-        return _Package(package, bound)
+        return _Package(package, bound, tensors)
 
 
 class _Package:
@@ -206,20 +201,25 @@ class _Package:
     changed shape or dtype no longer fits the package and raises. The CUDA-graph runner calls it only for a
     warm-up and a capture, so the check costs nothing per step."""
 
-    def __init__(self, package: Any, bound: _Bound) -> None:
+    def __init__(self, package: Any, bound: _Bound, tensors: dict[str, torch.Tensor]) -> None:
         self.package = package
         self.bound = bound
         self.names = package.get_constant_fqns()
-        self.loaded: list[tuple] | None = None
+        missing = [name for name in self.names if name not in tensors]
+        if missing:
+            raise ValueError(f"the package wants tensors the module does not have: {missing[:3]}")
+        self.loaded: list[tuple] = []
+        self._hand_over(tensors)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        tensors = self.bound.tensors()
-        now = [(tensors[n].data_ptr(), tensors[n].dtype, tensors[n].shape) for n in self.names]
-        if now != self.loaded:
-            if self.loaded is not None and [t[1:] for t in now] != [t[1:] for t in self.loaded]:
-                raise RuntimeError("the module's tensors changed dtype or shape since its AOTInductor package "
-                                   "was loaded")
-            self.package.load_constants({n: tensors[n] for n in self.names}, check_full_update=True,
-                                        user_managed=True)
-            self.loaded = now
+        self._hand_over(self.bound.tensors())
         return self.package(*args, **kwargs)
+
+    def _hand_over(self, tensors: dict[str, torch.Tensor]) -> None:
+        now = [(tensors[n].data_ptr(), tensors[n].dtype, tensors[n].shape) for n in self.names]
+        if now == self.loaded:
+            return
+        if self.loaded and [t[1:] for t in now] != [t[1:] for t in self.loaded]:
+            raise RuntimeError("the module's tensors changed dtype or shape since its AOTInductor package was loaded")
+        self.package.load_constants({n: tensors[n] for n in self.names}, check_full_update=True, user_managed=True)
+        self.loaded = now
