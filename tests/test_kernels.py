@@ -5,12 +5,14 @@ on the GPU they run for real. Each kernel is held to DESIGN.md's rule: its error
 reference is at most 1.5 × that of PyTorch's own half-precision op.
 """
 
+import copy
 import types
 
 import pytest
 import torch
 import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
+from diffusers.models.resnet import ResnetBlock2D
 
 from diffjet import Config
 from diffjet.kernels import group_norm_silu as gn
@@ -203,6 +205,41 @@ def test_pass_feeds_the_kernels_channels_last_after_linear_projection_transforme
         got = unet(sample, 500, states, added_cond_kwargs=added).sample
         want = reference(sample, 500, states, added_cond_kwargs=added).sample
     assert len(layouts) > 0 and all(layouts), layouts
+    assert relative_error(got, want) < 1e-5
+
+
+class _ReturningNchw(torch.nn.Module):
+    def __init__(self, conv: torch.nn.Module) -> None:
+        super().__init__()
+        self.conv = conv
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x).contiguous()
+
+
+def test_a_resnet_block_feeds_the_kernels_channels_last_whatever_layout_its_convolution_returns(monkeypatch):
+    # torch.export's fake convolution gives contiguous NCHW where the GPU's gives channels-last, and the op
+    # gets exactly the traced layout: inside an AOTInductor package every second norm ran its slow PyTorch
+    # reference (Config.precompile="aoti", sd15 on the H200). Here conv1 returns NCHW, as traced there.
+    torch.manual_seed(0)
+    block = ResnetBlock2D(in_channels=32, out_channels=64, temb_channels=16, groups=32).eval()
+    reference = copy.deepcopy(block)
+    block.to(memory_format=torch.channels_last)
+    holder = torch.nn.Sequential(block)
+    kernel_pass.apply(holder, Config(kernels=("group_norm_silu",)))
+    assert isinstance(block, kernel_pass.FusedResnetBlock2D)
+    monkeypatch.setattr(block, "conv1", _ReturningNchw(block.conv1))
+    layouts = []
+
+    def recording(x, *args):
+        layouts.append(x.is_contiguous(memory_format=torch.channels_last))
+        return gn.group_norm_silu(x, *args)
+
+    monkeypatch.setattr(kernel_pass, "group_norm_silu", recording)
+    x, temb = torch.randn(2, 32, 8, 8).contiguous(memory_format=torch.channels_last), torch.randn(2, 16)
+    with torch.no_grad():
+        got, want = block(x, temb), reference(x, temb)
+    assert layouts == [True, True]
     assert relative_error(got, want) < 1e-5
 
 

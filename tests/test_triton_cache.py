@@ -61,6 +61,10 @@ def test_collect_leaves_out_known_files_and_half_written_ones(tmp_path):
     known = set(triton_cache.collect(tmp_path))
     (tmp_path / KEY / "tmp.pid_1_abc").mkdir()
     (tmp_path / KEY / "tmp.pid_1_abc" / "x.cubin").write_bytes(b"partial")
+    # Triton's driver module, built at a process's first launch: a warm process whose first launch fell
+    # in a runner's folder re-stored every entry it used (AOTInductor packages, the H200).
+    (tmp_path / "DRIVER").mkdir()
+    (tmp_path / "DRIVER" / "cuda_utils.cpython-312-x86_64-linux-gnu.so").write_bytes(b"\x7fELF")
     _compile_into(tmp_path, name="_group_norm_apply")
     new = triton_cache.collect(tmp_path, known)
     assert sorted(new) == [f"triton/{KEY}/__grp___group_norm_apply.json", f"triton/{KEY}/_group_norm_apply.cubin",

@@ -77,7 +77,9 @@ class FusedResnetBlock2D(ResnetBlock2D):
             input_tensor, hidden = self.upsample(input_tensor), self.upsample(hidden)
         elif self.downsample is not None:
             input_tensor, hidden = self.downsample(input_tensor), self.downsample(hidden)
-        hidden = self.conv1(hidden)
+        # Channels-last asked for again: torch.export's fake convolution (Config.precompile="aoti") gives
+        # contiguous NCHW where the GPU's gives channels-last, and the op gets exactly the traced layout.
+        hidden = self.conv1(hidden).contiguous(memory_format=torch.channels_last)
         shift = None
         if self.time_emb_proj is not None:
             if not self.skip_time_act:

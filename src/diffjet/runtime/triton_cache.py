@@ -28,6 +28,8 @@ except ImportError:  # CPU-only installs have no Triton cache to keep
 
 PREFIX = "triton/"
 _GROUP = "__grp__"
+#: Triton's driver modules, built at a process's first Triton launch wherever that happens: not of an entry.
+_DRIVER_MODULES = ("cuda_utils.", "hip_utils.")
 
 
 def available() -> bool:
@@ -72,7 +74,7 @@ def collect(directory: Path, known: set[str] = frozenset()) -> dict[str, bytes]:
         if not path.is_file() or any(part.startswith("tmp.") for part in relative.parts):
             continue  # Triton's half-written files live in tmp.pid_* folders
         name = PREFIX + relative.as_posix()
-        if name in known:
+        if name in known or path.name.startswith(_DRIVER_MODULES):
             continue
         data = path.read_bytes()
         if path.name.startswith(_GROUP):
