@@ -268,11 +268,27 @@ SERVE = ["serve", "--model", "tiny", "--device", "cpu"]
     (["--api-key-file", "/nonexistent/key"], "cannot read"),
     (["--lora-dir", "/nonexistent/loras"], "--lora-dir"),
     (["--min-replicas", "1", "--ray"], "go together"),
+    (["--compiler", "eager", "--precompile", "aoti"], "--compiler eager compiles nothing"),
 ])
 def test_bad_serve_arguments_are_one_line_before_any_model_loads(capsys, no_model, extra, message):
     code = cli.main([*SERVE, *extra])
     err = capsys.readouterr().err
     assert code == 2 and message in err and err.count("\n") == 1 and no_model == []
+
+
+def test_serve_precompile_reaches_the_config_the_served_pipeline_is_compiled_with(monkeypatch):
+    # The compile cache keeps AOTInductor packages under their own keys: a server started without the
+    # flag that `diffjet compile --precompile aoti` was given would find nothing to start from.
+    import diffjet.serve.server
+    from diffjet.serve.worker import load_served_pipeline
+
+    served, configs = [], []
+    monkeypatch.setattr(diffjet.serve.server, "run", lambda settings, *args, **kwargs: served.append(settings))
+    compile_ = diffjet.compile
+    monkeypatch.setattr(diffjet, "compile", lambda pipe, config: configs.append(config) or compile_(pipe, config))
+    assert cli.main([*SERVE, "--precompile", "aoti"]) == 0
+    load_served_pipeline(served[0])
+    assert served[0].precompile == "aoti" and configs[0].precompile == "aoti"
 
 
 def test_a_short_api_key_and_a_port_in_use_are_refused_before_any_model_loads(capsys, no_model, tmp_path):

@@ -454,7 +454,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     sizes = sizes or [_model_native_size(model)]
     pipe = load_pipeline(model, device="cuda", dtype=half_precision(model))
     pipe.set_progress_bar_config(disable=True)
-    diffjet.compile(pipe, diffjet.Config(cache_dir=args.cache))
+    diffjet.compile(pipe, diffjet.Config(cache_dir=args.cache, precompile=args.precompile))
     cache = pipe.diffjet.cache
     rows = []
     shapes = [(w, h, b) for w, h in sizes for b in batches]
@@ -540,8 +540,11 @@ def _serve_settings(args: argparse.Namespace, device: str, model: str):
         sizes = [(width or 512, height or 512)]
     if args.ray:
         _ray_options(args)
+    if args.precompile != "function" and args.compiler == "eager":
+        raise ConfigError("--precompile is what diffjet's compile cache keeps; --compiler eager compiles nothing")
     return ServeSettings(
         model=model, model_name=model, sizes=tuple(sizes), device=device, compiler=args.compiler,
+        precompile=args.precompile,
         lora_dir=Path(args.lora_dir) if args.lora_dir else None, lora_base_copy=args.lora_base_copy,
         max_batch=args.max_batch,
         batch_sizes=tuple(_batches(args.batch_sizes, "--batch-sizes")) if args.batch_sizes else (),
@@ -632,6 +635,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="log what diffjet does, and show the third-party lines hidden by default")
     sub = parser.add_subparsers(dest="command", required=True)
 
+    def precompile_option(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--precompile", choices=("function", "aoti"), default="function",
+                       help="what the compile cache keeps for the next start (Config.precompile): function, or aoti "
+                            "(experimental: AOTInductor packages; sd15's warm start about 20%% quicker, its first "
+                            "compile about 2.4x as long). compile and serve must use the same")
+
     def common(p: argparse.ArgumentParser, steps_default: int | None) -> None:
         p.add_argument("--model", help="preset (tiny, tiny-sdxl, sd15, sd21, sdxl, flux-dev, sd35-medium, ...), "
                                        "diffusers folder or hub id (default: sd15 on a GPU, tiny on a CPU)")
@@ -684,6 +693,7 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--prompt", default="warm-up")
     comp.add_argument("--skip-vae", action="store_true", help="compile only the UNet and text encoders")
     comp.add_argument("--device", choices=("auto", "cuda"), default="auto")
+    precompile_option(comp)
     comp.set_defaults(func=cmd_compile)
 
     cac = sub.add_parser("cache", help="list, check or prune the compile cache")
@@ -721,6 +731,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-body-kib", type=int, default=64, help="cap on a request body")
     srv.add_argument("--compiler", choices=("eager", *DIFFJET), default="diffjet")
     srv.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
+    precompile_option(srv)
     srv.add_argument("--ray", action="store_true", help="serve on Ray Serve: one replica per GPU, same HTTP API")
     srv.add_argument("--replicas", type=int, default=1, help="with --ray: replicas (one GPU each)")
     srv.add_argument("--min-replicas", type=int, help="with --ray: autoscaling lower bound")

@@ -93,10 +93,10 @@ def set_scheduler(pipe, name: str) -> None:
         pipe.scheduler = getattr(diffusers, class_name).from_config(pipe.scheduler.config)
 
 
-def apply(pipe, compiler: str, cache_dir: str | None = None) -> dict[str, Any]:
+def apply(pipe, compiler: str, cache_dir: str | None = None, precompile: str = "function") -> dict[str, Any]:
     """Apply `compiler` to `pipe` in place; returns facts about it to record with the run.
 
-    `cache_dir` is diffjet's compile cache (default: the user's)."""
+    `cache_dir` is diffjet's compile cache (default: the user's), `precompile` what it keeps (`Config.precompile`)."""
     if compiler == "eager":
         return {}
     if compiler == "torch-compile":
@@ -106,7 +106,7 @@ def apply(pipe, compiler: str, cache_dir: str | None = None) -> dict[str, Any]:
     if compiler in DIFFJET:
         import diffjet
 
-        diffjet.compile(pipe, DIFFJET[compiler]().replace(cache_dir=cache_dir))
+        diffjet.compile(pipe, DIFFJET[compiler]().replace(cache_dir=cache_dir, precompile=precompile))
         report = pipe.diffjet
         return {"passes": report.passes, "left_alone": report.left_alone, "off": report.off,
                 "lossy": list(getattr(report, "lossy", []))}

@@ -33,6 +33,7 @@ class ServeSettings:
     model_name: str = ""
     device: str = "cpu"
     compiler: str = "diffjet"
+    precompile: str = "function"  # `Config.precompile` of a diffjet compiler
     lora_dir: Path | None = None
     lora_base_copy: str = "host"  # `diffjet.load_lora`'s base_copy: where the original weights' copies live
     max_batch: int = 4

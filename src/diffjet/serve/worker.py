@@ -53,7 +53,7 @@ class BatchFailed(Exception):
 def load_served_pipeline(settings: ServeSettings) -> Any:
     """The pipeline as `diffjet serve` runs it: loaded on its device (on CUDA in its family's half
     precision: float16 for UNets, bfloat16 for DiTs), compiled with
-    `settings.compiler`, progress bars off."""
+    `settings.compiler` (and `settings.precompile`), progress bars off."""
     import torch
 
     from ..bench import recipes
@@ -62,7 +62,7 @@ def load_served_pipeline(settings: ServeSettings) -> Any:
     dtype = half_precision(settings.model) if settings.device.startswith("cuda") else torch.float32
     pipe = load_pipeline(settings.model, device=settings.device, dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
-    recipes.apply(pipe, settings.compiler)
+    recipes.apply(pipe, settings.compiler, precompile=settings.precompile)
     return pipe
 
 
