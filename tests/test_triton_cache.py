@@ -111,3 +111,41 @@ def test_an_entry_naming_a_file_outside_its_folder_is_rejected(tmp_path, caplog)
     with caplog.at_level(logging.WARNING, logger="diffjet"):
         assert cache.load_entry(parts) is None
     assert "outside its folder" in caplog.text
+
+
+def test_the_driver_module_is_built_once_per_environment_and_loaded_after(tmp_path):
+    # Triton builds its driver module with the C compiler at its first use in a process, into its own cache
+    # folder, which a new machine does not have: diffjet keeps it in the compile cache instead.
+    cache = CompileCache(tmp_path / "cache")
+    builds = []
+
+    def build():  # what Triton's driver does at its first use: load the module from its cache, else build it
+        manager = FileCacheManager("DRIVERKEY")
+        if manager.get_file("cuda_utils.cpython-312-x86_64-linux-gnu.so") is None:
+            builds.append(triton.knobs.cache.dir)
+            manager.put(b"\x7fELF driver", "cuda_utils.cpython-312-x86_64-linux-gnu.so")
+
+    triton_cache.keep_driver(cache, {"triton": "3.6"}, build)
+    assert len(builds) == 1 and cache.stats.stored == 1
+    triton_cache.keep_driver(cache, {"triton": "3.6"}, build)  # a new process: restored, not built
+    assert len(builds) == 1 and cache.stats.hits == 1 and cache.stats.stored == 1
+    triton_cache.keep_driver(cache, {"triton": "3.7"}, build)  # another environment builds its own
+    assert len(builds) == 2 and cache.stats.stored == 2
+    assert not (tmp_path / "DRIVERKEY").exists() and all("diffjet-triton-" in b for b in builds)
+
+
+def test_a_driver_module_that_does_not_load_is_dropped_and_the_start_goes_on(tmp_path, caplog):
+    cache = CompileCache(tmp_path / "cache")
+
+    def build():
+        FileCacheManager("DRIVERKEY").put(b"\x7fELF driver", "cuda_utils.so")
+
+    triton_cache.keep_driver(cache, {"triton": "3.6"}, build)
+
+    def broken():
+        raise ImportError("undefined symbol: cuLaunchKernelEx")
+
+    with caplog.at_level(logging.WARNING):
+        triton_cache.keep_driver(cache, {"triton": "3.6"}, broken)
+    assert "driver module not taken from the compile cache" in caplog.text
+    assert cache.stats.rejected == 1 and cache.entries() == []

@@ -32,7 +32,7 @@ from torch import nn
 from ..config import KNOWN_COMPONENTS, Config
 from ..errors import CacheError, DeviceError
 from ..passes import attention, fp8, inductor, kernels, memory_format, precision
-from ..runtime import precompiled
+from ..runtime import precompiled, triton_cache
 from ..runtime.compile_cache import CompileCache, module_key, open_cache
 from ..runtime.cuda_graph import CudaGraphRunner
 from ..runtime.environment import environment_key
@@ -101,6 +101,8 @@ def compile_pipeline(pipe, config: Config) -> CompileReport:
     if on_cuda and config.cache and config.inductor:
         cache = _open_cache(config, report)
         report.cache = cache
+    if cache is not None:
+        triton_cache.keep_driver(cache, environment_key(device))
 
     if not on_cuda:
         report.off = ["half precision (CPU)", "Inductor (CPU)", "CUDA graphs (CPU)"]

@@ -9,22 +9,30 @@ So a runner warms up with Triton's cache pointed at a directory of its own (`sco
 entry (`restore`), and adds what Triton wrote there to the entry (`collect`), under `triton/` with the
 entry's size and SHA-256 checks. Triton's group files (`__grp__*.json`) name their member files by
 absolute path; they are stored relative and written back with the new directory's path. A file Triton
-cannot use only makes it compile again.
+cannot use only makes it compile again. Triton's driver module, which it builds at its first use in a
+process, is kept apart, in one entry per environment (`keep_driver`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
+import tempfile
 from pathlib import Path, PurePosixPath
-from typing import Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from .files import plain_name
+
+if TYPE_CHECKING:
+    from .compile_cache import CompileCache
 
 try:
     import triton
 except ImportError:  # CPU-only installs have no Triton cache to keep
     triton = None
+
+logger = logging.getLogger(__name__)
 
 PREFIX = "triton/"
 _GROUP = "__grp__"
@@ -66,15 +74,16 @@ def restore(files: dict[str, bytes], directory: Path) -> set[str]:
     return written
 
 
-def collect(directory: Path, known: set[str] = frozenset()) -> dict[str, bytes]:
-    """Triton's files in `directory` by entry name, group files made relative; those in `known` left out."""
+def collect(directory: Path, known: set[str] = frozenset(), *, driver: bool = False) -> dict[str, bytes]:
+    """Triton's files in `directory` by entry name, group files made relative; those in `known` left out,
+    and Triton's driver modules unless `driver`."""
     found = {}
     for path in sorted(directory.rglob("*")):
         relative = path.relative_to(directory)
         if not path.is_file() or any(part.startswith("tmp.") for part in relative.parts):
             continue  # Triton's half-written files live in tmp.pid_* folders
         name = PREFIX + relative.as_posix()
-        if name in known or path.name.startswith(_DRIVER_MODULES):
+        if name in known or path.name.startswith(_DRIVER_MODULES) != driver:
             continue
         data = path.read_bytes()
         if path.name.startswith(_GROUP):
@@ -83,6 +92,34 @@ def collect(directory: Path, known: set[str] = frozenset()) -> dict[str, bytes]:
                 continue
         found[name] = data
     return found
+
+
+def keep_driver(cache: "CompileCache", environment: dict[str, Any],
+                build: Callable[[], Any] = lambda: triton.runtime.driver.active.utils) -> None:
+    """Load Triton's driver module from `cache`'s entry for `environment`, or have Triton `build` it (with
+    the C compiler, at its first use in a process) and keep it there.
+
+    Every new machine built it again inside the first image (0.7 s of gcc on a 2-core machine), since
+    Triton's own cache folder does not travel with diffjet's. A driver already loaded builds nothing.
+    """
+    if not available():
+        return
+    parts = {"component": "triton-driver", "environment": environment}
+    entry = cache.load_entry(parts)
+    with tempfile.TemporaryDirectory(prefix="diffjet-triton-", ignore_cleanup_errors=True) as folder:
+        directory = Path(folder)
+        try:
+            restored = restore(entry.files if entry else {}, directory)
+            with scope(directory):
+                build()
+            built = collect(directory, restored, driver=True)
+        except Exception as exc:  # noqa: BLE001 - Triton builds it in its own folder at first use instead
+            logger.warning("Triton's driver module not taken from the compile cache: %s", exc)
+            if entry is not None:
+                cache.discard(parts, entry, f"Triton's driver module does not load ({exc})")
+            return
+        if built:
+            cache.store(parts, built, artifacts=b"", about={"component": "triton-driver"})
 
 
 def _under(directory: Path, child: str) -> str | None:
