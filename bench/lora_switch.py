@@ -13,6 +13,8 @@ size, then:
 - `switch_ms`: `unload_lora(A)` + `load_lora(B)` from the file, alternating A → B → A … with a generation
   (2 steps) between switches so the graphs really replay the new weights; median, min and max;
 - `switch_in_memory_ms`: the same with the LoRAs already read into state dicts (no file read);
+- `switch_replacing_ms`: the same in one step, `load_lora(B, replacing=A)` (each weight's base copy written
+  back on a side stream while the previous weight is merged);
 - recompiles (Dynamo's unique graphs) and new captures across all switches, which must be 0;
 - that each switch changes the UNet's output and that B after A equals B loaded alone (same bits);
 - `base_copy_gib`, the copies' size, and `pinned_host_gib`, the pinned host memory PyTorch holds at the end.
@@ -94,8 +96,8 @@ def run_model(model: str, rank: int, switches: int, folder: Path, device: str = 
     first_load_ms = timed(lambda: diffjet.load_lora(pipe, files["a"], adapter_name="a", base_copy=base_copy))
     probe["a"] = generate().float()
     current = "a"
-    from_file, from_memory = [], []
-    for i in range(2 * switches):
+    from_file, from_memory, replacing = [], [], []
+    for i in range(3 * switches):
         target = "b" if current == "a" else "a"
         source = files if i < switches else in_memory
 
@@ -103,7 +105,11 @@ def run_model(model: str, rank: int, switches: int, folder: Path, device: str = 
             diffjet.unload_lora(pipe, current)
             diffjet.load_lora(pipe, source[target], adapter_name=target)
 
-        (from_file if i < switches else from_memory).append(timed(switch))
+        def switch_in_one_step():
+            diffjet.load_lora(pipe, source[target], adapter_name=target, replacing=current)
+
+        times = (from_file, from_memory, replacing)[i // switches]
+        times.append(timed(switch_in_one_step if times is replacing else switch))
         out = generate().float()
         if target in probe:
             same_after_switch_back.append(torch.equal(out, probe[target]))
@@ -127,7 +133,9 @@ def run_model(model: str, rank: int, switches: int, folder: Path, device: str = 
         "switch_in_memory_ms": round(statistics.median(from_memory), 1),
         "switch_in_memory_ms_min": round(min(from_memory), 1),
         "switch_in_memory_ms_max": round(max(from_memory), 1),
-        "switches_timed": len(from_file) + len(from_memory),
+        "switch_replacing_ms": round(statistics.median(replacing), 1),
+        "switch_replacing_ms_min": round(min(replacing), 1), "switch_replacing_ms_max": round(max(replacing), 1),
+        "switches_timed": len(from_file) + len(from_memory) + len(replacing),
         "unload_all_ms": round(unload_ms, 1),
         "recompiles": after[1] - warm[1], "new_captures": after[0] - warm[0],
         "latents_change_a_vs_base": round(rel(probe["a"], base), 4),

@@ -284,6 +284,44 @@ def test_switching_a_to_b_equals_loading_b_alone(tiny_path):
         assert torch.equal(weight, fresh_weights[name]), name
 
 
+@pytest.mark.parametrize("a_layers, b_layers", [("all", "all"), ("unet", "all"), ("all", "unet")],
+                         ids=["same-layers", "b-adapts-more", "b-adapts-fewer"])
+def test_a_switch_in_one_step_equals_unloading_then_loading(tiny_path, a_layers, b_layers):
+    # `load_lora(..., replacing=...)` gives each weight its base back and merges into it in one pass (on
+    # CUDA, the next weight's copy overlaps this one's merge): the same bits as an unload, then a load.
+    def factors(pipe, seed, which):
+        return lora_factors(pipe, seed, {"unet": UNET_LAYERS} if which == "unet" else None)
+
+    one_step, two_steps = compiled(tiny_path), compiled(tiny_path)
+    base = weights(one_step)
+    for pipe in (one_step, two_steps):
+        load_lora(pipe, peft_format(factors(pipe, 1, a_layers)), adapter_name="a")
+        load_lora(pipe, peft_format(factors(pipe, 3, "unet")), scale=0.5, adapter_name="kept")
+    assert load_lora(one_step, peft_format(factors(one_step, 2, b_layers)), adapter_name="b", replacing="a") == "b"
+    unload_lora(two_steps, "a")
+    load_lora(two_steps, peft_format(factors(two_steps, 2, b_layers)), adapter_name="b")
+    assert lora_scales(one_step) == lora_scales(two_steps) == {"kept": 0.5, "b": 1.0}
+    expected = weights(two_steps)
+    assert all(torch.equal(w, expected[n]) for n, w in weights(one_step).items())
+    # And back, under the same name, then every adapter out: the base, bit for bit.
+    load_lora(one_step, peft_format(factors(one_step, 1, a_layers)), adapter_name="b", replacing="b")
+    unload_lora(one_step)
+    assert all(torch.equal(w, base[n]) for n, w in weights(one_step).items())
+
+
+def test_a_switch_in_one_step_that_fails_part_way_changes_nothing(tiny_path, monkeypatch):
+    pipe = compiled(tiny_path)
+    load_lora(pipe, peft_format(lora_factors(pipe, seed=1)), adapter_name="a")
+    before = weights(pipe)
+    with pytest.raises(LoraError, match="no LoRA named 'x'"):
+        load_lora(pipe, peft_format(lora_factors(pipe, seed=2)), adapter_name="b", replacing=["a", "x"])
+    calls = _fail_once_after(monkeypatch, 5)
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        load_lora(pipe, peft_format(lora_factors(pipe, seed=2)), adapter_name="b", replacing="a")
+    assert len(calls) > 5 and lora_scales(pipe) == {"a": 1.0}
+    assert all(torch.equal(w, before[n]) for n, w in weights(pipe).items())
+
+
 def test_switching_reuses_the_host_copies_of_the_base_weights(tiny_path, monkeypatch):
     import diffjet.lora as lora_module
 

@@ -231,6 +231,39 @@ def test_lora_switch_neither_recompiles_nor_recaptures(base_copy):
     assert _captures_and_dynamo_graphs(pipe) == warm
 
 
+@pytest.mark.parametrize("base_copy", ["host", "device"])
+def test_a_one_step_lora_switch_orders_its_side_stream_with_the_current_one(base_copy):
+    # `load_lora(..., replacing=...)` writes the base copies back on a side stream: work queued before the
+    # switch must still read the old weights, and work queued after it (no synchronisation) the new ones,
+    # those that are only restored (B adapts fewer layers than A) included.
+    from .conftest import TEXT_ENCODER_LAYERS, UNET_LAYERS, lora_factors, peft_format
+
+    one_step, two_steps = _tiny_compiled(), _tiny_compiled()
+    for pipe in (one_step, two_steps):
+        diffjet.load_lora(pipe, peft_format(lora_factors(pipe, seed=1)), adapter_name="a", base_copy=base_copy)
+    watched = [("text_encoder", TEXT_ENCODER_LAYERS[0]), ("unet", UNET_LAYERS[0])]
+
+    def read(pipe):
+        return [getattr(pipe, component).get_submodule(path).weight.clone() for component, path in watched]
+
+    torch.cuda.synchronize()
+    with_a = read(one_step)
+    torch.cuda._sleep(200_000_000)  # the current stream busy for about a tenth of a second
+    before = read(one_step)  # queued behind it
+    diffjet.load_lora(one_step, peft_format(lora_factors(one_step, seed=2, layers={"unet": UNET_LAYERS})),
+                      adapter_name="b", replacing="a")
+    after = read(one_step)  # queued at once
+    diffjet.unload_lora(two_steps, "a")
+    diffjet.load_lora(two_steps, peft_format(lora_factors(two_steps, seed=2, layers={"unet": UNET_LAYERS})),
+                      adapter_name="b")
+    expected = read(two_steps)
+    torch.cuda.synchronize()
+    assert all(torch.equal(x, y) for x, y in zip(before, with_a))
+    assert all(torch.equal(x, y) for x, y in zip(after, expected)) and not torch.equal(after[0], with_a[0])
+    params = dict(two_steps.unet.named_parameters())
+    assert all(torch.equal(w, params[n]) for n, w in one_step.unet.named_parameters())
+
+
 _WARM_START = """
 import json, sys
 import torch

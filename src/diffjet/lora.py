@@ -138,6 +138,7 @@ def load_lora(
     *,
     weight_name: str | None = None,
     base_copy: str | None = None,
+    replacing: str | Iterable[str] = (),
 ) -> str:
     """Merge a LoRA into the pipeline's weights in place and return its adapter name.
 
@@ -148,35 +149,45 @@ def load_lora(
     it waits for a call running in another thread to end (as `unload_lora` and `set_lora_scales` do).
     `base_copy` says where the copies of the original weights of a CUDA pipeline are kept, for this load
     and every later one: "host" (pinned host memory; the default) or "device" (GPU memory: unloading and
-    switching never cross the host link); copies made already move there.
+    switching never cross the host link); copies made already move there. `replacing` names adapters to
+    take out in the same step, as `unload_lora` would (the new one may reuse a name): a switch then gives each
+    weight its base back and merges into it while the next one's copy is on its way, where an unload and a
+    load run one after the other.
     """
     scale = _scale(scale, adapter_name)
     if base_copy is not None and base_copy not in BASE_COPIES:
         raise LoraError(f"base_copy must be one of {', '.join(map(repr, BASE_COPIES))}, got {base_copy!r}")
+    replacing = [replacing] if isinstance(replacing, str) else list(replacing)
     with calls.lock(pipe):
-        return _load(pipe, lora, scale, adapter_name, weight_name, base_copy)
+        return _load(pipe, lora, scale, adapter_name, weight_name, base_copy, replacing)
 
 
 def _load(pipe: Any, lora: Any, scale: float, adapter_name: str | None, weight_name: str | None,
-          base_copy: str | None = None) -> str:
+          base_copy: str | None = None, replacing: list[str] | None = None) -> str:
     state = _state(pipe)
+    replacing = replacing or []
+    _check_known(state, replacing)
     if adapter_name is None:
         adapter_name = next(f"default_{i}" for i in itertools.count() if f"default_{i}" not in state.adapters)
-    elif adapter_name in state.adapters:
+    elif adapter_name in state.adapters and adapter_name not in replacing:
         raise LoraError(f"a LoRA named {adapter_name!r} is loaded already; unload it or pick another adapter_name")
     layers = _read_file_or_lora(pipe, state, lora, weight_name)
     if base_copy is not None and base_copy != state.base_copy:
         state.base = _base_copies(pipe, state.base, base_copy)  # an error here leaves the old copies in place
         state.base_copy = base_copy
-    active = {key for adapter in state.adapters.values() for key in adapter.layers}
-    at_base = layers.keys() - active  # weights that hold their base now: merging reads them in place
+    removed = {key for name in replacing for key in state.adapters[name].layers}
+    active = {key for name, adapter in state.adapters.items() if name not in replacing for key in adapter.layers}
+    at_base = layers.keys() - active - removed  # weights that hold their base now: merging reads them in place
     weights = {key: _weight(pipe, key) for key in at_base}
     stale = {key: weight for key, weight in weights.items()
              if key not in state.base or state.written.get(key) != _fingerprint(weight)}
     state.base.update(_base_copies(pipe, stale, state.base_copy))
+    adapter = _Adapter(scale, _to_weight_devices(pipe, layers))
     undo = _registry_undo(state)
-    state.adapters[adapter_name] = _Adapter(scale, _to_weight_devices(pipe, layers))
-    _merge(pipe, state, layers, at_base, undo=undo)
+    for name in replacing:
+        del state.adapters[name]
+    state.adapters[adapter_name] = adapter
+    _merge(pipe, state, [*layers, *(removed - layers.keys())], at_base, undo=undo)
     return adapter_name
 
 
@@ -588,6 +599,39 @@ def _to_weight_devices(pipe: Any, layers: dict[tuple[str, str], _Layer]) -> dict
     return moved
 
 
+class _Restores:
+    """Base copies written back into CUDA weights on a side stream, one event each, so that merging a weight
+    (on the current stream, after its own copy only) overlaps the copies of the next ones: a switch between
+    two full Flux LoRAs is 22 GiB over the host link and then 566 merges, one after the other on one stream.
+
+    The side stream starts after the work queued on the current stream so far (which may read the weights)
+    and `join` makes the current stream wait for it: what comes after sees every weight written.
+    """
+
+    def __init__(self) -> None:
+        self.streams: dict[torch.device, torch.cuda.Stream] = {}
+
+    def copy(self, views: list[torch.Tensor], base: torch.Tensor, then_read: bool) -> None:
+        device = views[0].device
+        if device.type != "cuda":
+            for view in views:
+                view.copy_(base)
+            return
+        side = self.streams.get(device)
+        if side is None:
+            side = self.streams[device] = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for view in views:
+                view.copy_(base, non_blocking=True)
+        if then_read:
+            torch.cuda.current_stream(device).wait_event(side.record_event())
+
+    def join(self) -> None:
+        for device, side in self.streams.items():
+            torch.cuda.current_stream(device).wait_stream(side)
+
+
 def _registry_undo(state: _LoraState) -> Callable[[], None]:
     """What puts the adapters back as they are now (which are loaded, in order, at which scales)."""
     saved = [(name, adapter, adapter.scale) for name, adapter in state.adapters.items()]
@@ -625,26 +669,30 @@ def _write_merged(pipe: Any, state: _LoraState, keys: Iterable[tuple[str, str]],
                   at_base: set | frozenset = frozenset()) -> None:
     """Write base + Σ scale · delta (float32) into each weight in `keys`, in place.
 
-    A weight in `at_base` holds its base already and is read where it is, not from its host copy. The fp8
-    copies of the written weights (`Config.fp8`) are quantized again, in place.
+    A weight in `at_base` holds its base already and is merged where it is; the others get their base back
+    from its copy first (`_Restores`: while the next copy crosses the host link, this one is merged). The
+    fp8 copies of the written weights (`Config.fp8`) are quantized again, in place.
     """
     written = []
-    for key in keys:
-        views = _weight_views(pipe, key)
-        written += views
-        adapters = [a for a in state.adapters.values() if key in a.layers]
-        if not adapters:
+    restores = _Restores()
+    try:
+        for key in keys:
+            views = _weight_views(pipe, key)
+            written += views
+            adapters = [a for a in state.adapters.values() if key in a.layers]
+            if key not in at_base or not adapters:
+                restores.copy(views, state.base[key], then_read=bool(adapters))
+            if not adapters:
+                continue
+            merged = views[0].to(torch.float32, memory_format=torch.contiguous_format, copy=True)
+            merged = merged.view(merged.shape[0], -1)
+            for adapter in adapters:
+                layer = adapter.layers[key]
+                merged.addmm_(layer.up, layer.down, alpha=adapter.scale * layer.alpha_scale)
             for view in views:
-                view.copy_(state.base[key], non_blocking=True)
-            continue
-        source = views[0] if key in at_base else state.base[key].to(views[0].device, non_blocking=True)
-        merged = source.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
-        merged = merged.view(merged.shape[0], -1)
-        for adapter in adapters:
-            layer = adapter.layers[key]
-            merged.addmm_(layer.up, layer.down, alpha=adapter.scale * layer.alpha_scale)
-        for view in views:
-            view.copy_(merged.view(view.shape))
+                view.copy_(merged.view(view.shape))
+    finally:
+        restores.join()
     fp8.requantize(pipe.components.values(), written)
     # Fingerprints after every write: fused rows share one version counter, so all are taken anew.
     state.written = {key: _fingerprint(_weight(pipe, key)) for key in state.base}

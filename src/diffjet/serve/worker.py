@@ -198,22 +198,25 @@ class PipelineWorker:
 
     def _switch_loras(self, wanted: tuple[tuple[str, float], ...]) -> None:
         """Make the merged adapters `wanted` (by name from `--lora-dir`, at those scales), changing only
-        what differs: unload the ones not wanted, rescale the kept ones, load the new ones."""
+        what differs: rescale the kept ones, load the new ones in place of the ones not wanted (or unload
+        those)."""
         if wanted == self._loras:
             return
         import diffjet
 
         merged, target = lora_scales(self.pipe), dict(wanted)
+        unwanted = [name for name in merged if name not in target]
+        new = [(name, scale) for name, scale in target.items() if name not in merged]
         try:
-            for name in merged.keys() - target.keys():
-                diffjet.unload_lora(self.pipe, name)
+            if not new:
+                for name in unwanted:
+                    diffjet.unload_lora(self.pipe, name)
             rescaled = {name: scale for name, scale in target.items() if name in merged and merged[name] != scale}
             if rescaled:
                 diffjet.set_lora_scales(self.pipe, rescaled)
-            for name, scale in target.items():
-                if name not in merged:
-                    diffjet.load_lora(self.pipe, str(self.loras[name]), scale=scale, adapter_name=name,
-                                      base_copy=self.settings.lora_base_copy)
+            for i, (name, scale) in enumerate(new):  # the first takes the unwanted ones' place in one step
+                diffjet.load_lora(self.pipe, str(self.loras[name]), scale=scale, adapter_name=name,
+                                  base_copy=self.settings.lora_base_copy, replacing=unwanted if i == 0 else ())
         finally:  # what is merged now, also after a failed switch
             self._loras = tuple(sorted(lora_scales(self.pipe).items()))
         self.metrics.lora_switches.inc()
