@@ -479,7 +479,8 @@ def test_verify_reports_damaged_entries_without_loading_them(tmp_path):
     assert folders[1].exists(), "verify deletes nothing"
 
 
-def test_entries_of_an_aoti_package_and_of_a_saved_function_are_apart_and_the_default_keys_stay(unet, monkeypatch):
+def test_entries_of_an_aoti_package_and_of_a_saved_function_are_apart_and_the_default_keys_stay(unet, monkeypatch,
+                                                                                                   tmp_path):
     # An AOTInductor package in an entry's function file would fail to unpickle as a saved function (and the
     # other way round): each kind has entries of its own. The default's parts are those written before
     # there was a choice, so caches in use keep their entries.
@@ -489,6 +490,10 @@ def test_entries_of_an_aoti_package_and_of_a_saved_function_are_apart_and_the_de
              for kind in ("function", "aoti")}
     assert entry_key(parts["function"]) != entry_key(parts["aoti"])
     assert parts["function"]["compile"] == {"mode": "default", "backend": "inductor"}
+    # Each kind's store knows where the other kind's entries are, to say so at a miss.
+    for kind, other in (("function", "aoti"), ("aoti", "function")):
+        store = compiler._store(CompileCache(tmp_path), parts[kind], Config(precompile=kind), "unet", None, None)
+        assert store.elsewhere == {other: parts[other]}
     assert isinstance(compiler._precompiler(unet, Config(precompile="aoti"), compiler.precompiled.forward),
                       compiler.precompiled.AotiPrecompiler)
     with pytest.raises(ConfigError, match="precompile must be one of"):

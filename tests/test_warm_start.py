@@ -141,6 +141,26 @@ def test_a_signature_is_precompiled_once_stored_and_loaded_by_the_next_process(t
     assert later.compiled == [] and cache.stats.hits == 1 and cache.stats.stored == 0
 
 
+def test_a_miss_where_another_precompile_setting_filled_the_cache_says_so_once(tmp_path, caplog):
+    # `diffjet compile --precompile aoti`, then `diffjet serve` without the flag: every shape compiles cold,
+    # which should not pass for a slow machine.
+    aoti_parts = {**PARTS, "compile": {"precompile": "aoti"}}
+    filled = WarmStartStore(_cache(tmp_path), aoti_parts, name="unet", precompile=FakePrecompiler())
+    for signature in ("s1", "s2"):
+        _run(filled, signature)
+    store = WarmStartStore(_cache(tmp_path), PARTS, name="unet", precompile=FakePrecompiler(),
+                           elsewhere={"aoti": aoti_parts})
+    with caplog.at_level(logging.WARNING, logger="diffjet"):
+        assert _run(store, "s1") == "precompiled s1" and _run(store, "s2") == "precompiled s2"
+    said = [r.getMessage() for r in caplog.records if "precompile='aoti'" in r.getMessage()]
+    assert len(said) == 1 and "unet" in said[0] and "[s1]" in said[0]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="diffjet"):  # a miss with nothing elsewhere is quiet
+        _run(WarmStartStore(_cache(tmp_path), PARTS, name="unet", precompile=FakePrecompiler(),
+                            elsewhere={"aoti": aoti_parts}), "s3")
+    assert not caplog.records
+
+
 def test_a_precompile_failure_affects_only_that_signature(tmp_path, caplog):
     recorder = Recorder()
     fake = FakePrecompiler(fail_on={"s1"}, recorder=recorder)

@@ -17,7 +17,7 @@ _DTYPES = {"auto": None, "float16": torch.float16, "bfloat16": torch.bfloat16, "
 _ATTENTION = ("sdpa-fused-qkv", "keep")
 _COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
 #: What the compile cache keeps of each input signature for a warm start (`runtime/precompiled.for_kind`).
-_PRECOMPILE = ("function", "aoti")
+PRECOMPILE_KINDS = ("function", "aoti")
 #: `torch.compile` backends: Inductor, and the two that tests use to trace without compiling.
 _BACKENDS = ("inductor", "eager", "aot_eager")
 #: The largest guidance scale `diffjet generate` and the server's APIs take (from 0).
@@ -184,8 +184,8 @@ class Config:
             raise ConfigError(f"graph_memory_gib must be a positive number of GiB or None, got {cap!r}")
         if not (self.fp8 is True or self.fp8 is False or self.fp8 == "auto"):
             raise ConfigError(f"fp8 must be False, True or 'auto', got {self.fp8!r}")
-        if self.precompile not in _PRECOMPILE:
-            raise ConfigError(f"precompile must be one of {list(_PRECOMPILE)}, got {self.precompile!r}")
+        if self.precompile not in PRECOMPILE_KINDS:
+            raise ConfigError(f"precompile must be one of {list(PRECOMPILE_KINDS)}, got {self.precompile!r}")
 
     @property
     def torch_dtype(self) -> torch.dtype | None:

@@ -29,7 +29,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from ..config import KNOWN_COMPONENTS, Config
+from ..config import KNOWN_COMPONENTS, PRECOMPILE_KINDS, Config
 from ..errors import CacheError, DeviceError
 from ..passes import attention, fp8, inductor, kernels, memory_format, precision
 from ..runtime import precompiled, triton_cache
@@ -228,9 +228,8 @@ def _step_cache(pipe, name: str, model: nn.Module, config: Config, cache: Compil
         if cache is not None and inductor_on:
             parts = {**_cache_parts(name, model, config, applied_here, step_cache.__name__ + "." + part),
                      "step_cache": [part, config.step_cache.branch, config.step_cache.adaptive]}
-            store = WarmStartStore(cache, parts, name=f"{name}.{part}",
-                                   precompile=_precompiler(model, config, saveable),
-                                   about={"model": getattr(pipe, "name_or_path", None)})
+            store = _store(cache, parts, config, f"{name}.{part}", _precompiler(model, config, saveable),
+                           {"model": getattr(pipe, "name_or_path", None)})
         tensor_args = _STEP_ARGS[name][1:] if part in step_parts else ()
         runner = _runner(f"{name}.{part}", model, fn, config, store, tensor_args)
         report.runners[f"{name}.{part}"] = runner
@@ -256,12 +255,25 @@ def _cache_parts(name: str, target: nn.Module, config: Config, passes: Sequence[
         "device": str(_device_of(target)),
         "environment": environment_key(_device_of(target)),
         "passes": list(passes),
-        # An AOTInductor package is not a saved function: entries of the two kinds are apart (and the default's
-        # keys are those of the caches written before there was a choice).
-        "compile": {"mode": config.compile_mode, "backend": config.backend,
-                    **({"precompile": config.precompile} if config.precompile != "function" else {})},
+        "compile": _compile_part(config, config.precompile),
         "function": function,
     }
+
+
+def _compile_part(config: Config, precompile: str) -> dict[str, Any]:
+    # An AOTInductor package is not a saved function: entries of the two kinds are apart (and the default's
+    # keys are those of the caches written before there was a choice).
+    return {"mode": config.compile_mode, "backend": config.backend,
+            **({"precompile": precompile} if precompile != "function" else {})}
+
+
+def _store(cache: CompileCache, parts: dict[str, Any], config: Config, name: str,
+           precompile: precompiled.Precompiler | None, about: dict[str, Any] | None) -> WarmStartStore:
+    """The warm-start store of runner `name`, which also knows where the other `Config.precompile` kinds'
+    entries would be."""
+    elsewhere = {kind: {**parts, "compile": _compile_part(config, kind)}
+                 for kind in PRECOMPILE_KINDS if kind != config.precompile}
+    return WarmStartStore(cache, parts, name=name, precompile=precompile, about=about, elsewhere=elsewhere)
 
 
 def _precompiler(target: nn.Module, config: Config, function: Callable[..., Any]) -> precompiled.Precompiler | None:
@@ -315,5 +327,5 @@ def graph_runner(
     store = None
     if cache is not None and compiled:
         parts = _cache_parts(name, target, config, passes, f"{function.__module__}.{function.__qualname__}")
-        store = WarmStartStore(cache, parts, name=name, precompile=_precompiler(target, config, function), about=about)
+        store = _store(cache, parts, config, name, _precompiler(target, config, function), about)
     return _runner(name, target, fn, config, store, _STEP_ARGS.get(name, ()) if tensor_args is None else tensor_args)

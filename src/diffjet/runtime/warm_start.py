@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from . import autotune_choices, triton_cache
-from .compile_cache import FUNCTION, CompileCache, Entry
+from .compile_cache import FUNCTION, CompileCache, Entry, entry_key
 from .precompiled import Precompiler
 
 logger = logging.getLogger(__name__)
@@ -57,16 +57,22 @@ class _Prepared:
 class WarmStartStore:
     """The compile-cache entries of one runner: `parts` name what its compiled code depends on (the runner
     adds each signature), `precompile` compiles whole functions ahead of the warm-up (None: only
-    Inductor's artifacts are kept), `about` describes the entries for `diffjet cache ls`."""
+    Inductor's artifacts are kept), `about` describes the entries for `diffjet cache ls`. `elsewhere` maps
+    another `Config.precompile` to the parts its entries would have: a miss where one of those exists says
+    so, since the cache was then filled with another setting than this process's (a cold start instead of
+    a warm one)."""
 
     def __init__(self, cache: CompileCache, parts: dict[str, Any], *, name: str,
-                 precompile: Precompiler | None = None, about: dict[str, Any] | None = None) -> None:
+                 precompile: Precompiler | None = None, about: dict[str, Any] | None = None,
+                 elsewhere: dict[str, dict[str, Any]] | None = None) -> None:
         self.cache = cache
         self.parts = parts
         self.name = name
         self.precompile = precompile
         self.about = about or {}
+        self.elsewhere = elsewhere or {}
         self._functions: dict[str, Callable[..., Any]] = {}  # loaded or precompiled, by signature
+        self._said_elsewhere = False
 
     @contextlib.contextmanager
     def signature(self, signature: str, description: str, fn: Callable[..., Any], args: tuple,
@@ -111,6 +117,8 @@ class WarmStartStore:
     def _prepare(self, parts: dict, description: str, fn: Callable[..., Any], args: tuple, kwargs: dict,
                  inductor_folder: Path | None) -> _Prepared:
         entry = self.cache.load_entry(parts)
+        if entry is None:
+            self._say_if_elsewhere(parts["signature"], description)
         # Before any kernel of the function is loaded: Inductor reads a kernel's choice when it loads it.
         autotune_choices.restore(entry.files if entry else {}, inductor_folder)
         if self.precompile is None:
@@ -133,6 +141,17 @@ class WarmStartStore:
             return _Prepared(fn, entry)
         logger.info("%s: precompiled [%s] in %.1f s", self.name, description, time.perf_counter() - start)
         return _Prepared(function, entry, {FUNCTION: data}, self.precompile.INDUCTOR_ARTIFACTS)
+
+    def _say_if_elsewhere(self, signature: str, description: str) -> None:
+        if self._said_elsewhere:
+            return
+        for kind, parts in self.elsewhere.items():
+            if self.cache.path(entry_key({**parts, "signature": signature})).exists():
+                self._said_elsewhere = True
+                logger.warning("%s: the compile cache holds [%s] compiled with precompile=%r, not with this "
+                               "process's setting: compiling it again (give `diffjet compile` and `diffjet serve` "
+                               "the same --precompile, or Config the same precompile)", self.name, description, kind)
+                return
 
     def _keep(self, parts: dict, description: str, prepared: _Prepared, new: dict[str, bytes]) -> None:
         entry = prepared.entry
