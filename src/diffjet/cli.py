@@ -466,7 +466,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
                  output_type="latent" if args.skip_vae else "pil")
             torch.cuda.synchronize()
             rows.append((f"{width}x{height}", batch, time.perf_counter() - start))
-    print(f"compiled {model} into {cache.directory}")
+    kept = "AOTInductor packages: serve with --precompile aoti" if args.precompile == "aoti" else "saved functions"
+    print(f"compiled {model} into {cache.directory} ({kept})")
     for size, batch, seconds in rows:
         print(f"  {size:>9} batch {batch}: {seconds:6.1f} s")
     stats = cache.stats
