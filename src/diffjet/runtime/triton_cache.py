@@ -119,7 +119,8 @@ def keep_driver(cache: "CompileCache", environment: dict[str, Any],
                 cache.discard(parts, entry, f"Triton's driver module does not load ({exc})")
             return
         if built:
-            cache.store(parts, built, artifacts=b"", about={"component": "triton-driver"})
+            cache.store(parts, built, artifacts=b"", about={"component": "triton-driver", "model": "-",
+                                                            "signature": f"triton {environment.get('triton')}"})
 
 
 def _under(directory: Path, child: str) -> str | None:
