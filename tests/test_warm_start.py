@@ -41,8 +41,8 @@ class FakePrecompiler:
     """Compiles `args[0]` (a label standing for a signature's inputs) unless told to fail on it; its functions
     run Inductor's cached code unless `inductor_artifacts` is False (as an AOTInductor package's do not)."""
 
-    def __init__(self, fail_on=(), recorder=None, inductor_artifacts=True):
-        self.fail_on, self.recorder = set(fail_on), recorder
+    def __init__(self, fail_on=(), recorder=None, inductor_artifacts=True, choices_into=None):
+        self.fail_on, self.recorder, self.choices_into = set(fail_on), recorder, choices_into
         self.compiled, self.loaded = [], []
         self.INDUCTOR_ARTIFACTS = inductor_artifacts
 
@@ -52,6 +52,8 @@ class FakePrecompiler:
         self.compiled.append(args[0])
         if self.recorder is not None:
             self.recorder.record(b"k" * 1000)
+        if self.choices_into is not None:  # Inductor times its kernels' launch configurations as it compiles
+            _choice(self.choices_into, f"precompiled-{args[0]}")
         return (lambda *a, **k: f"precompiled {args[0]}"), f"function {args[0]}".encode()
 
     def load(self, data):
@@ -63,6 +65,11 @@ class FakePrecompiler:
 
 def jit(*args, **kwargs):
     return "jit"
+
+
+def _choice(folder, name):
+    (folder / "ab").mkdir(parents=True, exist_ok=True)
+    (folder / "ab" / f"{name}.best_config").write_text('{"XBLOCK": 8}')
 
 
 def _cache(tmp_path, recorder=None, **options):
@@ -95,23 +102,30 @@ def test_each_entry_holds_only_what_its_own_signature_compiled(tmp_path):
     assert sizes == [1000] * 4, "linear in the number of shapes, not quadratic"
 
 
-def test_an_entry_whose_function_needs_no_inductor_artifacts_keeps_none_unless_it_fell_back(tmp_path):
-    # An AOTInductor package holds all of its code: what its compile recorded in Inductor's caches would only
-    # be read and preloaded by every later process for nothing. A signature that could not be packaged runs
-    # the runner's own compiled function, which does need them.
-    recorder = Recorder()
-    cache = _cache(tmp_path, recorder)
-    store = WarmStartStore(cache, PARTS, name="unet",
-                           precompile=FakePrecompiler(fail_on={"s2"}, recorder=recorder, inductor_artifacts=False))
+def test_an_entry_whose_function_needs_no_inductor_artifacts_keeps_none_unless_it_fell_back(tmp_path, monkeypatch):
+    # An AOTInductor package holds all of its code, tuned: what its compile recorded in Inductor's caches (the
+    # artifacts, the kernels' launch choices) would only be written back by every later process for nothing.
+    # A signature that could not be packaged runs the runner's own compiled function, which does need them.
+    from diffjet.runtime import autotune_choices
 
-    def compiled_here(*args):
+    inductor = tmp_path / "inductor"
+    monkeypatch.setattr(autotune_choices, "directory", lambda: inductor)
+    recorder = Recorder()
+    cache = _cache(tmp_path / "cache", recorder)
+    store = WarmStartStore(cache, PARTS, name="unet",
+                           precompile=FakePrecompiler(fail_on={"s2"}, recorder=recorder, inductor_artifacts=False,
+                                                      choices_into=inductor))
+
+    def compiled_here(label):
         recorder.record(b"j" * 700)  # the runner's function compiles in the process
+        _choice(inductor, f"here-{label}")
         return "jit"
 
     assert _run(store, "s1", fn=compiled_here) == "precompiled s1"
     assert _run(store, "s2", fn=compiled_here) == "jit"
-    assert _entry(_cache(tmp_path), "s1").artifacts == b"" and _entry(_cache(tmp_path), "s1").files
-    assert len(_entry(_cache(tmp_path), "s2").artifacts) == 700
+    packaged, fell_back = (_entry(_cache(tmp_path / "cache"), s) for s in ("s1", "s2"))
+    assert packaged.artifacts == b"" and list(packaged.files) == ["function.bin"]
+    assert len(fell_back.artifacts) == 700 and "inductor/ab/here-s2.best_config" in fell_back.files
 
 
 def test_entries_of_a_real_inductor_compile_are_linear_in_the_number_of_shapes(tmp_path):
