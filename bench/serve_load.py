@@ -200,6 +200,8 @@ def drive_locust(url: str, plan: Plan, clients: int, seconds: float | None, head
     from locust.exception import StopUser
 
     records = []
+    end = time.monotonic() + seconds if seconds else float("inf")
+    in_flight = [0]
 
     class ImageClient(HttpUser):
         host = url
@@ -207,26 +209,31 @@ def drive_locust(url: str, plan: Plan, clients: int, seconds: float | None, head
 
         @task
         def generate(self) -> None:
-            body = plan.next()
+            # As the threads' clients do: no new request after `seconds`, and the ones under way are answered
+            # (quitting at `seconds` dropped them: a phase shorter than one answer recorded none).
+            body = plan.next() if time.monotonic() < end else None
             if body is None:
                 raise StopUser()
+            in_flight[0] += 1
             start = time.monotonic()
-            with self.client.post(ROUTE, json=body, headers=headers, timeout=3600, catch_response=True) as r:
-                plan.record(records, start, r.status_code or type(r.error).__name__)
-                if r.status_code == 200:
-                    r.success()
+            try:
+                with self.client.post(ROUTE, json=body, headers=headers, timeout=3600, catch_response=True) as r:
+                    plan.record(records, start, r.status_code or type(r.error).__name__)
+                    if r.status_code == 200:
+                        r.success()
+            finally:
+                in_flight[0] -= 1
 
     env = Environment(user_classes=[ImageClient])
     runner = env.create_local_runner()
     runner.start(clients, spawn_rate=clients)
-    if seconds:
-        gevent.spawn_later(seconds, runner.quit)
-    else:
-        def quit_when_done() -> None:
-            while not plan.done():
-                gevent.sleep(0.2)
-            runner.quit()
-        gevent.spawn(quit_when_done)
+
+    def quit_when_done() -> None:
+        while not (plan.done() or time.monotonic() >= end) or in_flight[0]:
+            gevent.sleep(0.05)
+        runner.quit()
+
+    gevent.spawn(quit_when_done)
     runner.greenlet.join()
     return records
 
