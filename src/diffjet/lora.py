@@ -163,9 +163,8 @@ def load_lora(
 
 
 def _load(pipe: Any, lora: Any, scale: float, adapter_name: str | None, weight_name: str | None,
-          base_copy: str | None = None, replacing: list[str] | None = None) -> str:
+          base_copy: str | None, replacing: list[str]) -> str:
     state = _state(pipe)
-    replacing = replacing or []
     _check_known(state, replacing)
     if adapter_name is None:
         adapter_name = next(f"default_{i}" for i in itertools.count() if f"default_{i}" not in state.adapters)

@@ -105,7 +105,7 @@ class WarmStartStore:
                     # An AOTInductor package was tuned as it was built: the choices are for Inductor's own code.
                     choices = {name: data for name, data in
                                autotune_choices.collect(inductor_folder, choices_before).items()
-                               if name not in files and prepared.inductor_artifacts}
+                               if name not in files} if prepared.inductor_artifacts else {}
                     self._keep(parts, description, prepared, {**prepared.new_files, **compiled, **choices})
                 except Exception as exc:  # noqa: BLE001 - keeping is an optimisation; the call must go on
                     logger.warning("%s: could not keep [%s] in the compile cache: %s", self.name, description, exc)
