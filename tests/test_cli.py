@@ -671,3 +671,13 @@ def test_generate_uses_the_models_own_guidance_by_default(tiny_flux_path, tmp_pa
     assert json.loads(images["default"].text["parameters"])["guidance"] == 3.5  # FluxPipeline's, not SD's 7.5
     pixels = {name: np.asarray(image) for name, image in images.items()}
     assert not np.array_equal(pixels["default"], pixels["sd"])
+
+
+@pytest.mark.parametrize("command", ["compile", "serve"])
+def test_precompile_choices_are_the_configs_own(command):
+    # The CLI names them itself (it does not import torch to print its help); they must not drift apart.
+    from diffjet.config import PRECOMPILE_KINDS
+
+    subparsers = next(a for a in cli.build_parser()._actions if a.dest == "command")
+    option = next(a for a in subparsers.choices[command]._actions if a.dest == "precompile")
+    assert tuple(option.choices) == PRECOMPILE_KINDS and option.default == "function"
