@@ -9,6 +9,7 @@ keeps AOTInductor packages in the cache instead of saved functions (`Config.prec
 
 import argparse
 import cProfile
+import importlib
 import json
 import logging
 import pstats
@@ -34,6 +35,9 @@ def main() -> None:
     parser.add_argument("--json", help="append the phases to this file (one JSON line per run)")
     parser.add_argument("--top", type=int, default=45, help="functions printed per profile order")
     parser.add_argument("--precompile", default="function", help="Config.precompile: function or aoti")
+    parser.add_argument("--eager-imports", action="store_true",
+                        help="A/B: inside the compile phase, import Inductor's compiler and hash Triton's installation "
+                             "first, as diffjet did before it put both off or on a thread")
     args = parser.parse_args()
     phases = {"imports": time.time() - START}
     t = time.time()
@@ -45,12 +49,16 @@ def main() -> None:
     if profile:
         profile.enable()
     t = time.time()
+    if args.eager_imports:
+        importlib.import_module("torch._inductor.compile_fx")
+        importlib.import_module("triton.runtime.cache").triton_key()
     diffjet.compile(pipe, diffjet.Config(cache_dir=args.cache_dir, precompile=args.precompile))
     phases["compile"] = time.time() - t
     t = time.time()
     pipe("warm start", num_inference_steps=args.steps, generator=torch.Generator().manual_seed(0))
     torch.cuda.synchronize()
     phases["first_image"] = time.time() - t
+    inductor_imported = "torch._inductor.compile_fx" in sys.modules
     if profile:
         profile.disable()
         profile.dump_stats(args.cprofile)
@@ -61,7 +69,8 @@ def main() -> None:
     phases["diffjet_part"] = phases["compile"] + phases["first_image"] - phases["next_image"]
     phases["total"] = time.time() - START
     frames = sum(torch._dynamo.utils.counters["frames"].values())
-    record = {"precompile": args.precompile, "phases": phases, "cache": vars(pipe.diffjet.cache.stats),
+    record = {"precompile": args.precompile, "eager_imports": args.eager_imports, "phases": phases,
+              "inductor_compiler_imported": inductor_imported, "cache": vars(pipe.diffjet.cache.stats),
               "dynamo_frames": frames,
               "dont_write_bytecode": bool(sys.flags.dont_write_bytecode), "pycache_prefix": sys.pycache_prefix}
     print(json.dumps(record))

@@ -1,6 +1,7 @@
 """Each pass alone, on CPU, against the unmodified module (fp32, tight tolerance), and idempotent."""
 
 import copy
+import inspect
 
 import pytest
 import torch
@@ -73,6 +74,25 @@ def test_pass_applied_twice_changes_nothing_more(unet, name):
     assert once != before, "the pass changed nothing the first time: the check below would prove nothing"
     PASSES[name].apply(unet, config)
     assert state_of(unet) == once
+
+
+def test_the_inductor_pass_makes_its_compiled_function_at_the_first_call_only(unet, monkeypatch):
+    made = []
+
+    def compile_(fn, **options):
+        made.append(options)
+        return fn
+
+    monkeypatch.setattr(torch, "compile", compile_)
+    original = inspect.signature(unet.forward)
+    inductor.apply(unet, Config(backend="eager"))
+    assert made == [], "torch.compile was called before the forward was"
+    assert inspect.signature(unet.forward) == original
+    inputs = unet_inputs(unet)
+    first = run_unet(unet, inputs)
+    run_unet(unet, inputs)
+    assert made == [{"backend": "eager", "dynamic": False, "options": None}]
+    assert relative_error(first, run_unet(copy.deepcopy(unet), inputs)) == 0.0
 
 
 def test_attention_fuses_projections_without_copying_weights(unet):

@@ -149,3 +149,17 @@ def test_a_driver_module_that_does_not_load_is_dropped_and_the_start_goes_on(tmp
         triton_cache.keep_driver(cache, {"triton": "3.6"}, broken)
     assert "driver module not taken from the compile cache" in caplog.text
     assert cache.stats.rejected == 1 and cache.entries() == []
+
+
+def test_triton_hashes_its_installation_on_a_thread_once_per_process(monkeypatch):
+    from triton.runtime.cache import triton_key
+
+    monkeypatch.setattr(triton_cache, "_hashing", None)
+    triton_key.cache_clear()
+    thread = triton_cache.hash_triton_in_background()
+    assert thread is not None and thread.name == "diffjet-triton-key"
+    thread.join(timeout=60)
+    assert triton_key.cache_info().currsize == 1, "the thread did not leave Triton's key where launches find it"
+    assert triton_cache.hash_triton_in_background() is None
+    monkeypatch.setattr(triton_cache, "_hashing", None)
+    assert triton_cache.hash_triton_in_background() is None, "hashed again though Triton has the key"

@@ -122,7 +122,8 @@ class Config:
         precompile: what the compile cache keeps of each input signature, for the next process to start
             from: "function" (default: the traced and compiled function, loaded with its guards) or "aoti"
             (experimental: an AOTInductor package, loaded by its C++ loader in a fraction of the time, and
-            compiled in 2–2.5 times as long: sd15's warm start 20–24 % quicker; docs/compile-cache.md).
+            compiled in 2–2.5 times as long: diffjet's part of sd15's warm start 1.5–2.0 s against 3.6–5.3 s;
+            docs/compile-cache.md).
         fp8: lossy, off by default. True: the UNet's and ControlNet's linear layers and 1×1 convolutions
             compute in fp8 e4m3 where that pays (`passes/fp8.py`); `diffjet.compile` raises `DeviceError`
             on anything but a CUDA GPU of compute capability 8.9 or newer (Ada, Hopper). "auto": on where

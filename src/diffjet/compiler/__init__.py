@@ -97,6 +97,8 @@ def compile_pipeline(pipe, config: Config) -> CompileReport:
     if fp8_off and config.fp8 is True:
         raise DeviceError(f"{fp8_off}; use Config(fp8='auto') to run fp8 only where it is supported")
     fp8_on = bool(config.fp8) and not fp8_off
+    if on_cuda:
+        triton_cache.hash_triton_in_background()
     cache = None
     if on_cuda and config.cache and config.inductor:
         cache = _open_cache(config, report)

@@ -13,6 +13,7 @@ shortcuts with their neighbours as matmuls (Diffusers' speed guide recommends it
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import torch
@@ -37,7 +38,26 @@ def inductor_options(config: Config) -> dict | None:
 
 def compiled(fn: Callable[..., Any], config: Config) -> Callable[..., Any]:
     """`fn` compiled as this pass compiles a forward (static shapes, the configured backend and mode)."""
-    return torch.compile(fn, backend=config.backend, dynamic=False, options=inductor_options(config))
+    return _AtFirstCall(fn, config)
+
+
+class _AtFirstCall:
+    """`torch.compile(fn, ...)`, made at the first call.
+
+    Making it imports Inductor's compiler (1.1–1.3 s of an sd15 warm start on the H200), which a process whose
+    runners all load AOTInductor packages never uses: only a cache miss or an uncached runner calls this."""
+
+    def __init__(self, fn: Callable[..., Any], config: Config) -> None:
+        functools.update_wrapper(self, fn)  # the signature diffusers inspects stays fn's
+        self._fn, self._config = fn, config
+        self._compiled: Callable[..., Any] | None = None
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        # Two threads' first calls may both make one: Dynamo keeps what it compiles with fn's code, not here.
+        if self._compiled is None:
+            self._compiled = torch.compile(self._fn, backend=self._config.backend, dynamic=False,
+                                           options=inductor_options(self._config))
+        return self._compiled(*args, **kwargs)
 
 
 def apply(module: nn.Module, config: Config) -> nn.Module:
