@@ -10,8 +10,8 @@ entry (`restore`), and adds what Triton wrote there to the entry (`collect`), un
 entry's size and SHA-256 checks. Triton's group files (`__grp__*.json`) name their member files by
 absolute path; they are stored relative and written back with the new directory's path. A file Triton
 cannot use only makes it compile again. Triton's driver module, which it builds at its first use in a
-process, is kept apart, in one entry per environment (`keep_driver`), and Triton's hash of its own installation
-is made on a thread while the pipeline is prepared (`hash_triton_in_background`).
+process, is kept apart, in one entry per environment (`keep_driver`); Triton's hash of its own
+installation is made on a thread while the pipeline is prepared (`hash_triton_in_background`).
 """
 
 from __future__ import annotations
@@ -101,8 +101,8 @@ def hash_triton_in_background() -> threading.Thread | None:
 
     That hash (`triton_key`, part of every kernel's cache key) is made at a process's first kernel launch
     and reads all of Triton's compiler library: 0.42 s of an sd15 warm start's first image under the
-    profiler, with the GPU idle. Reading and hashing let the GIL go, so it goes on beside the pipeline's preparation; Triton keeps
-    the result (`lru_cache`) where its launches look for it.
+    profiler, with the GPU idle. Reading and hashing let the GIL go, so it goes on beside the pipeline's
+    preparation; Triton keeps the result (`lru_cache`) where its launches look for it.
     """
     global _hashing
     key = getattr(getattr(getattr(triton, "runtime", None), "cache", None), "triton_key", None)
