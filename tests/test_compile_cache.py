@@ -490,10 +490,13 @@ def test_entries_of_an_aoti_package_and_of_a_saved_function_are_apart_and_the_de
              for kind in ("function", "aoti")}
     assert entry_key(parts["function"]) != entry_key(parts["aoti"])
     assert parts["function"]["compile"] == {"mode": "default", "backend": "inductor"}
-    # Each kind's store knows where the other kind's entries are, to say so at a miss.
+    # Each kind's store loads the other kind's entries, with that kind's loader.
     for kind, other in (("function", "aoti"), ("aoti", "function")):
-        store = compiler._store(CompileCache(tmp_path), parts[kind], Config(precompile=kind), "unet", None, None)
-        assert store.elsewhere == {other: parts[other]}
+        store = compiler._store(CompileCache(tmp_path), parts[kind], Config(precompile=kind), "unet", unet,
+                                compiler.precompiled.forward, None)
+        assert list(store.elsewhere) == [other] and store.elsewhere[other].parts == parts[other]
+        assert isinstance(store.elsewhere[other].precompile, compiler.precompiled.AotiPrecompiler) == (other == "aoti")
+        assert isinstance(store.precompile, compiler.precompiled.AotiPrecompiler) == (kind == "aoti")
     assert isinstance(compiler._precompiler(unet, Config(precompile="aoti"), compiler.precompiled.forward),
                       compiler.precompiled.AotiPrecompiler)
     with pytest.raises(ConfigError, match="precompile must be one of"):

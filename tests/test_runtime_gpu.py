@@ -308,8 +308,11 @@ def _partial_config_copy(folder):
 @pytest.mark.parametrize("kernels, partial_config, step_cache, precompile",
                          [((), False, None, "function"), (("group_norm_silu",), False, None, "function"),
                           ((), True, None, "function"), ((), False, {"interval": 3}, "function"),
-                          (("group_norm_silu",), False, None, "aoti")],
-                         ids=["inductor", "gn-silu-kernel", "partial-config", "step-cache", "aoti-gn-silu-kernel"])
+                          (("group_norm_silu",), False, None, "aoti"),
+                          # `diffjet compile --precompile aoti`, then a process with the default setting
+                          (("group_norm_silu",), False, None, ("aoti", "function"))],
+                         ids=["inductor", "gn-silu-kernel", "partial-config", "step-cache", "aoti-gn-silu-kernel",
+                              "aoti-then-default"])
 def test_a_warm_process_loads_precompiled_functions_without_tracing(tmp_path, kernels, partial_config, step_cache,
                                                                     precompile):
     import json
@@ -322,6 +325,7 @@ def test_a_warm_process_loads_precompiled_functions_without_tracing(tmp_path, ke
 
     model = str(_partial_config_copy(tmp_path / "model")) if partial_config else "tiny"
     cache = tmp_path / "cache"
+    cold_kind, warm_kind = (precompile, precompile) if isinstance(precompile, str) else precompile
     runs = []
     for process in ("cold", "warm"):
         # Each process with empty Inductor and Triton caches: only diffjet's cache carries over. At the same
@@ -332,7 +336,7 @@ def test_a_warm_process_loads_precompiled_functions_without_tracing(tmp_path, ke
                "TRITON_CACHE_DIR": str(tmp_path / "local" / "triton"),
                "PYTHONHASHSEED": {"cold": "1", "warm": "2"}[process]}  # the key must not follow the hash seed
         proc = subprocess.run([sys.executable, "-c", _WARM_START, str(cache), json.dumps(kernels), model,
-                               json.dumps(step_cache), precompile],
+                               json.dumps(step_cache), {"cold": cold_kind, "warm": warm_kind}[process]],
                               capture_output=True, text=True, env=env, timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
         runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
@@ -352,7 +356,7 @@ def test_a_warm_process_loads_precompiled_functions_without_tracing(tmp_path, ke
     # Inductor times the launch configurations of its kernels at their first call in the cold process;
     # the entries keep its choices, so a warm one, on a machine without the cold one's caches, times none.
     choices = [name for entry in entries for name in entry["files"] if name.startswith("inductor/")]
-    if precompile == "function":
+    if cold_kind == "function":
         assert bool(choices) == bool(cold["autotuned"]), (len(choices), cold["autotuned"])
     else:  # an AOTInductor package holds all of its code: nothing of Inductor's caches is kept beside it
         assert all(entry["files"]["artifacts.bin"]["size"] == 0 for entry in entries) and not choices

@@ -10,7 +10,7 @@ import torch
 
 from diffjet.runtime import precompiled
 from diffjet.runtime.compile_cache import FUNCTION, CompileCache, entry_key
-from diffjet.runtime.warm_start import WarmStartStore
+from diffjet.runtime.warm_start import OtherKind, WarmStartStore
 
 PARTS = {"component": "unet", "module": "tiny"}
 
@@ -155,24 +155,43 @@ def test_a_signature_is_precompiled_once_stored_and_loaded_by_the_next_process(t
     assert later.compiled == [] and cache.stats.hits == 1 and cache.stats.stored == 0
 
 
-def test_a_miss_where_another_precompile_setting_filled_the_cache_says_so_once(tmp_path, caplog):
-    # `diffjet compile --precompile aoti`, then `diffjet serve` without the flag: every shape compiles cold,
-    # which should not pass for a slow machine.
+def test_a_signature_another_precompile_setting_filled_is_loaded_from_that_entry_not_compiled(tmp_path, caplog,
+                                                                                               monkeypatch):
+    # `diffjet compile --precompile aoti`, then `diffjet serve` without the flag: the packages hold the same
+    # compiled step, so the server starts from them instead of compiling every shape cold.
+    from diffjet.runtime import triton_cache
+
     aoti_parts = {**PARTS, "compile": {"precompile": "aoti"}}
-    filled = WarmStartStore(_cache(tmp_path), aoti_parts, name="unet", precompile=FakePrecompiler())
-    for signature in ("s1", "s2"):
-        _run(filled, signature)
-    store = WarmStartStore(_cache(tmp_path), PARTS, name="unet", precompile=FakePrecompiler(),
-                           elsewhere={"aoti": aoti_parts})
+    _run(WarmStartStore(_cache(tmp_path), aoti_parts, name="unet", precompile=FakePrecompiler()), "s1")
+    own, aoti, cache = FakePrecompiler(), FakePrecompiler(inductor_artifacts=False), _cache(tmp_path)
+    store = WarmStartStore(cache, PARTS, name="unet", precompile=own, elsewhere={"aoti": OtherKind(aoti_parts, aoti)})
+    # A kernel Triton compiled during the warm-up (one of diffjet's, say) is added to the entry it ran from.
+    monkeypatch.setattr(triton_cache, "collect", lambda folder, known: {"triton/k/k.cubin": b"cubin"})
+    with caplog.at_level(logging.INFO, logger="diffjet"):
+        assert _run(store, "s1") == "loaded function s1"
+    assert own.compiled == [] and aoti.loaded == [b"function s1"]
+    assert cache.stats.hits == 1 and cache.stats.misses == 0
+    assert "precompile='aoti'" in caplog.text and "[s1]" in caplog.text
+    assert _entry(_cache(tmp_path), "s1") is None, "the other kind's entry was copied under this kind's key"
+    assert _cache(tmp_path).load_entry({**aoti_parts, "signature": "s1"}).files == {
+        FUNCTION: b"function s1", "triton/k/k.cubin": b"cubin"}
+    monkeypatch.undo()
+    # A signature the cache does not have is compiled and kept as this store's kind.
+    assert _run(store, "s2") == "precompiled s2" and own.compiled == ["s2"]
+    assert _entry(_cache(tmp_path), "s2").files == {FUNCTION: b"function s2"}
+
+
+def test_another_settings_entry_that_does_not_load_is_deleted_and_the_signature_compiled(tmp_path, caplog):
+    aoti_parts = {**PARTS, "compile": {"precompile": "aoti"}}
+    _cache(tmp_path).store({**aoti_parts, "signature": "s1"}, {FUNCTION: b"unloadable"}, artifacts=b"")
+    own, cache = FakePrecompiler(), _cache(tmp_path)
+    store = WarmStartStore(cache, PARTS, name="unet", precompile=own,
+                           elsewhere={"aoti": OtherKind(aoti_parts, FakePrecompiler())})
     with caplog.at_level(logging.WARNING, logger="diffjet"):
-        assert _run(store, "s1") == "precompiled s1" and _run(store, "s2") == "precompiled s2"
-    said = [r.getMessage() for r in caplog.records if "precompile='aoti'" in r.getMessage()]
-    assert len(said) == 1 and "unet" in said[0] and "[s1]" in said[0]
-    caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="diffjet"):  # a miss with nothing elsewhere is quiet
-        _run(WarmStartStore(_cache(tmp_path), PARTS, name="unet", precompile=FakePrecompiler(),
-                            elsewhere={"aoti": aoti_parts}), "s3")
-    assert not caplog.records
+        assert _run(store, "s1") == "precompiled s1"
+    assert "does not load" in caplog.text and cache.stats.rejected == 1
+    assert cache.load_entry({**aoti_parts, "signature": "s1"}) is None
+    assert _entry(_cache(tmp_path), "s1").files == {FUNCTION: b"function s1"}
 
 
 def test_a_precompile_failure_affects_only_that_signature(tmp_path, caplog):

@@ -466,7 +466,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
                  output_type="latent" if args.skip_vae else "pil")
             torch.cuda.synchronize()
             rows.append((f"{width}x{height}", batch, time.perf_counter() - start))
-    kept = "AOTInductor packages: serve with --precompile aoti" if args.precompile == "aoti" else "saved functions"
+    kept = "AOTInductor packages" if args.precompile == "aoti" else "saved functions"
     print(f"compiled {model} into {cache.directory} ({kept})")
     for size, batch, seconds in rows:
         print(f"  {size:>9} batch {batch}: {seconds:6.1f} s")
@@ -640,8 +640,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--precompile", choices=("function", "aoti"), default="function",
                        help="what the compile cache keeps for the next start (Config.precompile): function, or aoti "
                             "(experimental: AOTInductor packages; diffjet's part of sd15's warm start 1.5-2.0 s "
-                            "against 3.6-5.3 s, its first compile about 2.3x as long). compile and serve must use "
-                            "the same")
+                            "against 3.6-5.3 s, its first compile about 2.3x as long). Entries of either kind are "
+                            "loaded whatever this says")
 
     def common(p: argparse.ArgumentParser, steps_default: int | None) -> None:
         p.add_argument("--model", help="preset (tiny, tiny-sdxl, sd15, sd21, sdxl, flux-dev, sd35-medium, ...), "

@@ -123,7 +123,7 @@ class Config:
             from: "function" (default: the traced and compiled function, loaded with its guards) or "aoti"
             (experimental: an AOTInductor package, loaded by its C++ loader in a fraction of the time, and
             compiled in 2–2.5 times as long: diffjet's part of sd15's warm start 1.5–2.0 s against 3.6–5.3 s;
-            docs/compile-cache.md).
+            docs/compile-cache.md). A process loads an entry of either kind; this says what it compiles.
         fp8: lossy, off by default. True: the UNet's and ControlNet's linear layers and 1×1 convolutions
             compute in fp8 e4m3 where that pays (`passes/fp8.py`); `diffjet.compile` raises `DeviceError`
             on anything but a CUDA GPU of compute capability 8.9 or newer (Ada, Hopper). "auto": on where

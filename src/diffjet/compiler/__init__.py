@@ -36,7 +36,7 @@ from ..runtime import precompiled, triton_cache
 from ..runtime.compile_cache import CompileCache, module_key, open_cache
 from ..runtime.cuda_graph import CudaGraphRunner
 from ..runtime.environment import environment_key
-from ..runtime.warm_start import WarmStartStore
+from ..runtime.warm_start import OtherKind, WarmStartStore
 from . import calls, step_cache
 
 logger = logging.getLogger(__name__)
@@ -230,7 +230,7 @@ def _step_cache(pipe, name: str, model: nn.Module, config: Config, cache: Compil
         if cache is not None and inductor_on:
             parts = {**_cache_parts(name, model, config, applied_here, step_cache.__name__ + "." + part),
                      "step_cache": [part, config.step_cache.branch, config.step_cache.adaptive]}
-            store = _store(cache, parts, config, f"{name}.{part}", _precompiler(model, config, saveable),
+            store = _store(cache, parts, config, f"{name}.{part}", model, saveable,
                            {"model": getattr(pipe, "name_or_path", None)})
         tensor_args = _STEP_ARGS[name][1:] if part in step_parts else ()
         runner = _runner(f"{name}.{part}", model, fn, config, store, tensor_args)
@@ -269,21 +269,27 @@ def _compile_part(config: Config, precompile: str) -> dict[str, Any]:
             **({"precompile": precompile} if precompile != "function" else {})}
 
 
-def _store(cache: CompileCache, parts: dict[str, Any], config: Config, name: str,
-           precompile: precompiled.Precompiler | None, about: dict[str, Any] | None) -> WarmStartStore:
-    """The warm-start store of runner `name`, which also knows where the other `Config.precompile` kinds'
-    entries would be."""
-    elsewhere = {kind: {**parts, "compile": _compile_part(config, kind)}
-                 for kind in PRECOMPILE_KINDS if kind != config.precompile}
-    return WarmStartStore(cache, parts, name=name, precompile=precompile, about=about, elsewhere=elsewhere)
+def _store(cache: CompileCache, parts: dict[str, Any], config: Config, name: str, target: nn.Module,
+           function: Callable[..., Any], about: dict[str, Any] | None) -> WarmStartStore:
+    """The warm-start store of runner `name` (which precompiles `function(target, ...)`), which also loads the
+    entries of the other `Config.precompile` kinds this torch can load."""
+    elsewhere = {}
+    for kind in PRECOMPILE_KINDS:
+        loader = _precompiler(target, config, function, kind) if kind != config.precompile else None
+        if loader is not None:
+            elsewhere[kind] = OtherKind({**parts, "compile": _compile_part(config, kind)}, loader)
+    return WarmStartStore(cache, parts, name=name, precompile=_precompiler(target, config, function), about=about,
+                          elsewhere=elsewhere)
 
 
-def _precompiler(target: nn.Module, config: Config, function: Callable[..., Any]) -> precompiled.Precompiler | None:
-    """What the warm-start store precompiles `function(target, ...)` with (`config.precompile`); None where this
-    torch cannot save what `config.backend` compiles."""
-    if not precompiled.supported(config.backend, config.precompile):
+def _precompiler(target: nn.Module, config: Config, function: Callable[..., Any],
+                 kind: str | None = None) -> precompiled.Precompiler | None:
+    """What the warm-start store precompiles `function(target, ...)` with (`kind`, default `config.precompile`);
+    None where this torch cannot save what `config.backend` compiles that way."""
+    kind = kind or config.precompile
+    if not precompiled.supported(config.backend, kind):
         return None
-    return precompiled.for_kind(config.precompile, target, inductor.inductor_options(config), function)
+    return precompiled.for_kind(kind, target, inductor.inductor_options(config), function)
 
 
 def _runner(name: str, target: nn.Module, fn: Callable[..., Any], config: Config, store: WarmStartStore | None,
@@ -329,5 +335,5 @@ def graph_runner(
     store = None
     if cache is not None and compiled:
         parts = _cache_parts(name, target, config, passes, f"{function.__module__}.{function.__qualname__}")
-        store = _store(cache, parts, config, name, _precompiler(target, config, function), about)
+        store = _store(cache, parts, config, name, target, function, about)
     return _runner(name, target, fn, config, store, _STEP_ARGS.get(name, ()) if tensor_args is None else tensor_args)

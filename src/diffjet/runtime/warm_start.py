@@ -52,19 +52,29 @@ class _Prepared:
     entry: Entry | None  # the entry read (None: there was none, or it was broken)
     new_files: dict[str, bytes] = field(default_factory=dict)  # a function precompiled now
     inductor_artifacts: bool = True  # whether the function runs Inductor's cached code (an AOTI package does not)
+    parts: dict[str, Any] | None = None  # the entry's parts where they are not the store's (another kind's)
+
+
+@dataclass
+class OtherKind:
+    """Another `Config.precompile`'s entries of a runner: the parts they have, and what loads their function."""
+
+    parts: dict[str, Any]
+    precompile: Precompiler
 
 
 class WarmStartStore:
     """The compile-cache entries of one runner: `parts` name what its compiled code depends on (the runner
     adds each signature), `precompile` compiles whole functions ahead of the warm-up (None: only
     Inductor's artifacts are kept), `about` describes the entries for `diffjet cache ls`. `elsewhere` maps
-    another `Config.precompile` to the parts its entries would have: a miss where one of those exists says
-    so, since the cache was then filled with another setting than this process's (a cold start instead of
-    a warm one)."""
+    each other `Config.precompile` to its entries: a signature without an entry of this store's kind loads
+    one of theirs, since a cache filled with another setting (`diffjet compile --precompile aoti`, then a
+    server without the flag) holds the same compiled step, and compiling it again would make a warm start
+    a cold one."""
 
     def __init__(self, cache: CompileCache, parts: dict[str, Any], *, name: str,
                  precompile: Precompiler | None = None, about: dict[str, Any] | None = None,
-                 elsewhere: dict[str, dict[str, Any]] | None = None) -> None:
+                 elsewhere: dict[str, OtherKind] | None = None) -> None:
         self.cache = cache
         self.parts = parts
         self.name = name
@@ -72,7 +82,6 @@ class WarmStartStore:
         self.about = about or {}
         self.elsewhere = elsewhere or {}
         self._functions: dict[str, Callable[..., Any]] = {}  # loaded or precompiled, by signature
-        self._said_elsewhere = False
 
     @contextlib.contextmanager
     def signature(self, signature: str, description: str, fn: Callable[..., Any], args: tuple,
@@ -106,7 +115,8 @@ class WarmStartStore:
                     choices = {name: data for name, data in
                                autotune_choices.collect(inductor_folder, choices_before).items()
                                if name not in files} if prepared.inductor_artifacts else {}
-                    self._keep(parts, description, prepared, {**prepared.new_files, **compiled, **choices})
+                    self._keep(prepared.parts or parts, description, prepared,
+                               {**prepared.new_files, **compiled, **choices})
                 except Exception as exc:  # noqa: BLE001 - keeping is an optimisation; the call must go on
                     logger.warning("%s: could not keep [%s] in the compile cache: %s", self.name, description, exc)
 
@@ -118,23 +128,21 @@ class WarmStartStore:
 
     def _prepare(self, parts: dict, description: str, fn: Callable[..., Any], args: tuple, kwargs: dict,
                  inductor_folder: Path | None) -> _Prepared:
+        if not self.cache.path(entry_key(parts)).exists():
+            loaded = self._load_other_kind(parts["signature"], description, inductor_folder)
+            if loaded is not None:
+                return loaded
         entry = self.cache.load_entry(parts)
-        if entry is None:
-            self._say_if_elsewhere(parts["signature"], description)
         # Before any kernel of the function is loaded: Inductor reads a kernel's choice when it loads it.
         autotune_choices.restore(entry.files if entry else {}, inductor_folder)
         if self.precompile is None:
             return _Prepared(fn, entry)
-        start = time.perf_counter()
         if entry is not None and FUNCTION in entry.files:
-            try:
-                function = self.precompile.load(entry.files[FUNCTION])
-                logger.info("%s: loaded the precompiled function for [%s] in %.1f s", self.name, description,
-                            time.perf_counter() - start)
-                return _Prepared(function, entry, inductor_artifacts=self.precompile.INDUCTOR_ARTIFACTS)
-            except Exception as exc:  # noqa: BLE001 - whatever unpickling raises, the entry is at fault
-                self.cache.discard(parts, entry, f"its precompiled function does not load ({exc})")
-                entry, start = None, time.perf_counter()
+            loaded = self._load(parts, entry, self.precompile, description)
+            if loaded is not None:
+                return loaded
+            entry = None
+        start = time.perf_counter()
         try:
             function, data = self.precompile.compile(args, kwargs)
         except Exception as exc:  # noqa: BLE001 - a traced-and-saved function is an optimisation only
@@ -144,16 +152,33 @@ class WarmStartStore:
         logger.info("%s: precompiled [%s] in %.1f s", self.name, description, time.perf_counter() - start)
         return _Prepared(function, entry, {FUNCTION: data}, self.precompile.INDUCTOR_ARTIFACTS)
 
-    def _say_if_elsewhere(self, signature: str, description: str) -> None:
-        if self._said_elsewhere:
-            return
-        for kind, parts in self.elsewhere.items():
-            if self.cache.path(entry_key({**parts, "signature": signature})).exists():
-                self._said_elsewhere = True
-                logger.warning("%s: the compile cache holds [%s] compiled with precompile=%r, not with this "
-                               "process's setting: compiling it again (give `diffjet compile` and `diffjet serve` "
-                               "the same --precompile, or Config the same precompile)", self.name, description, kind)
-                return
+    def _load_other_kind(self, signature: str, description: str, inductor_folder: Path | None) -> _Prepared | None:
+        """The function of another precompile kind's entry for `signature`, or None (none, or none loads)."""
+        for kind, other in self.elsewhere.items():
+            parts = {**other.parts, "signature": signature}
+            if not self.cache.path(entry_key(parts)).exists():
+                continue
+            entry = self.cache.load_entry(parts)
+            if entry is None or FUNCTION not in entry.files:
+                continue
+            autotune_choices.restore(entry.files, inductor_folder)
+            loaded = self._load(parts, entry, other.precompile, description, f" (an entry of precompile={kind!r})")
+            if loaded is not None:
+                return loaded
+        return None
+
+    def _load(self, parts: dict, entry: Entry, precompile: Precompiler, description: str,
+              note: str = "") -> _Prepared | None:
+        """The entry's function, loaded; None where it does not load (the entry is deleted)."""
+        start = time.perf_counter()
+        try:
+            function = precompile.load(entry.files[FUNCTION])
+        except Exception as exc:  # noqa: BLE001 - whatever unpickling raises, the entry is at fault
+            self.cache.discard(parts, entry, f"its precompiled function does not load ({exc})")
+            return None
+        logger.info("%s: loaded the precompiled function for [%s] in %.1f s%s", self.name, description,
+                    time.perf_counter() - start, note)
+        return _Prepared(function, entry, inductor_artifacts=precompile.INDUCTOR_ARTIFACTS, parts=parts)
 
     def _keep(self, parts: dict, description: str, prepared: _Prepared, new: dict[str, bytes]) -> None:
         entry = prepared.entry
