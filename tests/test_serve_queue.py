@@ -277,8 +277,8 @@ def test_bad_serve_arguments_are_one_line_before_any_model_loads(capsys, no_mode
 
 
 def test_serve_precompile_reaches_the_config_the_served_pipeline_is_compiled_with(monkeypatch):
-    # The compile cache keeps AOTInductor packages under their own keys: a server started without the
-    # flag that `diffjet compile --precompile aoti` was given would find nothing to start from.
+    # The flag says what the server compiles and keeps for shapes the cache does not have (it loads entries
+    # of either kind): a server that dropped it would keep saved functions where packages were asked for.
     import diffjet.serve.server
     from diffjet.serve.worker import load_served_pipeline
 
