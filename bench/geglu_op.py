@@ -8,8 +8,8 @@ Records the input of every diffusers `GEGLU` in one forward of the preset's UNet
 fused-QKV SDPA), then times all of those calls replayed from one CUDA graph: Inductor's code for diffusers'
 `GEGLU.forward` (the projection on cuBLAS, `h * gelu(g)` in a Triton kernel; compiled per shape) against
 `diffjet::geglu` with each tile setting given, over all calls and over each shape's calls alone. A setting is
-(BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages). Each result's error against float32 is printed
-beside the eager half-precision module's.
+(BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages[, programs per SM]). Each result's error against
+float32 is printed beside the eager half-precision module's.
 
 With `--fp8` the same calls run on e4m3 inputs (`Config.fp8`): each input quantized per row and each weight
 per output channel beforehand (inside a UNet that quantization is fused into the kernel that writes the
