@@ -194,6 +194,21 @@ def test_another_settings_entry_that_does_not_load_is_deleted_and_the_signature_
     assert _entry(_cache(tmp_path), "s1").files == {FUNCTION: b"function s1"}
 
 
+def test_another_settings_entry_without_a_function_is_passed_over_unloaded(tmp_path):
+    # Its precompile had failed: only Inductor's artifacts are in it, which this store's kind does not load from
+    # there; it is not preloaded, counted as a hit, nor deleted (it is that setting's entry).
+    aoti_parts = {**PARTS, "compile": {"precompile": "aoti"}}
+    _cache(tmp_path).store({**aoti_parts, "signature": "s1"}, artifacts=b"kernels")
+    loaded = []
+    cache = CompileCache(tmp_path, save_artifacts=Recorder().save, load_artifacts=loaded.append,
+                         fresh_artifacts=Recorder().fresh)
+    own, aoti = FakePrecompiler(), FakePrecompiler(inductor_artifacts=False)
+    store = WarmStartStore(cache, PARTS, name="unet", precompile=own, elsewhere={"aoti": OtherKind(aoti_parts, aoti)})
+    assert _run(store, "s1") == "precompiled s1" and aoti.loaded == []
+    assert loaded == [] and cache.stats.hits == 0 and cache.stats.rejected == 0
+    assert _cache(tmp_path).load_entry({**aoti_parts, "signature": "s1"}).artifacts == b"kernels"
+
+
 def test_a_precompile_failure_affects_only_that_signature(tmp_path, caplog):
     recorder = Recorder()
     fake = FakePrecompiler(fail_on={"s1"}, recorder=recorder)

@@ -250,14 +250,18 @@ class CompileCache:
         """Preload the entry for `parts` into this process's compiler caches; False on a miss."""
         return self.load_entry(parts) is not None
 
-    def load_entry(self, parts: dict[str, Any]) -> Entry | None:
-        """Check the entry for `parts`, preload its artifacts and return it; None on a miss or a broken one."""
+    def load_entry(self, parts: dict[str, Any], *, require: str | None = None) -> Entry | None:
+        """Check the entry for `parts`, preload its artifacts and return it; None on a miss or a broken one.
+        With `require`, an entry without that file is a miss too (left as it is, its artifacts not loaded)."""
         key = entry_key(parts)
         folder = self.path(key)
         if not folder.exists():
             self.stats.misses += 1
             return None
         problem, entry, meta = self._read(folder, key)
+        if problem is None and require is not None and require not in entry.files:
+            self.stats.misses += 1
+            return None
         if problem is None:
             try:
                 if entry.artifacts:

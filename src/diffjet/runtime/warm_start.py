@@ -158,8 +158,8 @@ class WarmStartStore:
             parts = {**other.parts, "signature": signature}
             if not self.cache.path(entry_key(parts)).exists():
                 continue
-            entry = self.cache.load_entry(parts)
-            if entry is None or FUNCTION not in entry.files:
+            entry = self.cache.load_entry(parts, require=FUNCTION)  # one whose precompile failed is of no use here
+            if entry is None:
                 continue
             autotune_choices.restore(entry.files, inductor_folder)
             loaded = self._load(parts, entry, other.precompile, description, f" (an entry of precompile={kind!r})")
