@@ -56,6 +56,21 @@ def test_fp8_kernel_against_the_unfused_fp8_computation(shape, blocks):
     assert relative_error(y.float(), want) < 0.1
 
 
+def test_fp8_gate_holds_from_far_below_to_far_above_zero():
+    # The kernel's GELU is its tanh form from exp2: exp2 overflows to inf for gates below about -11, where the
+    # gate must give 0 (not NaN), and above, h * g; in between it stays within an fp16 step of the exact GELU.
+    x, bias, q, xs, w8, ws, _ = fp8_inputs(64, 32, 24, seed=1)
+    for scale in (1.0, 8.0, 40.0):  # sums from a few units to a few hundred
+        y = gg.launch_fp8(q, xs * scale, w8, ws, bias, torch.float16).float()
+        sums = (q.float() @ w8.float().t()) * (xs * scale).view(-1, 1) * ws.view(1, -1) + bias.float()
+        h, g = sums.chunk(2, dim=-1)
+        exact = h * torch.nn.functional.gelu(g)
+        assert torch.isfinite(y).all()
+        # the tanh form's 4.7e-4 times |h|, then half precision's rounding of the result
+        assert ((y - exact).abs() <= 5e-4 * h.abs() + 1e-3 * exact.abs() + 1e-6).all()
+    assert g.min() < -12 and g.max() > 12, "the last scale reaches where exp2 overflows"
+
+
 def test_fp8_op_falls_back_to_its_reference_and_has_a_fake():
     x, bias, q, xs, w8, ws, _ = fp8_inputs(5, 36, 16)  # 36-byte rows: no tensor descriptor takes them
     assert not gg.supported_fp8(q, xs, w8, ws, bias, torch.float16)
