@@ -39,8 +39,8 @@ def kernel_copies(folder: Path) -> dict:
 
     source = Path(gg.__file__).read_text().split("@torch.library.custom_op")[0]  # the ops are registered once
     exact = source.replace("_gate_fp8(acc_h, acc_g, y_desc.dtype)", "_gate(acc_h, acc_g, y_desc.dtype)")
-    sums = re.sub(r"(def _gate\(acc_h, acc_g, dtype: tl.constexpr\):\n)", r"\1        return (acc_h + acc_g).to(dtype)\n",
-                  source)
+    sums = re.sub(r"(def _gate\(acc_h, acc_g, dtype: tl.constexpr\):\n)",
+                  r"\1        return (acc_h + acc_g).to(dtype)\n", source)
     sums = re.sub(r"(def _gate_fp8\(h, g, dtype: tl.constexpr\):\n)", r"\1        return (h + g).to(dtype)\n", sums)
     assert exact != source and sums.count("return (") > source.count("return ("), "the kernel's source changed"
     modules = {"fast": gg}

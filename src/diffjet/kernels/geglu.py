@@ -10,9 +10,9 @@ only: the double-width projection never reaches memory.
 Rounding follows the unfused modules in x's dtype: h and g rounded after the bias, gelu(g) rounded, the
 product rounded; sums in float32 as cuBLAS does.
 
-The kernel is persistent (a fixed number of programs per SM) and loads its tiles through tensor descriptors, so it needs
-Hopper or later. It beats cuBLAS plus Inductor's separate kernel only for large outputs (`pays`); the pass
-that puts it in (`passes/kernels.py`) leaves smaller ones to Inductor.
+The kernel is persistent (a fixed number of programs per SM) and loads its tiles through tensor descriptors,
+so it needs Hopper or later. It beats cuBLAS plus Inductor's separate kernel only for large outputs (`pays`);
+the pass that puts it in (`passes/kernels.py`) leaves smaller ones to Inductor.
 
 `geglu` is an opaque `torch.library.custom_op` with a fake implementation, like `group_norm_silu`. On CPU,
 in float32, or for inputs the kernel does not take it runs `reference`, diffusers' own computation.
