@@ -1,9 +1,11 @@
-"""The GEMMs of one UNet step, by shape: cuBLAS against Inductor's best Triton template for each shape.
+"""The GEMMs of one denoiser step, by shape: cuBLAS against Inductor's best Triton template for each shape.
 
     python bench/gemm_shapes.py --model sd15 --json gemm-shapes-sd15.json          # GPU: shapes and timings
+    python bench/gemm_shapes.py --model flux-dev --top 12 --json gemm-shapes-flux-dev.json
     python bench/gemm_shapes.py --model tiny --device cpu --shapes-only            # CPU: the shapes only
 
-Runs the preset's UNet once with diffjet's passes (fp16 on CUDA, channels-last, fused-QKV SDPA) and records
+Runs the preset's denoiser once (a UNet, or a DiT's transformer on its pipeline's own inputs) with diffjet's
+passes (half precision on CUDA: fp16 for a UNet, bf16 for a DiT; a UNet's channels-last; fused-QKV SDPA) and records
 every matrix product it makes: `addmm`/`mm` (linear layers) and 1×1 convolutions, which Inductor lowers to
 GEMMs (`conv_1x1_as_mm`). For each distinct (M, K, N, bias) it then times, replayed from a CUDA graph:
 `torch.addmm`/`torch.mm` (cuBLAS, what the compiled UNet calls today), and the same product compiled by
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import json
 import sys
 import time
@@ -52,20 +55,14 @@ def record_gemms(unet, args, kwargs) -> collections.Counter:
 
 
 def step_gemms(model: str, batch: int, device: str) -> list[tuple[tuple[int, int, int, bool], int]]:
-    """((M, K, N, bias), calls) of one step of the preset's UNet with diffjet's passes at the preset's size,
-    the most FLOPs per step first."""
-    import torch
-
+    """((M, K, N, bias), calls) of one step of the preset's denoiser with diffjet's passes at the preset's
+    size, the most FLOPs per step first."""
     from diffjet.models import PRESETS
 
-    from unet_step import prepared_unet, unet_inputs  # bench/, the script's own folder
+    from unet_step import component, prepared, step_inputs  # bench/, the script's own folder
 
-    unet = prepared_unet(model, device=device)
-    sample, states, kwargs = unet_inputs(unet, PRESETS[model].height, batch, device=device)
-    if unet.dtype != torch.float16:
-        sample, states = sample.to(unet.dtype), states.to(unet.dtype)
-    t = torch.tensor(999.0, device=device)
-    shapes = record_gemms(unet, (sample, t, states), dict(return_dict=False, **kwargs))
+    denoiser, args, kwargs = step_inputs(model, PRESETS[model].height, batch, device)
+    shapes = record_gemms(prepared(denoiser, component(model)), args, kwargs)
     return sorted(shapes.items(), key=lambda kv: -kv[1] * kv[0][0] * kv[0][1] * kv[0][2])
 
 
@@ -102,14 +99,16 @@ def time_calls(fn, reps: int = 20) -> float:
     return ms * 1000 / reps
 
 
-def time_shape(m: int, k: int, n: int, bias: bool) -> dict:
-    """cuBLAS against Inductor's autotuned Triton templates for one (M, K, N, bias), fp16, in microseconds."""
+def time_shape(m: int, k: int, n: int, bias: bool, dtype=None) -> dict:
+    """cuBLAS against Inductor's autotuned Triton templates for one (M, K, N, bias) in `dtype` (float16 when
+    None), in microseconds."""
     import torch
 
+    dtype = dtype or torch.float16
     g = torch.Generator("cuda").manual_seed(0)
-    x = torch.randn(m, k, device="cuda", dtype=torch.float16, generator=g)
-    w = torch.randn(n, k, device="cuda", dtype=torch.float16, generator=g) / k**0.5
-    b = torch.randn(n, device="cuda", dtype=torch.float16, generator=g) if bias else None
+    x = torch.randn(m, k, device="cuda", dtype=dtype, generator=g)
+    w = torch.randn(n, k, device="cuda", dtype=dtype, generator=g) / k**0.5
+    b = torch.randn(n, device="cuda", dtype=dtype, generator=g) if bias else None
 
     def linear(x, w, b):
         return torch.nn.functional.linear(x, w, b)
@@ -135,14 +134,19 @@ def time_shape(m: int, k: int, n: int, bias: bool) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="sd15")
-    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--batch", type=int, help="the denoiser's rows (default: one image's, 2 with CFG)")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--shapes-only", action="store_true", help="list the shapes, time nothing")
     parser.add_argument("--top", type=int, default=16, help="time only the shapes with the most FLOPs per step")
     parser.add_argument("--json")
     args = parser.parse_args()
+    from diffjet.models import half_precision
 
-    rows = shape_rows(args.model, args.batch, args.device, None if args.shapes_only else time_shape, args.top)
+    from unet_step import default_batch  # bench/, the script's own folder
+
+    args.batch = args.batch or default_batch(args.model)
+    timing = functools.partial(time_shape, dtype=half_precision(args.model))
+    rows = shape_rows(args.model, args.batch, args.device, None if args.shapes_only else timing, args.top)
     timed = [r for r in rows if "triton_us" in r]
     total = {
         "shapes_timed": len(timed),
