@@ -206,6 +206,7 @@ def test_another_settings_entry_without_a_function_is_passed_over_unloaded(tmp_p
     store = WarmStartStore(cache, PARTS, name="unet", precompile=own, elsewhere={"aoti": OtherKind(aoti_parts, aoti)})
     assert _run(store, "s1") == "precompiled s1" and aoti.loaded == []
     assert loaded == [] and cache.stats.hits == 0 and cache.stats.rejected == 0
+    assert cache.stats.misses == 1, "one signature, one miss: this store's own entry"
     assert _cache(tmp_path).load_entry({**aoti_parts, "signature": "s1"}).artifacts == b"kernels"
 
 

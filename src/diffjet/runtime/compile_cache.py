@@ -252,7 +252,8 @@ class CompileCache:
 
     def load_entry(self, parts: dict[str, Any], *, require: str | None = None) -> Entry | None:
         """Check the entry for `parts`, preload its artifacts and return it; None on a miss or a broken one.
-        With `require`, an entry without that file is a miss too (left as it is, its artifacts not loaded)."""
+        With `require`, an entry without that file is passed over: None, its artifacts not loaded, the entry
+        left as it is and nothing counted (the caller looks for that file elsewhere, and counts there)."""
         key = entry_key(parts)
         folder = self.path(key)
         if not folder.exists():
@@ -260,7 +261,6 @@ class CompileCache:
             return None
         problem, entry, meta = self._read(folder, key)
         if problem is None and require is not None and require not in entry.files:
-            self.stats.misses += 1
             return None
         if problem is None:
             try:
