@@ -681,3 +681,16 @@ def test_precompile_choices_are_the_configs_own(command):
     subparsers = next(a for a in cli.build_parser()._actions if a.dest == "command")
     option = next(a for a in subparsers.choices[command]._actions if a.dest == "precompile")
     assert tuple(option.choices) == PRECOMPILE_KINDS and option.default == "function"
+
+
+def test_verify_says_when_only_the_one_step_error_decides(capsys, monkeypatch, tmp_path):
+    from diffjet import quality
+
+    drifted = quality.Verdict(
+        reference="eager float32", baseline=quality.VariantResult("eager float32", 0.07, 1.405, True),
+        candidate=quality.VariantResult("diffjet", 0.01, 1.41, True), bound_unet=0.105, bound_latents=2.1)
+    monkeypatch.setattr(quality, "verify", lambda *a, **k: drifted)
+    code, out, _ = run(["verify", *FAST, "--json", str(tmp_path / "v.json")], capsys)
+    assert code == 0 and "PASS (lossless, by the one-step error; the final latents cannot tell at 2 steps)" in out
+    assert "only the one-step error decides" in out
+    assert json.loads((tmp_path / "v.json").read_text())["final_latents_decide"] is False

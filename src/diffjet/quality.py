@@ -29,6 +29,9 @@ LOSSLESS_FACTOR = 1.5
 # Reordered float32 sums (channels-last convolutions, fused projections) move results by ~1e-6
 # relative per op; after a full tiny-model run that stays far below this floor.
 FLOAT32_FLOOR = 1e-4
+#: `relative_error` of latents unrelated to the reference (same norm, uncorrelated): √2. A bound at or above it
+#: admits any such latents, so the final-latent check cannot fail there.
+UNRELATED = math.sqrt(2)
 
 
 def relative_error(x: torch.Tensor, ref: torch.Tensor) -> float:
@@ -85,6 +88,13 @@ class Verdict:
         c = self.candidate
         return c.finite and c.unet_error <= self.bound_unet and c.latents_error <= self.bound_latents
 
+    @property
+    def latents_decide(self) -> bool:
+        """Whether the final-latent check can fail. Not where eager half precision has itself left float32's
+        trajectory so far over the run (chaotic ones: random-weight DiTs at full size, 28 steps) that the bound
+        admits unrelated latents; then only the one-step error decides."""
+        return self.bound_latents < UNRELATED
+
     def table(self) -> str:
         rows = [("variant", f"{self.denoiser.lower()} step error", "final latents error", "finite")]
         for v in (self.baseline, self.candidate):
@@ -92,7 +102,13 @@ class Verdict:
         if self.lossy is None:
             rows.append(("bound (diffjet)", f"{self.bound_unet:.3e}", f"{self.bound_latents:.3e}", "True"))
         widths = [max(len(r[i]) for r in rows) for i in range(4)]
-        return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+        if self.lossy is None and not self.latents_decide:
+            lines.append(f"final latents: {self.baseline.name} is {self.baseline.latents_error:.3f} from float32's, "
+                         f"so its bound admits unrelated latents ({UNRELATED:.3f}): half precision alone has left "
+                         "float32's trajectory over these steps, and only the one-step error decides "
+                         "(fewer steps make the final latents count)")
+        return "\n".join(lines)
 
 
 def psnr(image: torch.Tensor, reference: torch.Tensor) -> float:
