@@ -9,7 +9,7 @@
 Loads the preset's denoiser (built once with random weights): the UNet, or a DiT's transformer (flux-dev,
 flux-schnell, sd35-medium; tiny-flux, tiny-sd3). Applies diffjet's passes as `diffjet.compile` does (a UNet:
 fp16, channels-last, fused-QKV SDPA; a DiT: bf16 and fused joint QKV attention, no channels-last, and none of
-diffjet's Triton kernels, which replace UNet blocks only: a DiT's kernel variants time its plain step), then
+diffjet's UNet kernels: a DiT's UNet-kernel variants time its plain step; `inductor-qk-norm-rope` is Flux's), then
 compiles with the variant's Inductor options, captures the step with diffjet's CudaGraphRunner and times
 replays with CUDA events (median of 100 after warm-up). `torch-compile` is diffusers' speed-guide recipe in
 their place, as `diffjet bench --compiler torch-compile` applies it (`diffjet/bench/recipes.py`).
@@ -81,12 +81,14 @@ VARIANTS = {
                              "__fp8": "rule", "__fp8_min_waves": 3},
     "fp8-waves2-geglu-fp8": {"conv_1x1_as_mm": True, "__kernels": ("group_norm_silu", "geglu", "geglu_fp8"),
                              "__fp8": "rule", "__fp8_min_waves": 2},
+    # A DiT's step with diffjet's Flux attention kernel (the queries' and keys' norms, rotary embedding, SDPA layout).
+    "inductor-qk-norm-rope": {"__kernels": ("qk_norm_rope",)},
     # Diffusers' speed guide in place of diffjet's passes and CudaGraphRunner (`recipes.compiled_denoiser`): its
     # Inductor flags and torch.compile's reduce-overhead mode (Inductor plus CUDA-graph trees), fullgraph.
     "torch-compile": {"conv_1x1_as_mm": True, "epilogue_fusion": False, "__mode": "reduce-overhead"},
 }
 #: A DiT's default variants: its step graphed eager and compiled as diffjet compiles it, with fp8, and diffusers'
-#: recipe. The others run too, the kernel variants as their plain step (the kernels replace UNet blocks only).
+#: recipe. The others run too, the UNet-kernel variants as their plain step (those kernels replace UNet blocks only).
 DIT_VARIANTS = ("eager-graph", "inductor", "fp8-rule", "torch-compile")
 #: The DiT pipelines, with their transformer's batch per image: SD3 runs classifier-free guidance as one
 #: batch of two, Flux.1 is guidance-distilled (one row).
@@ -354,8 +356,8 @@ def run_one(model: str, variant: str, batch: int, size: int | None, profile: boo
     options = dict(VARIANTS[variant]) if VARIANTS[variant] is not None else None
     cudnn_benchmark = bool(options and options.pop("__cudnn_benchmark", False))
     kernels = options.pop("__kernels", ()) if options else ()
-    if name != "unet":
-        kernels = ()  # as diffjet.compile: a DiT has no GroupNorm or GEGLU blocks for them
+    # as diffjet.compile: a DiT has no GroupNorm or GEGLU blocks, a UNet no Flux attention
+    kernels = tuple(k for k in kernels if (k in kernel_pass.DIT_KERNELS) == (name != "unet"))
     fp8 = options.pop("__fp8", None) if options else None
     if options and "__fp8_min_waves" in options:
         from diffjet.passes import fp8 as fp8_pass

@@ -442,10 +442,12 @@ def test_bench_diffjet_variants_put_in_their_kernels(monkeypatch):
         return pipe
 
     monkeypatch.setattr(diffjet, "compile", compile_)
-    for name in ("diffjet", "diffjet-no-kernels", "diffjet-no-geglu", "diffjet-fp8", "diffjet-fp8-no-geglu-fp8"):
+    for name in ("diffjet", "diffjet-no-kernels", "diffjet-no-geglu", "diffjet-fp8", "diffjet-fp8-no-geglu-fp8",
+                 "diffjet-qk-norm-rope"):
         recipes.apply(types.SimpleNamespace(), name)
     assert used == [("group_norm_silu", "geglu", "geglu_fp8"), (), ("group_norm_silu",),
-                    ("group_norm_silu", "geglu", "geglu_fp8"), ("group_norm_silu", "geglu")]
+                    ("group_norm_silu", "geglu", "geglu_fp8"), ("group_norm_silu", "geglu"),
+                    ("group_norm_silu", "geglu", "geglu_fp8", "qk_norm_rope")]
 
 
 def test_verify_covers_a_controlnet_pipeline(capsys, tmp_path):

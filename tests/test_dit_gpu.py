@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import diffjet
+from diffjet.config import DEFAULT_KERNELS
 from diffjet.models import load_pipeline
 from diffjet.quality import verify
 
@@ -34,11 +35,12 @@ def test_dit_runs_bfloat16_and_every_step_replays_one_graph(model):
     assert stats.captures == 1 and stats.eager_calls == 0 and stats.replays == calls
 
 
-def _fidelity_verdict(model, steps, size):
+def _fidelity_verdict(model, steps, size, config=None):
     verdict = verify(
         lambda dtype: load_pipeline(model, device="cuda", dtype=dtype),
         device=torch.device("cuda"), prompt="an astronaut riding a horse", steps=steps,
-        height=size, width=size, seed=0, compile_pipe=diffjet.compile, half=torch.bfloat16,
+        height=size, width=size, seed=0, compile_pipe=lambda pipe: diffjet.compile(pipe, config),
+        half=torch.bfloat16,
     )
     print(verdict.table())
     return verdict
@@ -47,6 +49,18 @@ def _fidelity_verdict(model, steps, size):
 @pytest.mark.parametrize("model", ["tiny-flux", "tiny-sd3"])
 def test_dit_fidelity_rule_holds(model):
     assert _fidelity_verdict(model, steps=8, size=64).passed
+
+
+def test_flux_attention_kernel_runs_in_the_graph_and_holds_the_fidelity_rule():
+    config = diffjet.Config(cache=False, kernels=(*DEFAULT_KERNELS, "qk_norm_rope"))
+    pipe = load_pipeline("tiny-flux", device="cuda", dtype=torch.bfloat16)
+    pipe.set_progress_bar_config(disable=True)
+    diffjet.compile(pipe, config)
+    assert "kernels(qk_norm_rope: 2 attention blocks)" in pipe.diffjet.passes["transformer"]
+    run(pipe, guidance_scale=3.5)
+    stats = pipe.diffjet.runners["transformer"].stats
+    assert stats.captures == 1 and stats.eager_calls == 0
+    assert _fidelity_verdict("tiny-flux", steps=8, size=64, config=config).passed
 
 
 @pytest.mark.slow

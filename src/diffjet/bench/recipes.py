@@ -16,6 +16,7 @@
   Inductor's own code in their place, so that the kernels' effect is measured side by side.
 - `diffjet-no-geglu`: the default without the GEGLU projection kernel (`Config(kernels=("group_norm_silu",))`),
   to measure that kernel end to end.
+- `diffjet-qk-norm-rope`: the default plus the Flux attention kernel (`qk_norm_rope`, opt-in until measured).
 - `diffjet-fast`: `Config.fast()`, every lossy option where the device supports it (LOSSY).
 - `diffjet-deepcache`: the default plus the step cache alone, DeepCache's setting (interval 3, branch 0).
 - `diffjet-fp8`: the default plus fp8 GEMMs alone (`Config(fp8=True)`: Ada and Hopper GPUs only).
@@ -35,6 +36,7 @@ DIFFJET = {
     "diffjet": lambda: _config(),
     "diffjet-no-kernels": lambda: _config(kernels=()),
     "diffjet-no-geglu": lambda: _config(kernels=("group_norm_silu",)),
+    "diffjet-qk-norm-rope": lambda: _with_kernels("qk_norm_rope"),
     "diffjet-fast": lambda: _config(preset="fast"),
     "diffjet-deepcache": lambda: _config(step_cache=_deepcache_setting()),
     "diffjet-fp8": lambda: _config(fp8=True),
@@ -122,6 +124,12 @@ def _config(preset: str = "lossless", **fields):
     from ..config import Config
 
     return getattr(Config, preset)().replace(**fields)
+
+
+def _with_kernels(*extra: str):
+    from ..config import DEFAULT_KERNELS
+
+    return _config(kernels=(*DEFAULT_KERNELS, *extra))
 
 
 def _deepcache_setting():

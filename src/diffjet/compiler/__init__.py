@@ -158,6 +158,11 @@ def compile_pipeline(pipe, config: Config) -> CompileReport:
             counts = [f"{placed['resnet_blocks']} resnet blocks"] + (
                 [f"{placed['geglu']} geglu"] if {"geglu", "geglu_fp8"} & set(named) else [])
             applied.append("kernels(" + ",".join(named) + ": " + ", ".join(counts) + ")")
+        if name == "transformer" and kernels.applies(module, config, dit=True):
+            kernels.apply(module, config)
+            placed = kernels.placements(module)["flux_attention"]
+            if placed:  # named only where it acts, so that other DiTs' keys stay as they were
+                applied.append(f"kernels(qk_norm_rope: {placed} attention blocks)")
         target = _graph_target(name, module)
         if name in ("unet", "transformer") and config.step_cache is not None:
             report.step_cache = _step_cache(pipe, name, module, config, cache, applied, report)

@@ -15,6 +15,11 @@ an fp8 GEMM keeps that at the calls where fp8 pays; the others take the kernel w
 (on by default; it acts only with `Config.fp8`) runs those fp8 calls through the same kernel on e4m3
 inputs, gate included, where the kernel pays. The kernels take CUDA half-precision (float16/bfloat16)
 channels-last activations; the pass is not applied elsewhere.
+
+`qk_norm_rope` (not on by default: not measured yet) gives every Flux.1 attention (diffusers' `FluxAttention`
+with its own processor, on the projections the attention pass fused) the processor `FusedFluxAttnProcessor`,
+which runs the queries' and keys' RMS norms, the rotary embedding and SDPA's layout as one kernel. It acts on
+a DiT transformer in half precision on CUDA; channels-last does not concern it.
 """
 
 from __future__ import annotations
@@ -23,14 +28,17 @@ import logging
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from diffusers.models.activations import GEGLU
 from diffusers.models.resnet import ResnetBlock2D
+from diffusers.models.transformers.transformer_flux import FluxAttention, FluxAttnProcessor
 from torch import nn
 
 from ..config import Config
 from ..kernels import geglu as gg
 from ..kernels.geglu import geglu, geglu_fp8
 from ..kernels.group_norm_silu import group_norm_silu
+from ..kernels.qk_norm_rope import qk_norm_rope
 from .fp8 import Fp8Linear, quantize_rows
 
 logger = logging.getLogger(__name__)
@@ -123,6 +131,49 @@ class FusedGEGLU(GEGLU):
         return y.view(*hidden_states.shape[:-1], -1)
 
 
+class FusedFluxAttnProcessor(FluxAttnProcessor):
+    """diffusers' `FluxAttnProcessor` on fused projections, with the queries' and keys' RMS norms, the rotary
+    embedding and the (batch, heads, tokens, head_dim) layout SDPA reads done by `diffjet::qk_norm_rope`.
+    Calls it does not cover (an attention mask, no rotary embedding, unfused projections, norms without
+    weights or with two epsilons) run diffusers' processor."""
+
+    def __call__(self, attn: FluxAttention, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor = None,
+                 attention_mask: torch.Tensor | None = None, image_rotary_emb: torch.Tensor | None = None
+                 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        text = encoder_hidden_states is not None
+        norms = [attn.norm_q, attn.norm_k] + ([attn.norm_added_q, attn.norm_added_k] if text else [])
+        if (attention_mask is not None or image_rotary_emb is None or not attn.fused_projections
+                or text != (attn.added_kv_proj_dim is not None)
+                or any(n.weight is None for n in norms) or norms[0].eps != norms[1].eps
+                or (text and norms[2].eps != norms[3].eps)):
+            return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+
+        def eps(norm) -> float:  # torch.nn.RMSNorm without eps uses its input's
+            return float(norm.eps if norm.eps is not None else torch.finfo(hidden_states.dtype).eps)
+
+        cos, sin = image_rotary_emb
+        query, key, value = qk_norm_rope(
+            attn.to_qkv(hidden_states), attn.to_added_qkv(encoder_hidden_states) if text else None,
+            attn.norm_q.weight, attn.norm_k.weight, norms[2].weight if text else None,
+            norms[3].weight if text else None, cos, sin, attn.to_qkv.out_features // 3 // attn.head_dim,
+            eps(norms[0]), eps(norms[2]) if text else 0.0)
+        hidden_states = F.scaled_dot_product_attention(query, key, value)
+        hidden_states = hidden_states.transpose(1, 2).flatten(2, 3).to(query.dtype)
+        if not text:
+            return hidden_states
+        encoder_hidden_states, hidden_states = hidden_states.split_with_sizes(
+            [encoder_hidden_states.shape[1], hidden_states.shape[1] - encoder_hidden_states.shape[1]], dim=1)
+        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states.contiguous()))
+        return hidden_states, attn.to_add_out(encoder_hidden_states.contiguous())
+
+
+def _flux_fits(attn: nn.Module) -> bool:
+    """diffusers' own processor on projections the attention pass fused, with its default attention backend."""
+    return (isinstance(attn, FluxAttention) and type(attn.processor) is FluxAttnProcessor and attn.fused_projections
+            and getattr(attn.processor, "_attention_backend", None) is None
+            and getattr(attn.processor, "_parallel_config", None) is None)
+
+
 def _resnet_fits(block: ResnetBlock2D) -> bool:
     return (
         block.time_embedding_norm == "default"
@@ -131,21 +182,27 @@ def _resnet_fits(block: ResnetBlock2D) -> bool:
     )
 
 
-def applies(module: nn.Module, config: Config) -> bool:
-    """On CUDA, half precision and channels-last only: what the kernels are made and measured for."""
+#: The kernels that act on a DiT's transformer; the others act on UNets, ControlNets and VAEs.
+DIT_KERNELS = ("qk_norm_rope",)
+
+
+def applies(module: nn.Module, config: Config, dit: bool = False) -> bool:
+    """On CUDA and half precision, and for the convolutional models channels-last: what the kernels are made
+    and measured for."""
     parameter = next(module.parameters())
     return (
-        bool(config.kernels)
-        and config.channels_last
+        bool(acting(config, fp8_on=True, dit=dit))
+        and (config.channels_last or dit)
         and parameter.is_cuda
         and parameter.dtype in (torch.float16, torch.bfloat16)
     )
 
 
-def acting(config: Config, fp8_on: bool) -> list[str]:
-    """The kernels of `config` that act on a module, as the compile report (and so the cache key) names
-    them: `geglu_fp8` only where fp8 is on, so that its being on by default leaves lossless keys as they were."""
-    return [k for k in config.kernels if k != "geglu_fp8" or fp8_on]
+def acting(config: Config, fp8_on: bool, dit: bool = False) -> list[str]:
+    """The kernels of `config` that act on a module (a DiT's transformer if `dit`), as the compile report (and
+    so the cache key) names them: `geglu_fp8` only where fp8 is on, so that its being on by default leaves
+    lossless keys as they were."""
+    return [k for k in config.kernels if (k in DIT_KERNELS) == dit and (k != "geglu_fp8" or fp8_on)]
 
 
 def apply(module: nn.Module, config: Config) -> nn.Module:
@@ -157,6 +214,10 @@ def apply(module: nn.Module, config: Config) -> nn.Module:
         logger.info("geglu: the kernel needs a Hopper or later GPU; %s's GEGLU blocks stay with Inductor",
                     type(module).__name__)
         gegl = []
+    if "qk_norm_rope" in config.kernels:
+        processor = FusedFluxAttnProcessor()
+        for attn in [m for m in module.modules() if _flux_fits(m)]:
+            attn.set_processor(processor)
     for block in gegl:
         block.__class__ = FusedGEGLU
         block.sms = gg.multiprocessors(device)
@@ -186,4 +247,6 @@ def placements(module: nn.Module) -> dict[str, int]:
         "transformer_norms": sum(not m.silu for m in fused),
         "left_alone": sum(not isinstance(m, FusedResnetBlock2D) for m in resnets),
         "geglu": sum(isinstance(m, FusedGEGLU) for m in module.modules()),
+        "flux_attention": sum(isinstance(getattr(m, "processor", None), FusedFluxAttnProcessor)
+                              for m in module.modules()),
     }
