@@ -31,6 +31,12 @@ KNOWN_KERNELS = ("group_norm_silu", "geglu", "geglu_fp8", "qk_norm_rope")
 DEFAULT_KERNELS = ("group_norm_silu", "geglu", "geglu_fp8")
 
 
+def is_dit(components) -> bool:
+    """Whether a pipeline with these components (names, or a dict by name) is a DiT pipeline: its denoiser is a
+    `transformer` (Flux, SD3), where a UNet pipeline's is a `unet`."""
+    return "transformer" in components
+
+
 @dataclass(frozen=True)
 class StepCache:
     """Step caching for SD UNets (lossy, opt-in): DeepCache's scheme, compiled and captured.
@@ -198,7 +204,7 @@ class Config:
         """This config with "auto" settled for a pipeline of these components (see `dtype`)."""
         if self.dtype != "auto":
             return self
-        return self.replace(dtype="bfloat16" if "transformer" in components else "float16")
+        return self.replace(dtype="bfloat16" if is_dit(components) else "float16")
 
     @property
     def lossy(self) -> list[str]:

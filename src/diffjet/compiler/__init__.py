@@ -29,7 +29,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from ..config import KNOWN_COMPONENTS, PRECOMPILE_KINDS, Config
+from ..config import KNOWN_COMPONENTS, PRECOMPILE_KINDS, Config, is_dit
 from ..errors import CacheError, DeviceError
 from ..passes import attention, fp8, inductor, kernels, memory_format, precision
 from ..runtime import precompiled, triton_cache
@@ -196,7 +196,7 @@ def _dtype_rule(config: Config, modules: dict[str, nn.Module], on_cuda: bool) ->
         return "dtype kept (Config.dtype='keep')"
     resolved = config.for_pipeline(modules).dtype
     if config.dtype == "auto":
-        family = "a DiT pipeline" if "transformer" in modules else "a UNet pipeline"
+        family = "a DiT pipeline" if is_dit(modules) else "a UNet pipeline"
         return f"{resolved} (Config.dtype='auto': {family})"
     return f"{resolved} (Config.dtype)"
 

@@ -20,6 +20,7 @@ import huggingface_hub
 import safetensors
 import torch
 
+from diffjet.config import is_dit
 from diffjet.errors import DeviceError, ModelLoadError, ModelNotFoundError, OutputError
 from diffjet.models import manifest
 from diffjet.models.building import build
@@ -116,7 +117,7 @@ def half_precision(model: str) -> torch.dtype:
     overflows in float16), float16 for the others and for hub ids, which are not looked up."""
     if model in PRESETS:
         return torch.bfloat16 if PRESETS[model].pipeline_class in DIT_PIPELINES else torch.float16
-    return torch.bfloat16 if "transformer" in (_model_index(model) or {}) else torch.float16
+    return torch.bfloat16 if is_dit(_model_index(model) or {}) else torch.float16
 
 
 def pipeline_class_name(model: str) -> str | None:

@@ -250,6 +250,10 @@ class CompileCache:
         """Preload the entry for `parts` into this process's compiler caches; False on a miss."""
         return self.load_entry(parts) is not None
 
+    def has(self, parts: dict[str, Any]) -> bool:
+        """Whether an entry for `parts` is there (not read, checked or counted: `load_entry` does that)."""
+        return self.path(entry_key(parts)).exists()
+
     def load_entry(self, parts: dict[str, Any], *, require: str | None = None) -> Entry | None:
         """Check the entry for `parts`, preload its artifacts and return it; None on a miss or a broken one.
         With `require`, an entry without that file is passed over: None, its artifacts not loaded, the entry

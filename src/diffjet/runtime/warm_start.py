@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from . import autotune_choices, triton_cache
-from .compile_cache import FUNCTION, CompileCache, Entry, entry_key
+from .compile_cache import FUNCTION, CompileCache, Entry
 from .precompiled import Precompiler
 
 logger = logging.getLogger(__name__)
@@ -128,7 +128,7 @@ class WarmStartStore:
 
     def _prepare(self, parts: dict, description: str, fn: Callable[..., Any], args: tuple, kwargs: dict,
                  inductor_folder: Path | None) -> _Prepared:
-        if not self.cache.path(entry_key(parts)).exists():
+        if not self.cache.has(parts):  # only then another kind's entry: a miss here would count
             loaded = self._load_other_kind(parts["signature"], description, inductor_folder)
             if loaded is not None:
                 return loaded
@@ -156,7 +156,7 @@ class WarmStartStore:
         """The function of another precompile kind's entry for `signature`, or None (none, or none loads)."""
         for kind, other in self.elsewhere.items():
             parts = {**other.parts, "signature": signature}
-            if not self.cache.path(entry_key(parts)).exists():
+            if not self.cache.has(parts):
                 continue
             entry = self.cache.load_entry(parts, require=FUNCTION)  # one whose precompile failed is of no use here
             if entry is None:
