@@ -19,7 +19,8 @@ each tap's sums are scaled by its pixels' scales before they join the accumulato
 
 Per shape (each 3×3 convolution of one step of the preset's UNet at its native size, one image's batch, with its
 count), replayed from CUDA graphs: cuDNN fp16 channels-last (what diffjet runs now), the kernel on fp16 inputs
-and on e4m3 inputs with one scale or one per pixel (the best of a few tile settings each), the input's
+and on e4m3 inputs with one scale or one per pixel, or on the fp16 input quantized as it is loaded (one scale
+a producer would hand over; the best of a few tile settings each), the input's
 quantization alone (one scale; its amax and cast as plain torch ops: what a producer kernel would have to
 absorb), and relative errors against float32. Totals are
 weighted by calls per step.
@@ -56,12 +57,12 @@ if triton is not None:
     @triton.jit
     def _conv3x3(x_ptr, w_ptr, xs_ptr, ws_ptr, b_ptr, y_ptr, M, H, W, C, HO, WO, CO,
                  STRIDE: tl.constexpr, HAS_BIAS: tl.constexpr, SCALED: tl.constexpr, PER_PIXEL: tl.constexpr,
-                 BLOCK_M: tl.constexpr,
+                 QUANTIZE_X: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, NUM_STAGES: tl.constexpr,
                  EXACT_DOT: tl.constexpr):
         # x: (N, H, W, C) contiguous (a channels-last NCHW tensor's memory); w: (CO, 9·C), K ordered (tap, channel);
         # y: (N·HO·WO, CO). SCALED: x and w are e4m3, xs one float32 for all of x (or, PER_PIXEL, one per input
-        # pixel), ws one per output channel.
+        # pixel), ws one per output channel. QUANTIZE_X: x is half precision, rounded to e4m3 by 1/xs as it is loaded.
         off_m, off_n = _tile_offsets(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(CO, BLOCK_N), GROUP_M,
                                      BLOCK_M, BLOCK_N)
         rows = off_m + tl.arange(0, BLOCK_M)
@@ -87,6 +88,7 @@ if triton is not None:
                     part = _dot(a, b, part, EXACT_DOT)
                 acc += part * tl.load(xs_ptr + pixel, mask=inside, other=0.0)[:, None]
         else:
+            inverse = 1.0 / tl.load(xs_ptr) if QUANTIZE_X else 1.0
             for k in tl.range(0, K, BLOCK_K, num_stages=NUM_STAGES):
                 tap = k // C
                 ih = oh * STRIDE + tap // 3 - 1
@@ -95,6 +97,8 @@ if triton is not None:
                 a = tl.load(x_ptr + (((image * H + ih) * W + iw) * C + (k - tap * C))[:, None] + ks[None, :],
                             mask=inside[:, None], other=0.0)
                 b = tl.load(w_ptr + cols[None, :] * K + (k + ks)[:, None], mask=(cols < CO)[None, :], other=0.0)
+                if QUANTIZE_X:
+                    a = (a.to(tl.float32) * inverse).to(b.dtype)
                 acc = _dot(a, b, acc, EXACT_DOT)
         col_ok = cols < CO
         if SCALED:
@@ -104,6 +108,24 @@ if triton is not None:
             acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         tl.store(y_ptr + rows[:, None] * CO + cols[None, :], acc.to(y_ptr.dtype.element_ty),
                  mask=(rows < M)[:, None] & col_ok[None, :])
+
+
+if triton is not None:
+
+    @triton.jit
+    def _to_e4m3(x_ptr, scale_ptr, q_ptr, N, BLOCK: tl.constexpr):
+        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        x = tl.load(x_ptr + i, mask=i < N).to(tl.float32) * (1.0 / tl.load(scale_ptr))
+        tl.store(q_ptr + i, x.to(q_ptr.dtype.element_ty), mask=i < N)
+
+
+def triton_e4m3(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x / scale rounded to e4m3 by Triton's conversion, as the kernel does when it quantizes x itself (on a GPU
+    the same as PyTorch's; Triton's interpreter does not carry a rounding into the exponent: 31.5 → 16)."""
+    flat = x.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1).reshape(-1)
+    q = torch.empty(flat.shape, device=x.device, dtype=FP8)
+    _to_e4m3[(triton.cdiv(flat.numel(), 1024),)](flat, scale, q, flat.numel(), BLOCK=1024)
+    return q.view(x.shape[0], x.shape[2], x.shape[3], x.shape[1]).permute(0, 3, 1, 2)
 
 
 def gemm_weight(weight: torch.Tensor) -> torch.Tensor:
@@ -136,8 +158,9 @@ def conv3x3(x: torch.Tensor, w_gemm: torch.Tensor, bias: torch.Tensor | None, st
             x_scale: torch.Tensor | None = None, w_scale: torch.Tensor | None = None,
             out_dtype: torch.dtype = torch.float16, setting=SETTINGS_FP8[0]) -> torch.Tensor:
     """The kernel: a 3×3 convolution, padding 1, of the channels-last NCHW `x` by `w_gemm` (`gemm_weight`),
-    returned channels-last in `out_dtype`. With scales, x and w_gemm are e4m3 (`quantize_tensor`, or
-    `quantize_pixels` for one scale per pixel; `quantize_channels`)."""
+    returned channels-last in `out_dtype`. With scales, w_gemm is e4m3 (`quantize_channels`) and x is e4m3
+    (`quantize_tensor`, or `quantize_pixels` for one scale per pixel), or half precision with one scale, which
+    the kernel applies as it loads x (`x_scale` from `quantize_tensor`: what a producer would hand over)."""
     n, c, h, w = x.shape
     co = w_gemm.shape[0]
     ho, wo = (h - 1) // stride + 1, (w - 1) // stride + 1
@@ -148,7 +171,8 @@ def conv3x3(x: torch.Tensor, w_gemm: torch.Tensor, bias: torch.Tensor | None, st
     grid = (triton.cdiv(m, block_m) * triton.cdiv(co, block_n),)
     _conv3x3[grid](x, w_gemm, y if x_scale is None else x_scale, y if w_scale is None else w_scale,
                    y if bias is None else bias, y, m, h, w, c, ho, wo, co, STRIDE=stride, HAS_BIAS=bias is not None,
-                   SCALED=x_scale is not None, PER_PIXEL=x_scale is not None and x_scale.numel() > 1, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m,
+                   SCALED=x_scale is not None, PER_PIXEL=x_scale is not None and x_scale.numel() > 1,
+                   QUANTIZE_X=x_scale is not None and x.dtype != FP8, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m,
                    NUM_STAGES=stages, EXACT_DOT=INTERPRET, num_warps=warps)
     return y.permute(0, 3, 1, 2)
 
@@ -194,11 +218,14 @@ def check() -> float:
         got = conv3x3(qp.contiguous(memory_format=torch.channels_last), gemm_weight(w8), b, stride, x_scale=xp,
                       w_scale=ws, setting=setting)
         e8p = relative_error(got.float(), reference_fp8(qp, xp, w8, ws, b, stride))
+        got = conv3x3(x, gemm_weight(w8), b, stride, x_scale=xs, w_scale=ws, setting=setting)
+        e8x = relative_error(got.float(), reference_fp8(triton_e4m3(x, xs), xs, w8, ws, b, stride))
         got16 = conv3x3(x, gemm_weight(weight), b, stride, setting=setting)
         e16 = relative_error(got16.float(), F.conv2d(x.float(), weight.float(), None if b is None else b.float(),
                                                      stride=stride, padding=1))
-        print(f"  {n}×{c}×{h}×{w} → {co}, stride {stride}: e4m3 {e8:.2e}, per pixel {e8p:.2e}, fp16 {e16:.2e}")
-        worst = max(worst, e8, e8p, e16)
+        print(f"  {n}×{c}×{h}×{w} → {co}, stride {stride}: e4m3 {e8:.2e}, per pixel {e8p:.2e}, "
+              f"quantized in the kernel {e8x:.2e}, fp16 {e16:.2e}")
+        worst = max(worst, e8, e8p, e8x, e16)
     return worst
 
 
@@ -239,7 +266,8 @@ def time_shape(n, c, h, w, co, stride, bias) -> dict:
     qp = qp.contiguous(memory_format=torch.channels_last)
     kernels = {"fp16": (SETTINGS_FP16, lambda s: conv3x3(x, w16, b, stride, setting=s)),
                "fp8": (SETTINGS_FP8, lambda s: conv3x3(q, w8g, b, stride, x_scale=xs, w_scale=ws, setting=s)),
-               "fp8_pixel": (SETTINGS_FP8, lambda s: conv3x3(qp, w8g, b, stride, x_scale=xp, w_scale=ws, setting=s))}
+               "fp8_pixel": (SETTINGS_FP8, lambda s: conv3x3(qp, w8g, b, stride, x_scale=xp, w_scale=ws, setting=s)),
+               "fp8_in_kernel": (SETTINGS_FP8, lambda s: conv3x3(x, w8g, b, stride, x_scale=xs, w_scale=ws, setting=s))}
     for name, (settings, run) in kernels.items():
         best = None
         for setting in (s for s in settings if c % s[2] == 0):
@@ -254,7 +282,8 @@ def time_shape(n, c, h, w, co, stride, bias) -> dict:
             row[f"{name}_us"], row[f"{name}_setting"] = round(best[0], 2), best[1]
             row[f"{name}_error"] = relative_error(run(best[1]).float(), exact)
     flop = 2 * n * ((h - 1) // stride + 1) * ((w - 1) // stride + 1) * co * 9 * c
-    row.update({f"{k}_tflops": round(flop / row[f"{k}_us"] / 1e6, 1) for k in ("cudnn", "fp16", "fp8", "fp8_pixel") if f"{k}_us" in row})
+    row.update({f"{k}_tflops": round(flop / row[f"{k}_us"] / 1e6, 1) for k in ("cudnn", "fp16", "fp8", "fp8_pixel", "fp8_in_kernel")
+                if f"{k}_us" in row})
     return row
 
 
@@ -290,17 +319,18 @@ def main() -> None:
         rows.append(row)
         print(json.dumps(row), file=sys.stderr, flush=True)
     total = {k: round(sum(r[f"{k}_us"] * r["calls"] for r in rows if f"{k}_us" in r) / 1000, 3)
-             for k in ("cudnn", "fp16", "fp8", "fp8_pixel", "quantize")}
-    print(f"{'N':>2} {'C':>5} {'H×W':>9} {'CO':>5} s calls  cuDNN µs  fp16 µs   fp8 µs  pixel µs  quant µs"
+             for k in ("cudnn", "fp16", "fp8", "fp8_pixel", "fp8_in_kernel", "quantize")}
+    print(f"{'N':>2} {'C':>5} {'H×W':>9} {'CO':>5} s calls  cuDNN µs  fp16 µs   fp8 µs  pixel µs  in-kernel  quant µs"
           "  fp8 error  per pixel")
     for r in rows:
         print(f"{r['n']:2} {r['c']:5} {r['h']:4}×{r['w']:<4} {r['co']:5} {r['stride']} {r['calls']:5}  "
-              + "  ".join(f"{r.get(k + '_us', float('nan')):7.2f}" for k in ("cudnn", "fp16", "fp8", "fp8_pixel", "quantize"))
+              + "  ".join(f"{r.get(k + '_us', float('nan')):7.2f}" for k in ("cudnn", "fp16", "fp8", "fp8_pixel", "fp8_in_kernel",
+                                                                      "quantize"))
               + f"  {r.get('fp8_error', float('nan')):.2e}  {r.get('fp8_pixel_error', float('nan')):.2e}"
               + (f"  {r['error']}" if "error" in r else ""))
     print(f"a step's 3×3 convolutions: cuDNN fp16 {total['cudnn']} ms, kernel fp16 {total['fp16']} ms, "
-          f"kernel fp8 {total['fp8']} ms, per-pixel scales {total['fp8_pixel']} ms (+ quantization alone "
-          f"{total['quantize']} ms)")
+          f"kernel fp8 {total['fp8']} ms (+ quantization alone {total['quantize']} ms), per-pixel scales "
+          f"{total['fp8_pixel']} ms, quantized as loaded {total['fp8_in_kernel']} ms")
     if args.json:
         from diffjet.bench import environment
 
