@@ -20,6 +20,7 @@ from diffjet.passes import kernels as kernel_pass
 from .conftest import relative_error
 
 triton = pytest.importorskip("triton")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # The largest relative error of the kernel against diffusers' computation, by dtype (see the docstring).
 TOLERANCE = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
 
@@ -29,12 +30,12 @@ def projections(batch, image, text, heads, dim, dtype, seed=0):
     g = torch.Generator().manual_seed(seed)
 
     def rand(*shape, offset=0.0):
-        return (torch.randn(*shape, generator=g) + offset).to(dtype)
+        return (torch.randn(*shape, generator=g) + offset).to(DEVICE, dtype)
 
     qkv = rand(batch, image, 3 * heads * dim, offset=0.3)
     text_qkv = rand(batch, text, 3 * heads * dim) if text else None
     weights = [rand(dim).abs() + 0.5 for _ in range(4 if text else 2)] + ([None, None] if not text else [])
-    angles = torch.randn(image + (text or 0), dim // 2, generator=g).repeat_interleave(2, dim=1)
+    angles = torch.randn(image + (text or 0), dim // 2, generator=g).repeat_interleave(2, dim=1).to(DEVICE)
     return qkv, text_qkv, weights, angles.cos(), angles.sin()
 
 
@@ -54,7 +55,7 @@ def test_the_kernel_gives_diffusers_norms_rotation_and_layout(dtype, text):
 def test_the_kernel_reads_a_projection_with_padded_rows():
     # A view whose rows are longer than 3·heads·head_dim (the last dimension contiguous, as `supported` asks).
     qkv, _, weights, cos, sin = projections(1, 9, None, 2, 8, torch.float16)
-    wide = torch.zeros(1, 9, qkv.shape[-1] + 16, dtype=qkv.dtype)
+    wide = torch.zeros(1, 9, qkv.shape[-1] + 16, dtype=qkv.dtype, device=DEVICE)
     wide[..., :qkv.shape[-1]] = qkv
     view = wide[..., :qkv.shape[-1]]
     assert qnr.supported(view, None, cos, 2) and not view.is_contiguous()
@@ -74,7 +75,7 @@ def test_inputs_the_kernel_does_not_take_run_the_reference():
 
 def tiny_flux():
     torch.manual_seed(0)
-    model = FluxTransformer2DModel(**{**TINY_FLUX_TRANSFORMER, "in_channels": 16}).eval()
+    model = FluxTransformer2DModel(**{**TINY_FLUX_TRANSFORMER, "in_channels": 16}).eval().to(DEVICE)
     g = torch.Generator().manual_seed(1)
     image, text = 20, 7
     inputs = {
@@ -86,9 +87,8 @@ def tiny_flux():
                                               indexing="ij"), dim=-1).reshape(-1, 3),
         "txt_ids": torch.zeros(text, 3),
         "guidance": torch.tensor([3.5]),
-        "return_dict": False,
     }
-    return model, inputs
+    return model, {**{k: v.to(DEVICE) for k, v in inputs.items()}, "return_dict": False}
 
 
 def test_the_processor_gives_a_flux_transformer_diffusers_output(monkeypatch):
@@ -141,4 +141,6 @@ def test_the_dit_kernel_is_opt_in_and_named_apart_from_the_unet_kernels():
     assert kernel_pass.acting(config, fp8_on=False, dit=True) == ["qk_norm_rope"]
     assert kernel_pass.acting(Config(), fp8_on=True, dit=True) == []
     model, _ = tiny_flux()
-    assert not kernel_pass.applies(model, config, dit=True)  # CPU: the pass is for CUDA
+    assert not kernel_pass.applies(model, config, dit=True)  # float32: not what the pass is for
+    assert kernel_pass.applies(model.to(torch.bfloat16), config, dit=True) == (DEVICE == "cuda")
+    assert not kernel_pass.applies(model, Config(), dit=True)  # not named
