@@ -37,12 +37,14 @@ import torch
 import torch.nn.functional as F
 
 from diffjet.kernels import INTERPRET, tl, triton
+from diffjet.passes.fp8 import FP8, quantize_rows
+from diffjet.quality import relative_error
 
-FP8 = torch.float8_e4m3fn
-E4M3_MAX = torch.finfo(FP8).max
 #: (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages); a setting whose BLOCK_K does not divide C_in is skipped.
 SETTINGS_FP8 = [(128, 128, 128, 8, 8, 3), (128, 128, 64, 8, 4, 4), (128, 256, 128, 8, 8, 3), (256, 128, 128, 8, 8, 3),
                 (128, 128, 128, 8, 4, 4), (128, 128, 64, 8, 8, 4)]
+#: What `time_shape` times, each as `{name}_us` (and, for the kernels, `{name}_setting` and `{name}_error`).
+TIMED = ("cudnn", "fp16", "fp8", "fp8_pixel", "fp8_in_kernel")
 SETTINGS_FP16 = [(128, 128, 64, 8, 8, 3), (128, 128, 64, 8, 4, 4), (128, 256, 64, 8, 8, 3), (128, 128, 32, 8, 4, 4)]
 
 if triton is not None:
@@ -134,24 +136,21 @@ def gemm_weight(weight: torch.Tensor) -> torch.Tensor:
 
 
 def quantize_tensor(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x as e4m3 with one float32 scale for the whole tensor: x ≈ q · scale."""
-    scale = (x.abs().amax().float() / E4M3_MAX).clamp(min=1e-12)
-    return (x.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(FP8), scale.reshape(1)
+    """x as e4m3 with one float32 scale for the whole tensor: x ≈ q · scale (the fp8 pass's rows, one row)."""
+    q, scale = quantize_rows(x.reshape(1, -1))
+    return q.view(x.shape), scale.reshape(1)
 
 
 def quantize_pixels(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """A channels-last NCHW x as e4m3 with one float32 scale per pixel (N·H·W of them, over its C channels)."""
-    rows = x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
-    scale = (rows.abs().amax(dim=1, keepdim=True).float() / E4M3_MAX).clamp(min=1e-12)
-    q = (rows.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(FP8)
+    q, scale = quantize_rows(x.permute(0, 2, 3, 1).reshape(-1, x.shape[1]))
     return q.view(x.shape[0], x.shape[2], x.shape[3], -1).permute(0, 3, 1, 2), scale.view(-1)
 
 
 def quantize_channels(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """A (CO, ...) weight as e4m3 with one float32 scale per output channel."""
-    flat = weight.reshape(weight.shape[0], -1).float()
-    scale = (flat.abs().amax(dim=1) / E4M3_MAX).clamp(min=1e-12)
-    return (weight.float() / scale.view(-1, *[1] * (weight.dim() - 1))).to(FP8), scale
+    q, scale = quantize_rows(weight.reshape(weight.shape[0], -1))
+    return q.view(weight.shape), scale.view(-1)
 
 
 def conv3x3(x: torch.Tensor, w_gemm: torch.Tensor, bias: torch.Tensor | None, stride: int, *,
@@ -172,8 +171,8 @@ def conv3x3(x: torch.Tensor, w_gemm: torch.Tensor, bias: torch.Tensor | None, st
     _conv3x3[grid](x, w_gemm, y if x_scale is None else x_scale, y if w_scale is None else w_scale,
                    y if bias is None else bias, y, m, h, w, c, ho, wo, co, STRIDE=stride, HAS_BIAS=bias is not None,
                    SCALED=x_scale is not None, PER_PIXEL=x_scale is not None and x_scale.numel() > 1,
-                   QUANTIZE_X=x_scale is not None and x.dtype != FP8, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m,
-                   NUM_STAGES=stages, EXACT_DOT=INTERPRET, num_warps=warps)
+                   QUANTIZE_X=x_scale is not None and x.dtype != FP8, BLOCK_M=block_m, BLOCK_N=block_n,
+                   BLOCK_K=block_k, GROUP_M=group_m, NUM_STAGES=stages, EXACT_DOT=INTERPRET, num_warps=warps)
     return y.permute(0, 3, 1, 2)
 
 
@@ -183,11 +182,6 @@ def reference_fp8(q, x_scale, w8, w_scale, bias, stride):
     if x_scale.numel() > 1:  # one per pixel
         x_scale = x_scale.view(q.shape[0], 1, q.shape[2], q.shape[3])
     return F.conv2d(q.float() * x_scale, weight, None if bias is None else bias.float(), stride=stride, padding=1)
-
-
-def relative_error(x: torch.Tensor, ref: torch.Tensor) -> float:
-    x, ref = x.double(), ref.double()
-    return float((x - ref).norm() / ref.norm())
 
 
 def inputs(n, c, h, w, co, bias, device, dtype=torch.float16, seed=0):
@@ -282,8 +276,7 @@ def time_shape(n, c, h, w, co, stride, bias) -> dict:
             row[f"{name}_us"], row[f"{name}_setting"] = round(best[0], 2), best[1]
             row[f"{name}_error"] = relative_error(run(best[1]).float(), exact)
     flop = 2 * n * ((h - 1) // stride + 1) * ((w - 1) // stride + 1) * co * 9 * c
-    row.update({f"{k}_tflops": round(flop / row[f"{k}_us"] / 1e6, 1) for k in ("cudnn", "fp16", "fp8", "fp8_pixel", "fp8_in_kernel")
-                if f"{k}_us" in row})
+    row.update({f"{k}_tflops": round(flop / row[f"{k}_us"] / 1e6, 1) for k in TIMED if f"{k}_us" in row})
     return row
 
 
@@ -319,13 +312,12 @@ def main() -> None:
         rows.append(row)
         print(json.dumps(row), file=sys.stderr, flush=True)
     total = {k: round(sum(r[f"{k}_us"] * r["calls"] for r in rows if f"{k}_us" in r) / 1000, 3)
-             for k in ("cudnn", "fp16", "fp8", "fp8_pixel", "fp8_in_kernel", "quantize")}
-    print(f"{'N':>2} {'C':>5} {'H×W':>9} {'CO':>5} s calls  cuDNN µs  fp16 µs   fp8 µs  pixel µs  in-kernel  quant µs"
-          "  fp8 error  per pixel")
+             for k in (*TIMED, "quantize")}
+    print(f"{'N':>2} {'C':>5} {'H×W':>9} {'CO':>5} s calls  cuDNN µs  fp16 µs   fp8 µs  pixel µs  in-kernel"
+          "  quant µs  fp8 error  per pixel")
     for r in rows:
         print(f"{r['n']:2} {r['c']:5} {r['h']:4}×{r['w']:<4} {r['co']:5} {r['stride']} {r['calls']:5}  "
-              + "  ".join(f"{r.get(k + '_us', float('nan')):7.2f}" for k in ("cudnn", "fp16", "fp8", "fp8_pixel", "fp8_in_kernel",
-                                                                      "quantize"))
+              + "  ".join(f"{r.get(k + '_us', float('nan')):7.2f}" for k in (*TIMED, "quantize"))
               + f"  {r.get('fp8_error', float('nan')):.2e}  {r.get('fp8_pixel_error', float('nan')):.2e}"
               + (f"  {r['error']}" if "error" in r else ""))
     print(f"a step's 3×3 convolutions: cuDNN fp16 {total['cudnn']} ms, kernel fp16 {total['fp16']} ms, "

@@ -73,6 +73,15 @@ def test_inputs_the_kernel_does_not_take_run_the_reference():
         assert torch.equal(g, e)
 
 
+@pytest.fixture
+def launched(monkeypatch) -> list[bool]:
+    """Each launch of the Triton kernel from here on, as whether it had text tokens (a double block)."""
+    calls = []
+    launch = qnr.launch
+    monkeypatch.setattr(qnr, "launch", lambda *a: calls.append(a[1] is not None) or launch(*a))
+    return calls
+
+
 def tiny_flux():
     torch.manual_seed(0)
     model = FluxTransformer2DModel(**{**TINY_FLUX_TRANSFORMER, "in_channels": 16}).eval().to(DEVICE)
@@ -91,16 +100,13 @@ def tiny_flux():
     return model, {**{k: v.to(DEVICE) for k, v in inputs.items()}, "return_dict": False}
 
 
-def test_the_processor_gives_a_flux_transformer_diffusers_output(monkeypatch):
+def test_the_processor_gives_a_flux_transformer_diffusers_output(launched):
     model, inputs = tiny_flux()
     attention.apply(model, Config())
     with torch.no_grad():
         expected = model(**inputs)[0]
     kernel_pass.apply(model, Config(kernels=("qk_norm_rope",)))
     assert kernel_pass.placements(model)["flux_attention"] == 2  # one double block, one single block
-    launched = []
-    launch = qnr.launch
-    monkeypatch.setattr(qnr, "launch", lambda *a: launched.append(a[1] is not None) or launch(*a))
     with torch.no_grad():
         got = model(**inputs)[0]
     assert sorted(launched) == [False, True]  # the kernel ran in both blocks, not the reference
@@ -117,7 +123,7 @@ def test_the_processor_traces_whole_and_matches_eager():
     assert relative_error(traced, eager) < 1e-6
 
 
-def test_calls_the_processor_does_not_cover_run_diffusers_processor(monkeypatch):
+def test_calls_the_processor_does_not_cover_run_diffusers_processor(launched):
     model, inputs = tiny_flux()
     attention.apply(model, Config())
     for block in model.transformer_blocks:
@@ -125,9 +131,6 @@ def test_calls_the_processor_does_not_cover_run_diffusers_processor(monkeypatch)
     with torch.no_grad():
         expected = model(**inputs)[0]
     kernel_pass.apply(model, Config(kernels=("qk_norm_rope",)))
-    launched = []
-    launch = qnr.launch
-    monkeypatch.setattr(qnr, "launch", lambda *a: launched.append(a[1] is not None) or launch(*a))
     with torch.no_grad():
         got = model(**inputs)[0]
     assert launched == [False]  # the single block only; the double block ran diffusers' processor

@@ -31,7 +31,8 @@ BLOCK_S = 32
 
 
 def _split(qkv: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(batch, tokens, 3·heads·head_dim) → q, k, v as (batch, tokens, heads, head_dim), as diffusers unflattens them."""
+    """(batch, tokens, 3·heads·head_dim) → q, k, v as (batch, tokens, heads, head_dim), as diffusers unflattens
+    them."""
     return tuple(x.unflatten(-1, (heads, -1)) for x in qkv.chunk(3, dim=-1))
 
 
@@ -82,7 +83,13 @@ if triton is not None:
         x_e = tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
         x_o = tl.load(ptr + 1, mask=mask, other=0.0).to(tl.float32)
         r = tl.math.rsqrt((tl.sum(x_e * x_e, axis=1) + tl.sum(x_o * x_o, axis=1)) / D + eps)[:, None]
-        return (x_e * r * w_e).to(ptr.dtype.element_ty).to(tl.float32), (x_o * r * w_o).to(ptr.dtype.element_ty).to(tl.float32)
+        dtype = ptr.dtype.element_ty
+        return (x_e * r * w_e).to(dtype).to(tl.float32), (x_o * r * w_o).to(dtype).to(tl.float32)
+
+    @triton.jit
+    def _weight_pairs(ptr, pairs):
+        # A norm weight's even and odd channels, as float32 rows that broadcast over tokens.
+        return tl.load(ptr + pairs).to(tl.float32)[None, :], tl.load(ptr + pairs + 1).to(tl.float32)[None, :]
 
     @triton.jit
     def _qk_norm_rope(img_ptr, txt_ptr, wq_ptr, wk_ptr, twq_ptr, twk_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr,
@@ -96,16 +103,16 @@ if triton is not None:
         pairs = 2 * tl.arange(0, D // 2)
         ok = tokens < TOKENS
         row = img_ptr + image * img_sb + (tokens - TEXT) * img_ss
-        wq_e, wq_o = tl.load(wq_ptr + pairs).to(tl.float32)[None, :], tl.load(wq_ptr + pairs + 1).to(tl.float32)[None, :]
-        wk_e, wk_o = tl.load(wk_ptr + pairs).to(tl.float32)[None, :], tl.load(wk_ptr + pairs + 1).to(tl.float32)[None, :]
+        wq_e, wq_o = _weight_pairs(wq_ptr, pairs)
+        wk_e, wk_o = _weight_pairs(wk_ptr, pairs)
         row_eps = tl.zeros((BLOCK_S,), tl.float32) + eps
         if HAS_TEXT:
             text = (tokens < TEXT)[:, None]
             row = tl.where(tokens < TEXT, txt_ptr + image * txt_sb + tokens * txt_ss, row)
-            wq_e = tl.where(text, tl.load(twq_ptr + pairs).to(tl.float32)[None, :], wq_e)
-            wq_o = tl.where(text, tl.load(twq_ptr + pairs + 1).to(tl.float32)[None, :], wq_o)
-            wk_e = tl.where(text, tl.load(twk_ptr + pairs).to(tl.float32)[None, :], wk_e)
-            wk_o = tl.where(text, tl.load(twk_ptr + pairs + 1).to(tl.float32)[None, :], wk_o)
+            twq_e, twq_o = _weight_pairs(twq_ptr, pairs)
+            twk_e, twk_o = _weight_pairs(twk_ptr, pairs)
+            wq_e, wq_o = tl.where(text, twq_e, wq_e), tl.where(text, twq_o, wq_o)
+            wk_e, wk_o = tl.where(text, twk_e, wk_e), tl.where(text, twk_o, wk_o)
             row_eps = tl.where(tokens < TEXT, text_eps, row_eps)
         mask = ok[:, None]
         at = row[:, None] + head * D + pairs[None, :]  # each row's even channels of this head's q
