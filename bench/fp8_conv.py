@@ -8,14 +8,11 @@ implicit GEMM on fp16 and on e4m3 inputs.
 Why: with `Config.fp8` on, SDXL's 3×3 convolutions stay in cuDNN fp16 (4.8 ms of a 28 ms step, about 680
 TFLOP/s), and PyTorch 2.11 has no fp8 convolution; they are the largest part of the step fp8 does not reach.
 
-The kernel: an implicit GEMM over a channels-last input. Each program computes one tile of (output pixels ×
-output channels); its K loop walks 9 taps × C_in in BLOCK_K steps (BLOCK_K divides C_in, so a step never
-straddles two taps) and loads each tap's input rows at their shifted position, reading zeros outside the
-image (padding 1, stride 1 or 2). Products are summed in float32. On e4m3 inputs the input has one scale for
-the whole tensor, the weight one per output channel, both applied with the bias to the sums: a ResNet
-convolution reads the output of GroupNorm+SiLU, which is normalised, so one scale should lose little (the
-error below says how much). With one scale per input pixel instead (as the fp8 linear layers scale per row),
-each tap's sums are scaled by its pixels' scales before they join the accumulator: nine K loops, not one.
+The kernel is diffjet's (`diffjet/kernels/conv3x3_fp8.py`, kernel "conv_fp8"): an implicit GEMM over a
+channels-last input, here also on fp16 inputs, with one e4m3 scale for the whole tensor or one per input pixel
+(each tap's sums rescaled by its pixels' scales before they join the accumulator), or on the fp16 input
+quantized as it is loaded. What it showed (bench/results/fp8-conv-sdxl-h200-2026-12-02.json) decided the
+product's form: e4m3 with one scale per image, written by the GroupNorm+SiLU kernel before it.
 
 Per shape (each 3×3 convolution of one step of the preset's UNet at its native size, one image's batch, with its
 count), replayed from CUDA graphs: cuDNN fp16 channels-last (what diffjet runs now), the kernel on fp16 inputs
@@ -36,8 +33,10 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from diffjet.kernels import INTERPRET, tl, triton
-from diffjet.passes.fp8 import FP8, quantize_rows
+from diffjet.kernels import INTERPRET
+from diffjet.kernels import conv3x3_fp8 as cv
+from diffjet.kernels.conv3x3_fp8 import gemm_weight, triton_e4m3
+from diffjet.passes.fp8 import quantize_rows
 from diffjet.quality import relative_error
 
 #: (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages); a setting whose BLOCK_K does not divide C_in is skipped.
@@ -47,98 +46,11 @@ SETTINGS_FP8 = [(128, 128, 128, 8, 8, 3), (128, 128, 64, 8, 4, 4), (128, 256, 12
 TIMED = ("cudnn", "fp16", "fp8", "fp8_pixel", "fp8_in_kernel")
 SETTINGS_FP16 = [(128, 128, 64, 8, 8, 3), (128, 128, 64, 8, 4, 4), (128, 256, 64, 8, 8, 3), (128, 128, 32, 8, 4, 4)]
 
-if triton is not None:
-    from diffjet.kernels.geglu import _tile_offsets
-
-    @triton.jit
-    def _dot(a, b, acc, EXACT_DOT: tl.constexpr):
-        if EXACT_DOT:  # Triton's interpreter: no half or e4m3 dot; their products are exact in float32
-            return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-        return tl.dot(a, b, acc)
-
-    @triton.jit
-    def _conv3x3(x_ptr, w_ptr, xs_ptr, ws_ptr, b_ptr, y_ptr, M, H, W, C, HO, WO, CO,
-                 STRIDE: tl.constexpr, HAS_BIAS: tl.constexpr, SCALED: tl.constexpr, PER_PIXEL: tl.constexpr,
-                 QUANTIZE_X: tl.constexpr, BLOCK_M: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, NUM_STAGES: tl.constexpr,
-                 EXACT_DOT: tl.constexpr):
-        # x: (N, H, W, C) contiguous (a channels-last NCHW tensor's memory); w: (CO, 9·C), K ordered (tap, channel);
-        # y: (N·HO·WO, CO). SCALED: x and w are e4m3, xs one float32 for all of x (or, PER_PIXEL, one per input
-        # pixel), ws one per output channel. QUANTIZE_X: x is half precision, rounded to e4m3 by 1/xs as it is loaded.
-        off_m, off_n = _tile_offsets(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(CO, BLOCK_N), GROUP_M,
-                                     BLOCK_M, BLOCK_N)
-        rows = off_m + tl.arange(0, BLOCK_M)
-        image = rows // (HO * WO)
-        oh = rows % (HO * WO) // WO
-        ow = rows % WO
-        cols = off_n + tl.arange(0, BLOCK_N)
-        ks = tl.arange(0, BLOCK_K)
-        K = 9 * C
-        acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-        if PER_PIXEL:
-            # One scale per input pixel: each tap's sums are scaled by its pixels' scales before they join acc.
-            for tap in tl.static_range(9):
-                ih = oh * STRIDE + tap // 3 - 1
-                iw = ow * STRIDE + tap % 3 - 1
-                inside = (rows < M) & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-                pixel = (image * H + ih) * W + iw
-                part = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-                for c0 in tl.range(0, C, BLOCK_K, num_stages=NUM_STAGES):
-                    a = tl.load(x_ptr + (pixel * C + c0)[:, None] + ks[None, :], mask=inside[:, None], other=0.0)
-                    b = tl.load(w_ptr + cols[None, :] * K + (tap * C + c0 + ks)[:, None], mask=(cols < CO)[None, :],
-                                other=0.0)
-                    part = _dot(a, b, part, EXACT_DOT)
-                acc += part * tl.load(xs_ptr + pixel, mask=inside, other=0.0)[:, None]
-        else:
-            inverse = 1.0 / tl.load(xs_ptr) if QUANTIZE_X else 1.0
-            for k in tl.range(0, K, BLOCK_K, num_stages=NUM_STAGES):
-                tap = k // C
-                ih = oh * STRIDE + tap // 3 - 1
-                iw = ow * STRIDE + tap % 3 - 1
-                inside = (rows < M) & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-                a = tl.load(x_ptr + (((image * H + ih) * W + iw) * C + (k - tap * C))[:, None] + ks[None, :],
-                            mask=inside[:, None], other=0.0)
-                b = tl.load(w_ptr + cols[None, :] * K + (k + ks)[:, None], mask=(cols < CO)[None, :], other=0.0)
-                if QUANTIZE_X:
-                    a = (a.to(tl.float32) * inverse).to(b.dtype)
-                acc = _dot(a, b, acc, EXACT_DOT)
-        col_ok = cols < CO
-        if SCALED:
-            x_scale = 1.0 if PER_PIXEL else tl.load(xs_ptr)
-            acc = acc * (x_scale * tl.load(ws_ptr + cols, mask=col_ok, other=0.0)[None, :])
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        tl.store(y_ptr + rows[:, None] * CO + cols[None, :], acc.to(y_ptr.dtype.element_ty),
-                 mask=(rows < M)[:, None] & col_ok[None, :])
-
-
-if triton is not None:
-
-    @triton.jit
-    def _to_e4m3(x_ptr, scale_ptr, q_ptr, N, BLOCK: tl.constexpr):
-        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        x = tl.load(x_ptr + i, mask=i < N).to(tl.float32) * (1.0 / tl.load(scale_ptr))
-        tl.store(q_ptr + i, x.to(q_ptr.dtype.element_ty), mask=i < N)
-
-
-def triton_e4m3(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x / scale rounded to e4m3 by Triton's conversion, as the kernel does when it quantizes x itself (on a GPU
-    the same as PyTorch's; Triton's interpreter does not carry a rounding into the exponent: 31.5 → 16)."""
-    flat = x.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1).reshape(-1)
-    q = torch.empty(flat.shape, device=x.device, dtype=FP8)
-    _to_e4m3[(triton.cdiv(flat.numel(), 1024),)](flat, scale, q, flat.numel(), BLOCK=1024)
-    return q.view(x.shape[0], x.shape[2], x.shape[3], x.shape[1]).permute(0, 3, 1, 2)
-
-
-def gemm_weight(weight: torch.Tensor) -> torch.Tensor:
-    """A (CO, C, 3, 3) convolution weight as the kernel's (CO, 9·C) matrix, K ordered (tap, channel)."""
-    return weight.permute(0, 2, 3, 1).reshape(weight.shape[0], -1).contiguous()
-
-
 def quantize_tensor(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x as e4m3 with one float32 scale for the whole tensor: x ≈ q · scale (the fp8 pass's rows, one row)."""
+    """x as e4m3 with one float32 scale for the whole tensor (the fp8 pass's rows, one row), given once per image
+    as the kernel takes it: x ≈ q · scale[n]."""
     q, scale = quantize_rows(x.reshape(1, -1))
-    return q.view(x.shape), scale.reshape(1)
+    return q.view(x.shape), scale.reshape(1).expand(x.shape[0]).contiguous()
 
 
 def quantize_pixels(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -153,35 +65,14 @@ def quantize_channels(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     return q.view(weight.shape), scale.view(-1)
 
 
-def conv3x3(x: torch.Tensor, w_gemm: torch.Tensor, bias: torch.Tensor | None, stride: int, *,
-            x_scale: torch.Tensor | None = None, w_scale: torch.Tensor | None = None,
-            out_dtype: torch.dtype = torch.float16, setting=SETTINGS_FP8[0]) -> torch.Tensor:
-    """The kernel: a 3×3 convolution, padding 1, of the channels-last NCHW `x` by `w_gemm` (`gemm_weight`),
-    returned channels-last in `out_dtype`. With scales, w_gemm is e4m3 (`quantize_channels`) and x is e4m3
-    (`quantize_tensor`, or `quantize_pixels` for one scale per pixel), or half precision with one scale, which
-    the kernel applies as it loads x (`x_scale` from `quantize_tensor`: what a producer would hand over)."""
-    n, c, h, w = x.shape
-    co = w_gemm.shape[0]
-    ho, wo = (h - 1) // stride + 1, (w - 1) // stride + 1
-    block_m, block_n, block_k, group_m, warps, stages = setting
-    assert c % block_k == 0 and x.is_contiguous(memory_format=torch.channels_last)
-    y = torch.empty((n, ho, wo, co), device=x.device, dtype=out_dtype)
-    m = n * ho * wo
-    grid = (triton.cdiv(m, block_m) * triton.cdiv(co, block_n),)
-    _conv3x3[grid](x, w_gemm, y if x_scale is None else x_scale, y if w_scale is None else w_scale,
-                   y if bias is None else bias, y, m, h, w, c, ho, wo, co, STRIDE=stride, HAS_BIAS=bias is not None,
-                   SCALED=x_scale is not None, PER_PIXEL=x_scale is not None and x_scale.numel() > 1,
-                   QUANTIZE_X=x_scale is not None and x.dtype != FP8, BLOCK_M=block_m, BLOCK_N=block_n,
-                   BLOCK_K=block_k, GROUP_M=group_m, NUM_STAGES=stages, EXACT_DOT=INTERPRET, num_warps=warps)
-    return y.permute(0, 3, 1, 2)
+def conv3x3(x, w_gemm, bias, stride, *, setting=SETTINGS_FP8[0], **scales):
+    """diffjet's kernel (`diffjet.kernels.conv3x3_fp8.run`) with one tile setting."""
+    return cv.run(x, w_gemm, bias, stride, setting, **scales)
 
 
 def reference_fp8(q, x_scale, w8, w_scale, bias, stride):
-    """What the e4m3 kernel computes, in float32: the convolution of the dequantized input and weight."""
-    weight = w8.float() * w_scale.view(-1, 1, 1, 1)
-    if x_scale.numel() > 1:  # one per pixel
-        x_scale = x_scale.view(q.shape[0], 1, q.shape[2], q.shape[3])
-    return F.conv2d(q.float() * x_scale, weight, None if bias is None else bias.float(), stride=stride, padding=1)
+    """What the e4m3 kernel computes, in float32 (`diffjet.kernels.conv3x3_fp8.reference`)."""
+    return cv.reference(q, x_scale, gemm_weight(w8), w_scale, bias, torch.float32, stride)
 
 
 def inputs(n, c, h, w, co, bias, device, dtype=torch.float16, seed=0):

@@ -81,6 +81,12 @@ VARIANTS = {
                              "__fp8": "rule", "__fp8_min_waves": 3},
     "fp8-waves2-geglu-fp8": {"conv_1x1_as_mm": True, "__kernels": ("group_norm_silu", "geglu", "geglu_fp8"),
                              "__fp8": "rule", "__fp8_min_waves": 2},
+    # fp8 by the rule with the ResNet blocks' 3×3 convolutions in e4m3 too (kernel `conv_fp8`: the GroupNorm+SiLU
+    # kernel writes e4m3, diffjet's implicit-GEMM convolution reads it); and that with the QKV projections in fp8.
+    "fp8-rule-conv-fp8": {"conv_1x1_as_mm": True, "__fp8": "rule",
+                          "__kernels": ("group_norm_silu", "geglu", "geglu_fp8", "conv_fp8")},
+    "fp8-waves3-conv-fp8": {"conv_1x1_as_mm": True, "__fp8": "rule", "__fp8_min_waves": 3,
+                            "__kernels": ("group_norm_silu", "geglu", "geglu_fp8", "conv_fp8")},
     # A DiT's step with diffjet's Flux attention kernel (the queries' and keys' norms, rotary embedding, SDPA layout).
     "inductor-qk-norm-rope": {"__kernels": ("qk_norm_rope",)},
     # Diffusers' speed guide in place of diffjet's passes and CudaGraphRunner (`recipes.compiled_denoiser`): its

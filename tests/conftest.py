@@ -63,6 +63,37 @@ def relative_error(x, ref) -> float:
     return float((x - ref).norm() / ref.norm())
 
 
+def tiny_fp8_unets(path, *kernel_sets):
+    """The tiny preset's UNet in float32, then one float16 copy per set of kernels with the fp8 pass and the
+    kernel pass applied (`Config(kernels=..., fp8=True)`), as `diffjet.compile` applies them."""
+    from diffusers import UNet2DConditionModel
+
+    from diffjet import Config
+    from diffjet.passes import fp8
+    from diffjet.passes import kernels as kernel_pass
+
+    def load(dtype):
+        return UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dtype).eval()
+
+    unets = [load(torch.float32)]
+    for kernels in kernel_sets:
+        unet = load(torch.float16)
+        config = Config(kernels=kernels, fp8=True)
+        fp8.apply(unet, config)
+        kernel_pass.apply(unet, config)
+        unets.append(unet)
+    return unets
+
+
+def tiny_unet_outputs(*unets):
+    """Each tiny UNet's output, as float32, for one seeded input (batch 2, 8×8 latents) in the UNet's dtype."""
+    g = torch.Generator().manual_seed(0)
+    sample = torch.randn(2, 4, 8, 8, generator=g)
+    states = torch.randn(2, 77, unets[0].config.cross_attention_dim, generator=g)
+    with torch.no_grad():
+        return [unet(sample.to(unet.dtype), 500, states.to(unet.dtype)).sample.float() for unet in unets]
+
+
 # -- test LoRAs for the tiny pipeline (test_lora, test_runtime_gpu) ------------------------------------
 # Rank 4, on these layers of the tiny UNet and CLIP text encoder: self- and cross-attention projections
 # (fused after compiling), a 1x1 and a 3x3 convolution, text-encoder projections and an MLP.

@@ -105,7 +105,7 @@ def test_layers_too_narrow_for_fp8_to_pay_get_no_fp8_copy(monkeypatch):
     block = nn.Sequential(nn.Linear(320, 640), nn.Linear(640, 320))
     _fp8(block)
     assert [type(m) for m in block] == [nn.Linear, fp8.Fp8Linear] and block[1].sms == 132
-    assert fp8.placements(block) == {"linear": 1, "conv1x1": 0, "left_fp16": 1}
+    assert fp8.placements(block) == {"linear": 1, "conv1x1": 0, "left_fp16": 1, "conv3x3": 0}
 
 
 def test_a_zero_weight_quantizes_to_zeros():
@@ -132,7 +132,7 @@ def test_a_layer_whose_widths_are_not_multiples_of_16_stays_as_it_is():
     block = nn.Sequential(nn.Linear(40, 24), nn.Linear(24, 32), nn.Linear(32, 48))
     _fp8(block)
     assert [type(m) for m in block] == [nn.Linear, nn.Linear, fp8.Fp8Linear]
-    assert fp8.placements(block) == {"linear": 1, "conv1x1": 0, "left_fp16": 2}
+    assert fp8.placements(block) == {"linear": 1, "conv1x1": 0, "left_fp16": 2, "conv3x3": 0}
 
 
 # --- a UNet ---------------------------------------------------------------------------------------
@@ -183,7 +183,7 @@ def test_every_gemm_that_runs_goes_fp8_and_replaced_projections_do_not(unet):
     assert all(isinstance(m, fp8.Fp8Conv1x1) == (m.kernel_size == (1, 1)) for m in convs)
     placed = fp8.placements(unet)
     assert placed == {"linear": len(linear) - len(replaced), "conv1x1": sum(c.kernel_size == (1, 1) for c in convs),
-                      "left_fp16": 0}
+                      "left_fp16": 0, "conv3x3": 0}
     assert fp8.describe(unet) == (f"fp8(e4m3: {placed['linear']} linear + {placed['conv1x1']} 1x1-conv layers, "
                                   "0 left fp16)")
 

@@ -9,7 +9,6 @@ held to DESIGN.md's rule with the unfused fp8 path (`torch._scaled_mm`, then the
 
 import pytest
 import torch
-from diffusers import UNet2DConditionModel
 from diffusers.models.activations import GEGLU
 
 from diffjet import Config
@@ -18,7 +17,7 @@ from diffjet.kernels import geglu as gg
 from diffjet.passes import fp8
 from diffjet.passes import kernels as kernel_pass
 
-from .conftest import relative_error
+from .conftest import relative_error, tiny_fp8_unets, tiny_unet_outputs
 
 triton = pytest.importorskip("triton")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -139,23 +138,11 @@ def test_fp8_kernel_sees_a_requantized_weight():
 
 
 def test_tiny_unet_with_the_fp8_geglu_kernel_keeps_the_fp8_error(tiny_path, monkeypatch):
-    load = lambda dtype: UNet2DConditionModel.from_pretrained(tiny_path, subfolder="unet",  # noqa: E731
-                                                              torch_dtype=dtype).eval()
-    reference, unfused, fused = load(torch.float32), load(torch.float16), load(torch.float16)
-    for unet, kernels in ((unfused, ()), (fused, ("geglu_fp8",))):
-        config = Config(kernels=kernels, fp8=True)
-        fp8.apply(unet, config)
-        kernel_pass.apply(unet, config)
+    reference, unfused, fused = tiny_fp8_unets(tiny_path, (), ("geglu_fp8",))
     calls = []
     real = kernel_pass.geglu_fp8
     monkeypatch.setattr(kernel_pass, "geglu_fp8", lambda *args: calls.append(args[0].shape) or real(*args))
-    g = torch.Generator().manual_seed(0)
-    sample = torch.randn(2, 4, 8, 8, generator=g)
-    states = torch.randn(2, 77, reference.config.cross_attention_dim, generator=g)
-    with torch.no_grad():
-        want = reference(sample, 500, states).sample
-        base = unfused(sample.half(), 500, states.half()).sample.float()
-        got = fused(sample.half(), 500, states.half()).sample.float()
+    want, base, got = tiny_unet_outputs(reference, unfused, fused)
     assert len(calls) == sum(isinstance(m, kernel_pass.FusedGEGLU) for m in fused.modules()) > 0
     assert relative_error(got, want) <= 1.5 * relative_error(base, want) + 1e-6
 

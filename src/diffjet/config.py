@@ -25,7 +25,7 @@ MAX_GUIDANCE = 50.0
 #: The largest seed `torch.Generator.manual_seed` takes (seeds are from 0), in the CLI and the server's APIs.
 MAX_SEED = 2**64 - 1
 #: diffjet's Triton kernels (`diffjet/kernels/`) that `Config.kernels` may name.
-KNOWN_KERNELS = ("group_norm_silu", "geglu", "geglu_fp8", "qk_norm_rope")
+KNOWN_KERNELS = ("group_norm_silu", "geglu", "geglu_fp8", "conv_fp8", "qk_norm_rope")
 #: The kernels on by default: those measured faster than Inductor's own code (docs/kernels.md). `geglu_fp8`
 #: acts only where `Config.fp8` is on.
 DEFAULT_KERNELS = ("group_norm_silu", "geglu", "geglu_fp8")
@@ -106,8 +106,10 @@ class Config:
         kernels: diffjet's Triton kernels to put in (`passes/kernels.py`): "group_norm_silu" and
             "geglu", and "geglu_fp8" (the GEGLU kernel on the fp8 pass's e4m3 inputs; nothing unless `fp8`
             is on), all three by default; `()` for none. Applied on CUDA to half-precision channels-last
-            UNet, ControlNet and VAE only. "qk_norm_rope" (opt-in until measured): Flux.1's attention
-            norms and rotary embedding in one kernel, for its transformer in half precision on CUDA.
+            UNet, ControlNet and VAE only. "conv_fp8" (opt-in, lossier than fp8's GEMMs; nothing unless `fp8`
+            is on): the ResNet blocks' 3×3 convolutions on e4m3 inputs that their GroupNorm+SiLU kernel
+            writes. "qk_norm_rope" (opt-in until measured): Flux.1's attention norms and rotary embedding in
+            one kernel, for its transformer in half precision on CUDA.
         compile_mode: "default" or "max-autotune-no-cudagraphs" (much longer compilation).
         backend: the `torch.compile` backend: "inductor", or "eager" / "aot_eager" (tests: traced, not compiled).
         cuda_graphs: capture each component call per input signature into a CUDA graph.
@@ -178,9 +180,13 @@ class Config:
         if unknown:
             raise ConfigError(f"kernels: unknown {unknown}; known: {list(KNOWN_KERNELS)}")
         object.__setattr__(self, "kernels", tuple(self.kernels))
-        if "geglu_fp8" in self.kernels and not self.fp8 and not set(DEFAULT_KERNELS) <= set(self.kernels):
-            raise ConfigError('kernels: "geglu_fp8" runs the fp8 GEGLU projections and fp8 is off; '
-                              'set fp8=True (or "auto") with it, or leave it out')
+        if not self.fp8 and not set(DEFAULT_KERNELS) <= set(self.kernels):
+            for name, what in (("geglu_fp8", "the fp8 GEGLU projections"), ("conv_fp8", "3x3 convolutions in fp8")):
+                if name in self.kernels:
+                    raise ConfigError(f'kernels: "{name}" runs {what} and fp8 is off; '
+                                      'set fp8=True (or "auto") with it, or leave it out')
+        if "conv_fp8" in self.kernels and "group_norm_silu" not in self.kernels:
+            raise ConfigError('kernels: "conv_fp8" reads the e4m3 output of "group_norm_silu"; name both')
         if not isinstance(self.max_graphs, int) or self.max_graphs < 1:
             raise ConfigError(f"max_graphs must be a positive integer, got {self.max_graphs!r}")
         if not isinstance(self.cache, bool) and self.cache != "read-only":

@@ -156,7 +156,8 @@ def compile_pipeline(pipe, config: Config) -> CompileReport:
             placed = kernels.placements(module)
             named = kernels.acting(config, fp8_on=fp8_on)
             counts = [f"{placed['resnet_blocks']} resnet blocks"] + (
-                [f"{placed['geglu']} geglu"] if {"geglu", "geglu_fp8"} & set(named) else [])
+                [f"{placed['geglu']} geglu"] if {"geglu", "geglu_fp8"} & set(named) else []) + (
+                [f"{placed['conv_fp8']} fp8 3x3 convs"] if "conv_fp8" in named else [])
             applied.append("kernels(" + ",".join(named) + ": " + ", ".join(counts) + ")")
         if name == "transformer" and kernels.applies(module, config, dit=True):
             kernels.apply(module, config)

@@ -38,6 +38,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import Config
+from ..kernels import INTERPRET
+from ..kernels.conv3x3_fp8 import conv3x3_fp8, gemm_weight
 from ..kernels.geglu import multiprocessors
 
 logger = logging.getLogger(__name__)
@@ -101,9 +103,13 @@ class _Fp8Weight:
     sms: int | None = None
     out_dtype: torch.dtype = torch.float16
 
+    def _gemm_weight(self) -> torch.Tensor:
+        """The weight as the GEMM's (output channels × inner width) matrix, which is quantized per row."""
+        return self.weight.detach().reshape(self.weight.shape[0], -1)
+
     def _derive(self) -> None:
         """New fp8 buffers from the weight, and the output dtype for its device and dtype."""
-        q, scale = quantize_rows(self.weight.detach().reshape(self.weight.shape[0], -1))
+        q, scale = quantize_rows(self._gemm_weight())
         self.register_buffer("weight_fp8", q, persistent=False)
         self.register_buffer("weight_scale", scale.view(1, -1).contiguous(), persistent=False)
         self.out_dtype = output_dtype(self.weight.device, self.weight.dtype)
@@ -111,7 +117,7 @@ class _Fp8Weight:
     @torch.no_grad()
     def requantize(self) -> None:
         """Quantize the weight again into the same buffers (compiled code and CUDA graphs hold their pointers)."""
-        q, scale = quantize_rows(self.weight.detach().reshape(self.weight.shape[0], -1))
+        q, scale = quantize_rows(self._gemm_weight())
         self.weight_fp8.copy_(q)
         self.weight_scale.copy_(scale.view(1, -1))
 
@@ -154,6 +160,52 @@ class Fp8Conv1x1(_Fp8Weight, nn.Conv2d):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + ", fp8=e4m3"
+
+
+class Fp8Conv3x3(_Fp8Weight, nn.Conv2d):
+    """A ResNet block's 3×3 convolution (stride 1, padding 1) that reads its input in e4m3 with one scale per
+    image from the GroupNorm+SiLU kernel before it (`fp8_forward`, `diffjet::conv3x3_fp8`). The kernel pass
+    (`passes/kernels.py`, kernel "conv_fp8") gives the class; a call on a half-precision input, where no kernel
+    quantized it, is the plain convolution."""
+
+    def _gemm_weight(self) -> torch.Tensor:
+        return gemm_weight(self.weight.detach())
+
+    def _derive(self) -> None:
+        super()._derive()
+        self.out_dtype = self.weight.dtype  # the kernel writes the activations' dtype itself
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        self.out_dtype = self.weight.dtype
+        return self
+
+    def uses_fp8(self, pixels: int) -> bool:
+        """Whether a call over `pixels` output pixels reads e4m3 (`conv_pays`)."""
+        return conv_pays(pixels, self.out_channels, self.sms)
+
+    def fp8_forward(self, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """The convolution of the e4m3 channels-last `q` (≈ input / scale[n]); channels-last output."""
+        return conv3x3_fp8(q, scale, self.weight_fp8, self.weight_scale, self.bias, self.out_dtype)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + ", fp8=e4m3"
+
+
+def conv_pays(pixels: int, out_channels: int, sms: int | None) -> bool:
+    """Whether the e4m3 3×3 convolution beats cuDNN's fp16 one: where its 128×128 output tiles fill the GPU's
+    SMs at least once. All of SDXL's ResNet convolutions at 1024² (batch 2) do, the smallest with 160 tiles on
+    132 SMs, and each ran faster than cuDNN (bench/results/fp8-conv-sdxl-h200-2026-12-02.json); smaller
+    convolutions are not measured and stay cuDNN. Always with `sms` None (CPU tests)."""
+    return sms is None or -(-pixels // 128) * -(-out_channels // 128) >= sms
+
+
+def conv3x3_fits(conv: nn.Module) -> bool:
+    """A plain 3×3 convolution, stride 1, padding 1, one group, of a width the kernel takes (a multiple of 64;
+    32 under Triton's interpreter)."""
+    return (type(conv) is nn.Conv2d and conv.kernel_size == (3, 3) and conv.stride == (1, 1)
+            and conv.padding == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1
+            and conv.padding_mode == "zeros" and conv.in_channels % (32 if INTERPRET else 64) == 0)
 
 
 def _is_gemm_conv(conv: nn.Conv2d) -> bool:
@@ -216,12 +268,13 @@ def apply(module: nn.Module, config: Config) -> nn.Module:
 
 def placements(module: nn.Module) -> dict[str, int]:
     """fp8 linear layers, fp8 1×1 convolutions, and the Linear/1×1 Conv2d layers left fp16 in `module` (too
-    narrow, or not plain `nn.Linear`/`nn.Conv2d`)."""
+    narrow, or not plain `nn.Linear`/`nn.Conv2d`); and the 3×3 convolutions the kernel pass made fp8."""
     layers = _candidates(module)
     return {
         "linear": sum(isinstance(m, Fp8Linear) for m in layers),
         "conv1x1": sum(isinstance(m, Fp8Conv1x1) for m in layers),
         "left_fp16": sum(not isinstance(m, _Fp8Weight) for m in layers),
+        "conv3x3": sum(isinstance(m, Fp8Conv3x3) for m in layers),
     }
 
 
