@@ -85,11 +85,11 @@ def tiny_fp8_unets(path, *kernel_sets):
     return unets
 
 
-def tiny_unet_outputs(*unets):
-    """Each tiny UNet's output, as float32, for one seeded input (batch 2, 8×8 latents) in the UNet's dtype."""
+def tiny_unet_outputs(*unets, batch: int = 2):
+    """Each tiny UNet's output, as float32, for one seeded input (8×8 latents) in the UNet's dtype."""
     g = torch.Generator().manual_seed(0)
-    sample = torch.randn(2, 4, 8, 8, generator=g)
-    states = torch.randn(2, 77, unets[0].config.cross_attention_dim, generator=g)
+    sample = torch.randn(batch, 4, 8, 8, generator=g)
+    states = torch.randn(batch, 77, unets[0].config.cross_attention_dim, generator=g)
     with torch.no_grad():
         return [unet(sample.to(unet.dtype), 500, states.to(unet.dtype)).sample.float() for unet in unets]
 

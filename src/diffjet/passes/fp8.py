@@ -6,7 +6,9 @@ pixels, whose channels-last input is already a (pixels × channels) matrix) gets
 `float8_e4m3fn` and one float32 scale per output channel (amax / 448, e4m3's largest value). Each call
 quantizes its input per row (per token or pixel) with plain torch ops, which Inductor can fuse into the
 neighbouring kernels, and multiplies with `torch._scaled_mm`, which applies both scales and the bias in its
-epilogue. Tensor cores run e4m3 at twice their fp16 rate on Ada and Hopper.
+epilogue. Tensor cores run e4m3 at twice their fp16 rate on Ada and Hopper. (`Fp8Conv3x3`, a ResNet block's
+3×3 convolution on e4m3 input, is given by the kernel pass with kernel "conv_fp8"; its buffers are derived and
+requantized here like the others.)
 
 Where: per call, by the GEMM's shape (`pays`): thin GEMMs (few rows, as in the time embedding and the text
 projections) stay in fp16, as measured (`bench/fp8_shapes.py`). Left alone: `to_q/to_k/to_v` (and a
@@ -95,7 +97,7 @@ def fp8_linear(x: torch.Tensor, weight_fp8: torch.Tensor, weight_scale: torch.Te
 
 
 class _Fp8Weight:
-    """What `Fp8Linear` and `Fp8Conv1x1` share: e4m3 buffers derived from the module's own weight.
+    """What `Fp8Linear`, `Fp8Conv1x1` and `Fp8Conv3x3` share: e4m3 buffers derived from the module's own weight.
 
     `sms` (the GPU's SM count, for `pays`) and `out_dtype` (what `_scaled_mm` writes, `output_dtype`) are set
     by the pass."""
