@@ -131,11 +131,15 @@ def test_the_load_script_reports_rates_latencies_batches_and_flat_memory(tmp_pat
     assert report["runs"][0]["batch_sizes"].keys() == {"1"}  # one client: nothing to batch with
     assert "4" in report["runs"][1]["batch_sizes"]  # four clients: full batches
     soak = tmp_path / "soak.json"
+    # Memory flatness is the server's, whichever client drives it: a full soak once (threads), a short one with
+    # locust for its count-bounded driver (about 50 s less in CI's slow run).
+    requests = 120 if client == "threads" else 24
     run = subprocess.run([sys.executable, str(REPO / "bench" / "serve_load.py"), "--model", "tiny", "--steps", "2",
-                          "--device", "cpu", "--clients", "4", "--soak", "--requests", "120", "--loras", "2",
+                          "--device", "cpu", "--clients", "4", "--soak", "--requests", str(requests), "--loras", "2",
                           "--resolutions", "64x64,32x64", "--max-batch", "4", "--sample-seconds", "0.1",
                           "--client", client, "--json", str(soak)], capture_output=True, text=True, timeout=300,
                          env=env)
     assert run.returncode == 0, run.stderr[-3000:]
     r = json.loads(soak.read_text())["runs"][0]
-    assert r["requests"] == 120 and r["failed"] == {} and r["memory_flat"]["rss"]["flat"]
+    assert r["requests"] == requests and r["failed"] == {}
+    assert client != "threads" or r["memory_flat"]["rss"]["flat"]
