@@ -29,10 +29,9 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from . import INTERPRET, can_launch, tl, triton, warn_fallback
+from . import FP8, INTERPRET, can_launch, tl, triton, warn_fallback
 
 logger = logging.getLogger(__name__)
-FP8 = torch.float8_e4m3fn
 #: (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages) that `launch` times at a shape's first call and
 #: picks from, by the input width's largest BLOCK_K that divides it: each won at some of SDXL's shapes
 #: (bench/results/fp8-conv-sdxl-h200-2026-12-02.json, `fp8_setting`).

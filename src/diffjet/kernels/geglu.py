@@ -31,7 +31,7 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from . import INTERPRET, tl, triton, warn_fallback
+from . import FP8, INTERPRET, tl, triton, warn_fallback
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +42,6 @@ DEFAULT_BLOCKS = (128, 128, 64, 8, 8, 3)
 #: an SM, so that one program's epilogue runs while the other's GEMM does (Triton does not split a program into
 #: producer and consumer warps on Hopper): 4.16 against 4.34 ms over an SDXL step's calls (bench/NOTES.md).
 DEFAULT_BLOCKS_FP8 = (128, 64, 128, 8, 4, 3, 2)
-FP8 = torch.float8_e4m3fn
 
 
 def reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

@@ -31,11 +31,9 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from . import can_launch, tl, triton, warn_fallback
+from . import FP8, can_launch, quantize_rows, tl, triton, warn_fallback
 
 logger = logging.getLogger(__name__)
-FP8 = torch.float8_e4m3fn
-E4M3_MAX = 448.0
 # Elements of one [pixels × channels] tile a program holds; the pixel block is this over the padded C.
 _TILE_ELEMENTS = 8192
 # About this many statistics programs for the whole batch (two per SM of an H100): a few hundred partials
@@ -59,9 +57,8 @@ def reference_fp8(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tens
     `(q, scale)`, q ≈ y / scale[n]. (The kernels' scale is a bound on that largest value, found before the
     output is written; it is never below it.)"""
     y = _normalized(x, weight, bias, groups, eps, silu, shift)
-    scale = y.abs().amax(dim=(1, 2, 3)).clamp(min=1e-12) / E4M3_MAX
-    q = (y / scale.view(-1, 1, 1, 1)).clamp(-E4M3_MAX, E4M3_MAX).to(FP8)
-    return q.contiguous(memory_format=_output_format(x)), scale
+    q, scale = quantize_rows(y.reshape(y.shape[0], -1))  # one row per image
+    return q.view(y.shape).contiguous(memory_format=_output_format(x)), scale.view(-1)
 
 
 def _normalized(x, weight, bias, groups, eps, silu, shift) -> torch.Tensor:
@@ -255,10 +252,9 @@ def launch(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | No
     hw = h * w
     if out is None:
         out = torch.empty_like(x, memory_format=torch.channels_last, dtype=FP8 if quantize else x.dtype)
-    y = out
     x_scale = torch.empty(n, device=x.device, dtype=torch.float32) if quantize else None
     if x.numel() == 0:
-        return (y, x_scale.fill_(1.0)) if quantize else y
+        return (out, x_scale.fill_(1.0)) if quantize else out
     block_c = triton.next_power_of_2(c)
     block_hw = max(1, min(_TILE_ELEMENTS // block_c, triton.next_power_of_2(hw)))
     # Statistics: about `stats_programs` programs in all, each over `tiles` consecutive pixel tiles, so
@@ -285,11 +281,11 @@ def launch(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | No
     _group_norm_combine[(n, groups)](means, m2s, mins, maxs, w, b, stats, bounds, hw, c, groups, num_blocks,
                                      tiles * block_hw, eps, BLOCKS=blocks_per_pass, CPG=cpg, CPG_PAD=cpg_pad,
                                      EXTREMES=quantize, HAS_AFFINE=has_affine, SILU=silu)
-    _group_norm_apply[(n, num_tiles)](x, shift, w, b, stats, bounds, y, stats if x_scale is None else x_scale, hw,
+    _group_norm_apply[(n, num_tiles)](x, shift, w, b, stats, bounds, out, stats if x_scale is None else x_scale, hw,
                                       c, groups, CPG=cpg, HAS_SHIFT=has_shift, HAS_AFFINE=has_affine, SILU=silu,
                                       QUANTIZE=quantize, GROUPS_PAD=triton.next_power_of_2(groups),
                                       BLOCK_HW=block_hw, BLOCK_C=block_c)
-    return (y, x_scale) if quantize else y
+    return (out, x_scale) if quantize else out
 
 
 @torch.library.custom_op("diffjet::group_norm_silu", mutates_args=())

@@ -40,17 +40,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import Config
-from ..kernels import INTERPRET
+from ..kernels import FP8, INTERPRET, quantize_rows
 from ..kernels.conv3x3_fp8 import conv3x3_fp8, gemm_weight
 from ..kernels.geglu import multiprocessors
 
 logger = logging.getLogger(__name__)
-
-FP8 = torch.float8_e4m3fn
-E4M3_MAX = torch.finfo(FP8).max  # 448
-#: A floor under amax, so that a row of zeros (ControlNet's zero-initialised output convolutions) gets a
-#: finite scale and quantizes to zeros.
-_AMAX_FLOOR = 1e-12
 
 #: fp8 pays for a GEMM whose (rows × n) output makes at least this many waves of 128×128 tiles over the
 #: GPU's SMs and whose inner width k is at least MIN_K: quantizing the input costs a pass over rows × k, the
@@ -75,13 +69,6 @@ def can_pay(k: int, sms: int | None) -> bool:
     """Whether fp8 pays for a layer of inner width `k` at any number of rows (`pays`'s bound on k): the pass
     leaves the others fp16, without fp8 copies."""
     return sms is None or k >= MIN_K
-
-
-def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """`x` (rows × k) as e4m3 values and one float32 scale per row (rows × 1): x ≈ q · scale."""
-    amax = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=_AMAX_FLOOR)
-    scale = amax / E4M3_MAX
-    return (x.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(FP8), scale
 
 
 def fp8_linear(x: torch.Tensor, weight_fp8: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
@@ -109,12 +96,16 @@ class _Fp8Weight:
         """The weight as the GEMM's (output channels × inner width) matrix, which is quantized per row."""
         return self.weight.detach().reshape(self.weight.shape[0], -1)
 
+    def _output_dtype(self) -> torch.dtype:
+        """What the layer's fp8 GEMM writes for its weight's device and dtype (`output_dtype`)."""
+        return output_dtype(self.weight.device, self.weight.dtype)
+
     def _derive(self) -> None:
         """New fp8 buffers from the weight, and the output dtype for its device and dtype."""
         q, scale = quantize_rows(self._gemm_weight())
         self.register_buffer("weight_fp8", q, persistent=False)
         self.register_buffer("weight_scale", scale.view(1, -1).contiguous(), persistent=False)
-        self.out_dtype = output_dtype(self.weight.device, self.weight.dtype)
+        self.out_dtype = self._output_dtype()
 
     @torch.no_grad()
     def requantize(self) -> None:
@@ -129,7 +120,7 @@ class _Fp8Weight:
         if self.weight_fp8.dtype != FP8 or self.weight_scale.dtype != torch.float32:
             self._derive()
         else:
-            self.out_dtype = output_dtype(self.weight.device, self.weight.dtype)
+            self.out_dtype = self._output_dtype()
         return self
 
 
@@ -173,14 +164,8 @@ class Fp8Conv3x3(_Fp8Weight, nn.Conv2d):
     def _gemm_weight(self) -> torch.Tensor:
         return gemm_weight(self.weight.detach())
 
-    def _derive(self) -> None:
-        super()._derive()
-        self.out_dtype = self.weight.dtype  # the kernel writes the activations' dtype itself
-
-    def _apply(self, fn, recurse=True):
-        super()._apply(fn, recurse)
-        self.out_dtype = self.weight.dtype
-        return self
+    def _output_dtype(self) -> torch.dtype:
+        return self.weight.dtype  # the kernel writes the activations' dtype itself
 
     def uses_fp8(self, pixels: int) -> bool:
         """Whether a call over `pixels` output pixels reads e4m3 (`conv_pays`)."""
