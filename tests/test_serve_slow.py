@@ -119,6 +119,9 @@ def test_the_load_script_reports_rates_latencies_batches_and_flat_memory(tmp_pat
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
     run = subprocess.run([sys.executable, str(REPO / "bench" / "serve_load.py"), "--model", "tiny", "--steps", "2",
                           "--device", "cpu", "--clients", "1,4", "--seconds", "2", "--max-batch", "4",
+                          # A batching window longer than a busy 2-core machine's scheduling jitter: at the default
+                          # 20 ms, four clients fell into batches of 3 and 1 there, never 4.
+                          "--max-wait-ms", "200",
                           "--client", client, "--json", str(out)], capture_output=True, text=True, timeout=300,
                          env=env)
     assert run.returncode == 0, run.stderr[-3000:]
