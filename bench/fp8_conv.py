@@ -8,7 +8,7 @@ implicit GEMM on fp16 and on e4m3 inputs.
 Why: with `Config.fp8` on, SDXL's 3×3 convolutions stay in cuDNN fp16 (4.8 ms of a 28 ms step, about 680
 TFLOP/s), and PyTorch 2.11 has no fp8 convolution; they are the largest part of the step fp8 does not reach.
 
-The kernel is diffjet's (`diffjet/kernels/conv3x3_fp8.py`, kernel "conv_fp8"): an implicit GEMM over a
+The kernel is diffjet's (`diffjet/kernels/conv3x3_fp8.py`, used with `Config(fp8="max")`): an implicit GEMM over a
 channels-last input, here also on fp16 inputs, with one e4m3 scale for the whole tensor or one per input pixel
 (each tap's sums rescaled by its pixels' scales before they join the accumulator), or on the fp16 input
 quantized as it is loaded. What it showed (bench/results/fp8-conv-sdxl-h200-2026-12-02.json) decided the

@@ -81,12 +81,12 @@ VARIANTS = {
                              "__fp8": "rule", "__fp8_min_waves": 3},
     "fp8-waves2-geglu-fp8": {"conv_1x1_as_mm": True, "__kernels": ("group_norm_silu", "geglu", "geglu_fp8"),
                              "__fp8": "rule", "__fp8_min_waves": 2},
-    # fp8 by the rule with the ResNet blocks' 3×3 convolutions in e4m3 too (kernel `conv_fp8`: the GroupNorm+SiLU
-    # kernel writes e4m3, diffjet's implicit-GEMM convolution reads it); and that with the QKV projections in fp8.
-    "fp8-rule-conv-fp8": {"conv_1x1_as_mm": True, "__fp8": "rule",
-                          "__kernels": ("group_norm_silu", "geglu", "geglu_fp8", "conv_fp8")},
-    "fp8-waves3-conv-fp8": {"conv_1x1_as_mm": True, "__fp8": "rule", "__fp8_min_waves": 3,
-                            "__kernels": ("group_norm_silu", "geglu", "geglu_fp8", "conv_fp8")},
+    # `Config(fp8="max")`: GEMMs in fp8 from `fp8.MIN_WAVES_MAX` waves (the QKV projections too) and the ResNet
+    # blocks' 3×3 convolutions in e4m3 (the GroupNorm+SiLU kernel writes e4m3, diffjet's implicit-GEMM convolution
+    # reads it); and that with the GEMMs at fp8=True's bar (the convolutions alone on top of fp8).
+    "fp8-max": {"conv_1x1_as_mm": True, "__fp8": "max", "__kernels": ("group_norm_silu", "geglu", "geglu_fp8")},
+    "fp8-max-waves8": {"conv_1x1_as_mm": True, "__fp8": "max", "__fp8_min_waves": 8,
+                       "__kernels": ("group_norm_silu", "geglu", "geglu_fp8")},
     # A DiT's step with diffjet's Flux attention kernel (the queries' and keys' norms, rotary embedding, SDPA layout).
     "inductor-qk-norm-rope": {"__kernels": ("qk_norm_rope",)},
     # Diffusers' speed guide in place of diffjet's passes and CudaGraphRunner (`recipes.compiled_denoiser`): its
@@ -219,13 +219,13 @@ def prepared(denoiser, name: str, kernels: tuple[str, ...] = (), fp8: str | None
     (compiler/__init__.py): on CUDA its half precision (fp16 for a UNet, bf16 for a DiT), a UNet's
     channels-last (a DiT's one convolution is its patch embedding), fused-QKV SDPA (a DiT's fused joint
     QKV attention), `kernels` (diffjet's Triton kernels, `Config.kernels`), and with `fp8` "rule" or "all",
-    fp8 GEMMs (`Config.fp8`) where `fp8.pays` or in every layer the pass converts."""
+    fp8 GEMMs (`Config.fp8`) where `fp8.pays` or in every layer the pass converts; "max", `Config(fp8="max")`."""
     from diffjet.config import Config
     from diffjet.passes import attention, memory_format, precision
     from diffjet.passes import fp8 as fp8_pass
     from diffjet.passes import kernels as kernel_pass
 
-    config = Config(kernels=kernels, fp8=fp8 is not None).for_pipeline({name: denoiser})
+    config = Config(kernels=kernels, fp8="max" if fp8 == "max" else fp8 is not None).for_pipeline({name: denoiser})
     if next(denoiser.parameters()).is_cuda:
         precision.apply(denoiser, config)
     if name == "unet":
@@ -368,7 +368,8 @@ def run_one(model: str, variant: str, batch: int, size: int | None, profile: boo
     if options and "__fp8_min_waves" in options:
         from diffjet.passes import fp8 as fp8_pass
 
-        fp8_pass.MIN_WAVES = options.pop("__fp8_min_waves")  # read by `fp8.pays` as the step is traced
+        # read by `fp8.pays` as the step is traced (MIN_WAVES) or by the pass (MIN_WAVES_MAX, fp8="max")
+        setattr(fp8_pass, "MIN_WAVES_MAX" if fp8 == "max" else "MIN_WAVES", options.pop("__fp8_min_waves"))
     if options and options.pop("__geglu_one_dot", False):
         _use_one_dot_geglu()
     mode = options.pop("__mode", None) if options else None

@@ -63,12 +63,11 @@ def relative_error(x, ref) -> float:
     return float((x - ref).norm() / ref.norm())
 
 
-def tiny_fp8_unets(path, *kernel_sets):
-    """The tiny preset's UNet in float32, then one float16 copy per set of kernels with the fp8 pass and the
-    kernel pass applied (`Config(kernels=..., fp8=True)`), as `diffjet.compile` applies them."""
+def tiny_fp8_unets(path, *configs):
+    """The tiny preset's UNet in float32, then one float16 copy per `Config` (fp8 on) with the fp8 pass and the
+    kernel pass applied, as `diffjet.compile` applies them."""
     from diffusers import UNet2DConditionModel
 
-    from diffjet import Config
     from diffjet.passes import fp8
     from diffjet.passes import kernels as kernel_pass
 
@@ -76,9 +75,8 @@ def tiny_fp8_unets(path, *kernel_sets):
         return UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dtype).eval()
 
     unets = [load(torch.float32)]
-    for kernels in kernel_sets:
+    for config in configs:
         unet = load(torch.float16)
-        config = Config(kernels=kernels, fp8=True)
         fp8.apply(unet, config)
         kernel_pass.apply(unet, config)
         unets.append(unet)

@@ -1,5 +1,5 @@
-"""The ResNet blocks' 3×3 convolutions in e4m3 (kernel "conv_fp8"): the GroupNorm+SiLU kernel writing e4m3 with one
-scale per image, the implicit-GEMM convolution reading it, and both in a tiny UNet.
+"""The ResNet blocks' 3×3 convolutions in e4m3 (`Config(fp8="max")`): the GroupNorm+SiLU kernel writing e4m3 with
+one scale per image, the implicit-GEMM convolution reading it, and both in a tiny UNet.
 
 Without a GPU the kernels run in Triton's interpreter on CPU tensors (conftest sets TRITON_INTERPRET=1), which
 rounds float32 to e4m3 without carrying into the exponent (31.5 → 16); the norm's expected e4m3 values are
@@ -23,6 +23,7 @@ from .conftest import relative_error, tiny_fp8_unets, tiny_unet_outputs
 triton = pytest.importorskip("triton")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 WIDTH = 32 if DEVICE == "cpu" else 64  # the kernel's smallest BLOCK_K
+MAX = Config(kernels=("group_norm_silu",), fp8="max")  # the norm kernel alone: the interpreter is slow
 
 
 def norm_inputs(n, c, h, w, *, affine=True, shift=False, seed=0, dtype=torch.float16):
@@ -107,7 +108,7 @@ def test_conv_kernel_against_the_dequantized_convolution(shape):
 
 def test_tiny_unet_runs_its_resnet_convolutions_in_e4m3(tiny_path, monkeypatch):
     # The baseline without diffjet's kernels: the norm kernel is lossless, and Triton's interpreter is slow.
-    reference, without, with_conv = tiny_fp8_unets(tiny_path, (), ("group_norm_silu", "conv_fp8"))
+    reference, without, with_conv = tiny_fp8_unets(tiny_path, Config(kernels=(), fp8=True), MAX)
     convs = [m for m in with_conv.modules() if isinstance(m, fp8.Fp8Conv3x3)]
     resnets = [m for m in with_conv.modules() if isinstance(m, kernel_pass.FusedResnetBlock2D)]
     assert kernel_pass.placements(with_conv)["conv_fp8"] == len(convs) == 2 * len(resnets) > 0
@@ -130,7 +131,7 @@ def test_a_resnet_block_with_e4m3_convolutions_traces_whole_and_keeps_its_output
     torch.manual_seed(0)
     block = ResnetBlock2D(in_channels=2 * WIDTH, out_channels=2 * WIDTH, temb_channels=16).to(DEVICE).eval()
     block._diffjet_fp8_layers = []  # as the fp8 pass leaves a module
-    kernel_pass.apply(block, Config(kernels=("group_norm_silu", "conv_fp8"), fp8=True))
+    kernel_pass.apply(block, MAX)
     assert type(block) is kernel_pass.FusedResnetBlock2D
     assert [type(c) for c in (block.conv1, block.conv2)] == [fp8.Fp8Conv3x3] * 2
     x = torch.randn(2, 2 * WIDTH, 6, 5, device=DEVICE).contiguous(memory_format=torch.channels_last)
@@ -144,7 +145,7 @@ def test_a_resnet_block_with_e4m3_convolutions_traces_whole_and_keeps_its_output
 
 
 def test_a_requantized_convolution_weight_reaches_the_kernel(tiny_path):
-    _, unet = tiny_fp8_unets(tiny_path, ("group_norm_silu", "conv_fp8"))
+    _, unet = tiny_fp8_unets(tiny_path, MAX)
     conv = next(m for m in unet.modules() if isinstance(m, fp8.Fp8Conv3x3))
     before = conv.weight_fp8.clone()
     with torch.no_grad():
@@ -156,14 +157,13 @@ def test_a_requantized_convolution_weight_reaches_the_kernel(tiny_path):
     assert not torch.equal(before.view(torch.uint8), conv.weight_fp8.view(torch.uint8))
 
 
-def test_conv_fp8_is_named_only_with_fp8_and_with_the_norm_kernel():
-    with pytest.raises(ConfigError, match="conv_fp8.*fp8 is off"):
-        Config(kernels=("group_norm_silu", "conv_fp8"))
-    with pytest.raises(ConfigError, match="conv_fp8.*group_norm_silu"):
-        Config(kernels=("conv_fp8",), fp8=True)
-    config = Config(kernels=(*DEFAULT_KERNELS, "conv_fp8"), fp8=True)
-    assert kernel_pass.acting(config, fp8_on=True)[-1] == "conv_fp8"
-    assert "conv_fp8" not in kernel_pass.acting(Config(kernels=(*DEFAULT_KERNELS, "conv_fp8")), fp8_on=False)
+def test_fp8_max_needs_the_norm_kernel_and_fp8_true_leaves_the_convolutions_alone(tiny_path):
+    with pytest.raises(ConfigError, match='fp8="max".*group_norm_silu'):
+        Config(kernels=("geglu",), fp8="max")
+    assert Config(fp8="max").kernels == DEFAULT_KERNELS
+    block = tiny_fp8_unets(tiny_path, Config(fp8=True))[1]
+    assert fp8.placements(block)["conv3x3"] == kernel_pass.placements(block)["conv_fp8"] == 0
+    assert kernel_pass.placements(block)["resnet_blocks"] > 0
 
 
 @pytest.mark.gpu

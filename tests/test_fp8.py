@@ -20,6 +20,7 @@ from torch import nn
 
 import diffjet
 from diffjet import Config
+from diffjet.config import FP8_NAMES
 from diffjet.errors import ConfigError, DeviceError
 from diffjet.kernels import geglu as gg
 from diffjet.lora import load_lora, unload_lora
@@ -241,14 +242,38 @@ def test_a_geglu_whose_projection_stays_fp16_keeps_the_kernel():
 
 
 @pytest.mark.parametrize("value", ["yes", 1, 0, None, "on"])
-def test_config_fp8_takes_false_true_or_auto(value):
-    with pytest.raises(ConfigError, match="fp8 must be"):
+def test_config_fp8_takes_false_true_auto_or_max(value):
+    with pytest.raises(ConfigError, match="fp8 must be False, True, 'auto' or 'max'"):
         Config(fp8=value)
 
 
 def test_config_names_its_lossy_options():
     assert Config().lossy == [] and Config.lossless().lossy == []
     assert Config(fp8=True).lossy == ["fp8"] and Config(fp8="auto").lossy == ["fp8"]
+    assert Config(fp8="max").lossy == ["fp8 max (QKV GEMMs, 3x3 convolutions)"]
+
+
+def test_fp8_max_takes_gemms_from_fewer_tiles_and_keys_its_compiles_apart():
+    # SDXL's fused QKV projection at 32² latents, two images: 2048 rows × 1280 → 3840, 480 tiles of 128×128
+    # on an H100's 132 SMs: 3.6 waves, fp8 at fp8="max"'s bar (3) and not at fp8=True's (8).
+    layers = {}
+    for level in (True, "max"):
+        torch.manual_seed(0)
+        module = nn.Sequential(nn.Linear(1280, 3840), nn.ReLU())
+        fp8.apply(module, Config(fp8=level))
+        layers[level] = module
+        module[0].sms = 132
+    assert not layers[True][0].uses_fp8(2048) and layers["max"][0].uses_fp8(2048)
+    assert not layers["max"][0].uses_fp8(640)  # 150 tiles: 1.1 waves
+    assert layers[True][0].uses_fp8(8192) and layers["max"][0].uses_fp8(8192)
+    x = torch.randn(2048, 1280)
+    with torch.no_grad():
+        exact = layers[True][0](x)  # fp16's path, here on float32 weights: the plain linear
+        assert torch.equal(exact, F.linear(x, layers[True][0].weight, layers[True][0].bias))
+        assert 0.01 < relative_error(layers["max"][0](x), exact) < 0.06
+    # The pass's entry, part of the compile cache key: the bar is named where it is not fp8=True's.
+    assert fp8.describe(layers[True]) == "fp8(e4m3: 1 linear + 0 1x1-conv layers, 0 left fp16)"
+    assert fp8.describe(layers["max"]) == "fp8(e4m3: 1 linear + 0 1x1-conv layers, 0 left fp16, from 3 waves)"
 
 
 def _pipe(path):
@@ -257,11 +282,12 @@ def _pipe(path):
     return pipe
 
 
-def test_fp8_true_is_refused_on_cpu_before_anything_changes(tiny_path):
+@pytest.mark.parametrize("level", [True, "max"])
+def test_fp8_true_or_max_is_refused_on_cpu_before_anything_changes(tiny_path, level):
     pipe = _pipe(tiny_path)
     processors = {k: type(v) for k, v in pipe.unet.attn_processors.items()}
     with pytest.raises(DeviceError, match=r"compute capability 8\.9 .* on cpu; use Config\(fp8='auto'\)"):
-        diffjet.compile(pipe, Config(fp8=True))
+        diffjet.compile(pipe, Config(fp8=level))
     assert {k: type(v) for k, v in pipe.unet.attn_processors.items()} == processors
     assert not hasattr(pipe, "diffjet")
 
@@ -287,17 +313,20 @@ def test_fp8_auto_turns_itself_off_on_cpu_and_says_so(tiny_path):
     assert not any(isinstance(m, (fp8.Fp8Linear, fp8.Fp8Conv1x1)) for m in pipe.unet.modules())
 
 
-def test_compile_with_fp8_reports_the_layers_and_the_lossy_option(tiny_path, monkeypatch):
+@pytest.mark.parametrize("level", [True, "max"])
+def test_compile_with_fp8_reports_the_layers_and_the_lossy_option(tiny_path, monkeypatch, level):
     # A CPU standing in for a supported GPU: what diffjet.compile does with fp8 on.
     monkeypatch.setattr(fp8, "unsupported", lambda device: None)
     pipe = _pipe(tiny_path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        diffjet.compile(pipe, Config(fp8=True))
+        diffjet.compile(pipe, Config(fp8=level))
     report = pipe.diffjet
-    assert report.lossy == ["fp8"] and "  LOSSY: fp8" in report.summary()
+    name = "fp8" if level is True else "fp8 max (QKV GEMMs, 3x3 convolutions)"
+    assert report.lossy == [name] and f"  LOSSY: {name}" in report.summary()
     unet_passes = report.passes["unet"]
     assert unet_passes.index(fp8.describe(pipe.unet)) == unet_passes.index("fused_qkv_sdpa") + 1
+    assert ("from 3 waves" in fp8.describe(pipe.unet)) == (level == "max")  # a cache key of its own
     assert fp8.placements(pipe.unet)["linear"] > 0
     assert not any(isinstance(m, fp8.Fp8Linear) for m in pipe.text_encoder.modules())
 
@@ -415,21 +444,25 @@ def test_fp8_gemm_on_the_gpu_is_within_tolerance():
 
 
 @pytest.mark.gpu
-def test_compiled_graphed_unet_with_fp8(monkeypatch):
-    # The tiny UNet's GEMMs are far too small for fp8 to pay on a GPU: the rule is opened to every GEMM.
+@pytest.mark.parametrize("level", [True, "max"])
+def test_compiled_graphed_unet_with_fp8(monkeypatch, level):
+    # The tiny UNet's GEMMs and convolutions are far too small for fp8 to pay on a GPU: the rules are opened.
     from torch._dynamo.utils import counters
 
     from diffjet.models import load_pipeline
 
     monkeypatch.setattr(fp8, "MIN_WAVES", 0)
+    monkeypatch.setattr(fp8, "MIN_WAVES_MAX", 0)
     monkeypatch.setattr(fp8, "MIN_K", 0)
+    monkeypatch.setattr(fp8, "conv_pays", lambda pixels, out_channels, sms: True)
     g = torch.Generator("cuda").manual_seed(0)
     inputs = (torch.randn(2, 4, 8, 8, device="cuda", generator=g), torch.tensor(500.0, device="cuda"),
               torch.randn(2, 77, 32, device="cuda", generator=g))
     half = [t.half() for t in inputs]
     pipe = load_pipeline("tiny", device="cuda", dtype=torch.float16)
-    diffjet.compile(pipe, Config(cache=False, fp8=True))
-    assert pipe.diffjet.lossy == ["fp8"] and fp8.placements(pipe.unet)["left_fp16"] == 0
+    diffjet.compile(pipe, Config(cache=False, fp8=level))
+    assert pipe.diffjet.lossy == [FP8_NAMES[level]] and fp8.placements(pipe.unet)["left_fp16"] == 0
+    assert (fp8.placements(pipe.unet)["conv3x3"] > 0) == (level == "max")
     with torch.no_grad():
         want = load_pipeline("tiny", device="cuda", dtype=torch.float32).unet(*inputs, return_dict=False)[0]
         base = load_pipeline("tiny", device="cuda", dtype=torch.float16).unet(*half, return_dict=False)[0]
@@ -441,5 +474,5 @@ def test_compiled_graphed_unet_with_fp8(monkeypatch):
     assert sum(counters["frames"].values()) == frames
     assert torch.isfinite(first).all() and torch.equal(first, second)
     error, fp16_error = relative_error(first, want), relative_error(base, want)
-    print(f"fp8 error {error:.4f}, fp16 {fp16_error:.5f}")
+    print(f"fp8={level} error {error:.4f}, fp16 {fp16_error:.5f}")
     assert 5 * fp16_error < error < STEP_TOL

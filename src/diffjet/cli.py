@@ -114,13 +114,13 @@ def _compilers(text: str) -> list[str]:
 
 
 def _refuse_fp8_where_it_cannot_run(compilers: Sequence[str], device: str) -> None:
-    """A variant that forces fp8 (`Config(fp8=True)`) fails on a device without fp8 GEMMs: say so before any
+    """A variant that forces fp8 (`Config(fp8=True)` or "max") fails on a device without fp8 GEMMs: say so before any
     pipeline is built, in the CLI's terms (`diffjet-fast` asks for fp8 only where the GPU has it)."""
     import torch
 
     from .passes import fp8
 
-    forced = [c for c in compilers if c in DIFFJET and DIFFJET[c]().fp8 is True]
+    forced = [c for c in compilers if c in DIFFJET and DIFFJET[c]().fp8 in (True, "max")]
     reason = fp8.unsupported(torch.device(device)) if forced else None
     if reason:
         raise DeviceError(f"--compiler {', '.join(forced)}: {reason}; diffjet-fast uses fp8 only where the GPU has it")

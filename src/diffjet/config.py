@@ -25,10 +25,12 @@ MAX_GUIDANCE = 50.0
 #: The largest seed `torch.Generator.manual_seed` takes (seeds are from 0), in the CLI and the server's APIs.
 MAX_SEED = 2**64 - 1
 #: diffjet's Triton kernels (`diffjet/kernels/`) that `Config.kernels` may name.
-KNOWN_KERNELS = ("group_norm_silu", "geglu", "geglu_fp8", "conv_fp8", "qk_norm_rope")
+KNOWN_KERNELS = ("group_norm_silu", "geglu", "geglu_fp8", "qk_norm_rope")
 #: The kernels on by default: those measured faster than Inductor's own code (docs/kernels.md). `geglu_fp8`
 #: acts only where `Config.fp8` is on.
 DEFAULT_KERNELS = ("group_norm_silu", "geglu", "geglu_fp8")
+#: How `Config.lossy` and the compile report name each fp8 setting.
+FP8_NAMES = {True: "fp8", "auto": "fp8", "max": "fp8 max (QKV GEMMs, 3x3 convolutions)"}
 
 
 def is_dit(components) -> bool:
@@ -106,10 +108,9 @@ class Config:
         kernels: diffjet's Triton kernels to put in (`passes/kernels.py`): "group_norm_silu" and
             "geglu", and "geglu_fp8" (the GEGLU kernel on the fp8 pass's e4m3 inputs; nothing unless `fp8`
             is on), all three by default; `()` for none. Applied on CUDA to half-precision channels-last
-            UNet, ControlNet and VAE only. "conv_fp8" (opt-in, lossier than fp8's GEMMs; nothing unless `fp8`
-            is on): the ResNet blocks' 3×3 convolutions on e4m3 inputs that their GroupNorm+SiLU kernel
-            writes. "qk_norm_rope" (opt-in until measured): Flux.1's attention norms and rotary embedding in
-            one kernel, for its transformer in half precision on CUDA.
+            UNet, ControlNet and VAE only. "qk_norm_rope" (opt-in: measured slower than Inductor's code, 149.8
+            against 132.4 ms a flux-dev step): Flux.1's attention norms and rotary embedding in one kernel, for
+            its transformer in half precision on CUDA.
         compile_mode: "default" or "max-autotune-no-cudagraphs" (much longer compilation).
         backend: the `torch.compile` backend: "inductor", or "eager" / "aot_eager" (tests: traced, not compiled).
         cuda_graphs: capture each component call per input signature into a CUDA graph.
@@ -136,7 +137,10 @@ class Config:
         fp8: lossy, off by default. True: the UNet's and ControlNet's linear layers and 1×1 convolutions
             compute in fp8 e4m3 where that pays (`passes/fp8.py`); `diffjet.compile` raises `DeviceError`
             on anything but a CUDA GPU of compute capability 8.9 or newer (Ada, Hopper). "auto": on where
-            supported, otherwise off and said so in `CompileReport.off`.
+            supported, otherwise off and said so in `CompileReport.off`. "max": as True, and lossier for more
+            speed: GEMMs in fp8 from fewer output tiles (`fp8.MIN_WAVES_MAX`: SDXL's fused QKV projections too)
+            and the ResNet blocks' 3×3 convolutions on the e4m3 output of their "group_norm_silu" kernel
+            (SDXL's step 1.17× lossless where True is 1.11×, at ten times True's error: docs/fp8.md).
     """
 
     dtype: str = "auto"
@@ -180,13 +184,9 @@ class Config:
         if unknown:
             raise ConfigError(f"kernels: unknown {unknown}; known: {list(KNOWN_KERNELS)}")
         object.__setattr__(self, "kernels", tuple(self.kernels))
-        if not self.fp8 and not set(DEFAULT_KERNELS) <= set(self.kernels):
-            for name, what in (("geglu_fp8", "the fp8 GEGLU projections"), ("conv_fp8", "3x3 convolutions in fp8")):
-                if name in self.kernels:
-                    raise ConfigError(f'kernels: "{name}" runs {what} and fp8 is off; '
-                                      'set fp8=True (or "auto") with it, or leave it out')
-        if "conv_fp8" in self.kernels and "group_norm_silu" not in self.kernels:
-            raise ConfigError('kernels: "conv_fp8" reads the e4m3 output of "group_norm_silu"; name both')
+        if not self.fp8 and not set(DEFAULT_KERNELS) <= set(self.kernels) and "geglu_fp8" in self.kernels:
+            raise ConfigError('kernels: "geglu_fp8" runs the fp8 GEGLU projections and fp8 is off; '
+                              'set fp8=True (or "auto") with it, or leave it out')
         if not isinstance(self.max_graphs, int) or self.max_graphs < 1:
             raise ConfigError(f"max_graphs must be a positive integer, got {self.max_graphs!r}")
         if not isinstance(self.cache, bool) and self.cache != "read-only":
@@ -196,8 +196,11 @@ class Config:
         cap = self.graph_memory_gib
         if cap is not None and (isinstance(cap, bool) or not isinstance(cap, (int, float)) or not cap > 0):
             raise ConfigError(f"graph_memory_gib must be a positive number of GiB or None, got {cap!r}")
-        if not (self.fp8 is True or self.fp8 is False or self.fp8 == "auto"):
-            raise ConfigError(f"fp8 must be False, True or 'auto', got {self.fp8!r}")
+        if not (self.fp8 is True or self.fp8 is False or self.fp8 in ("auto", "max")):
+            raise ConfigError(f"fp8 must be False, True, 'auto' or 'max', got {self.fp8!r}")
+        if self.fp8 == "max" and "group_norm_silu" not in self.kernels:
+            raise ConfigError('fp8="max" runs the 3x3 convolutions on the e4m3 output of the "group_norm_silu" '
+                              'kernel; keep it in kernels, or use fp8=True')
         if self.precompile not in PRECOMPILE_KINDS:
             raise ConfigError(f"precompile must be one of {list(PRECOMPILE_KINDS)}, got {self.precompile!r}")
 
@@ -216,7 +219,7 @@ class Config:
     def lossy(self) -> list[str]:
         """The lossy options this config asks for, described (empty: lossless). What a device turned
         off is left out of `CompileReport.lossy` instead."""
-        return ([self.step_cache.describe()] if self.step_cache is not None else []) + (["fp8"] if self.fp8 else [])
+        return ([self.step_cache.describe()] if self.step_cache is not None else []) + ([FP8_NAMES[self.fp8]] if self.fp8 else [])
 
     def replace(self, **changes) -> "Config":
         return dataclasses.replace(self, **changes)

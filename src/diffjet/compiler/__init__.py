@@ -29,7 +29,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from ..config import KNOWN_COMPONENTS, PRECOMPILE_KINDS, Config, is_dit
+from ..config import FP8_NAMES, KNOWN_COMPONENTS, PRECOMPILE_KINDS, Config, is_dit
 from ..errors import CacheError, DeviceError
 from ..passes import attention, fp8, inductor, kernels, memory_format, precision
 from ..runtime import precompiled, triton_cache
@@ -94,7 +94,7 @@ def compile_pipeline(pipe, config: Config) -> CompileReport:
     report = CompileReport(device=str(device), config=config, dtype=_dtype_rule(config, modules, on_cuda))
     config = config.for_pipeline(modules)
     fp8_off = fp8.unsupported(device) if config.fp8 else None
-    if fp8_off and config.fp8 is True:
+    if fp8_off and config.fp8 in (True, "max"):
         raise DeviceError(f"{fp8_off}; use Config(fp8='auto') to run fp8 only where it is supported")
     fp8_on = bool(config.fp8) and not fp8_off
     if on_cuda:
@@ -149,15 +149,15 @@ def compile_pipeline(pipe, config: Config) -> CompileReport:
         if fp8_on and name in ("unet", "controlnet", "transformer"):
             fp8.apply(module, config)
             applied.append(fp8.describe(module))
-            if "fp8" not in report.lossy:
-                report.lossy.append("fp8")
+            if FP8_NAMES[config.fp8] not in report.lossy:
+                report.lossy.append(FP8_NAMES[config.fp8])
         if name in ("unet", "controlnet", "vae") and kernels.applies(module, config):
             kernels.apply(module, config)
             placed = kernels.placements(module)
             named = kernels.acting(config, fp8_on=fp8_on)
             counts = [f"{placed['resnet_blocks']} resnet blocks"] + (
                 [f"{placed['geglu']} geglu"] if {"geglu", "geglu_fp8"} & set(named) else []) + (
-                [f"{placed['conv_fp8']} fp8 3x3 convs"] if "conv_fp8" in named else [])
+                [f"{placed['conv_fp8']} fp8 3x3 convs"] if placed["conv_fp8"] else [])
             applied.append("kernels(" + ",".join(named) + ": " + ", ".join(counts) + ")")
         if name == "transformer" and kernels.applies(module, config, dit=True):
             kernels.apply(module, config)

@@ -15,8 +15,8 @@ the input's scale (one per image), the weight's (one per output channel) and the
 Two alternatives measured slower and kept for `bench/fp8_conv.py`: one scale per input pixel (`PER_PIXEL`: each
 tap's sums rescaled before they join the accumulator) and fp16 input quantized as it is loaded (`QUANTIZE_X`).
 
-In SDXL's step (kernel "conv_fp8", opt-in) it saved 0.52 ms of 27.70 with the fp8 GEMMs, and raised the error
-against float32 from 0.0079 to 0.0685 (bench/results/unet-step-sdxl-conv-fp8-h200-2026-12-02.json).
+In SDXL's step it saved 0.52 ms of 27.70 on top of the fp8 GEMMs, and raised the error against float32 from
+0.0079 to 0.0685 (bench/results/unet-step-sdxl-conv-fp8-h200-2026-12-02.json); it runs with `Config(fp8="max")`.
 
 `conv3x3_fp8` is an opaque `torch.library.custom_op`, as `group_norm_silu` is; off the GPU (or for inputs the
 kernel does not take) it runs `reference`.

@@ -7,8 +7,8 @@ pixels, whose channels-last input is already a (pixels × channels) matrix) gets
 quantizes its input per row (per token or pixel) with plain torch ops, which Inductor can fuse into the
 neighbouring kernels, and multiplies with `torch._scaled_mm`, which applies both scales and the bias in its
 epilogue. Tensor cores run e4m3 at twice their fp16 rate on Ada and Hopper. (`Fp8Conv3x3`, a ResNet block's
-3×3 convolution on e4m3 input, is given by the kernel pass with kernel "conv_fp8"; its buffers are derived and
-requantized here like the others.)
+3×3 convolution on e4m3 input, is given by the kernel pass where `Config.fp8` is "max"; its buffers are derived
+and requantized here like the others.)
 
 Where: per call, by the GEMM's shape (`pays`): thin GEMMs (few rows, as in the time embedding and the text
 projections) stay in fp16, as measured (`bench/fp8_shapes.py`). Left alone: `to_q/to_k/to_v` (and a
@@ -54,15 +54,21 @@ logger = logging.getLogger(__name__)
 #: SD1.5's GEMMs but two small ones lost; to be set again on the H100.
 MIN_WAVES = 8
 MIN_K = 640
+#: The bar with `Config(fp8="max")`: faster and lossier. At 3 waves SDXL's fused QKV projections (2048 or 8192
+#: tokens × 640 or 1280 → 3 × that) go fp8 too: with the 3×3 convolutions in e4m3, the step took 26.70 ms where
+#: the convolutions alone took 27.50, error against float32 0.078 against 0.068
+#: (bench/results/unet-step-sdxl-conv-fp8-qkv-h200-2026-12-02.json).
+MIN_WAVES_MAX = 3
 
 
-def pays(rows: int, k: int, n: int, sms: int | None) -> bool:
+def pays(rows: int, k: int, n: int, sms: int | None, min_waves: int | None = None) -> bool:
     """Whether a (rows × k) @ (k × n) GEMM runs faster in fp8 (quantization of its input included) than in fp16
-    on a GPU with `sms` SMs. Always with `sms` None (no GPU to weigh: CPU tests)."""
+    on a GPU with `sms` SMs, its output at least `min_waves` waves of tiles (default `MIN_WAVES`). Always with
+    `sms` None (no GPU to weigh: CPU tests)."""
     if sms is None:
         return True
     tiles = -(-rows // 128) * -(-n // 128)
-    return tiles >= MIN_WAVES * sms and k >= MIN_K
+    return tiles >= (MIN_WAVES if min_waves is None else min_waves) * sms and k >= MIN_K
 
 
 def can_pay(k: int, sms: int | None) -> bool:
@@ -86,10 +92,11 @@ def fp8_linear(x: torch.Tensor, weight_fp8: torch.Tensor, weight_scale: torch.Te
 class _Fp8Weight:
     """What `Fp8Linear`, `Fp8Conv1x1` and `Fp8Conv3x3` share: e4m3 buffers derived from the module's own weight.
 
-    `sms` (the GPU's SM count, for `pays`) and `out_dtype` (what `_scaled_mm` writes, `output_dtype`) are set
-    by the pass."""
+    `sms` (the GPU's SM count, for `pays`), `min_waves` (`pays`'s bar; None: `MIN_WAVES`) and `out_dtype` (what
+    `_scaled_mm` writes, `output_dtype`) are set by the pass."""
 
     sms: int | None = None
+    min_waves: int | None = None
     out_dtype: torch.dtype = torch.float16
 
     def _gemm_weight(self) -> torch.Tensor:
@@ -129,7 +136,7 @@ class Fp8Linear(_Fp8Weight, nn.Linear):
 
     def uses_fp8(self, rows: int) -> bool:
         """Whether a call on `rows` rows computes in fp8 (else it is `F.linear` on the fp16 weight)."""
-        return pays(rows, self.in_features, self.out_features, self.sms)
+        return pays(rows, self.in_features, self.out_features, self.sms, self.min_waves)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.uses_fp8(x.numel() // x.shape[-1]):
@@ -146,7 +153,7 @@ class Fp8Conv1x1(_Fp8Weight, nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, c, h, w = x.shape
-        if not pays(n * h * w, c, self.out_channels, self.sms):
+        if not pays(n * h * w, c, self.out_channels, self.sms, self.min_waves):
             return super().forward(x)
         y = fp8_linear(x.permute(0, 2, 3, 1), self.weight_fp8, self.weight_scale, self.bias, self.out_dtype)
         return y.permute(0, 3, 1, 2)
@@ -158,7 +165,7 @@ class Fp8Conv1x1(_Fp8Weight, nn.Conv2d):
 class Fp8Conv3x3(_Fp8Weight, nn.Conv2d):
     """A ResNet block's 3×3 convolution (stride 1, padding 1) that reads its input in e4m3 with one scale per
     image from the GroupNorm+SiLU kernel before it (`fp8_forward`, `diffjet::conv3x3_fp8`). The kernel pass
-    (`passes/kernels.py`, kernel "conv_fp8") gives the class; a call on a half-precision input, where no kernel
+    (`passes/kernels.py`, with `Config(fp8="max")`) gives the class; a call on a half-precision input, where no kernel
     quantized it, is the plain convolution."""
 
     def _gemm_weight(self) -> torch.Tensor:
@@ -247,6 +254,7 @@ def apply(module: nn.Module, config: Config) -> nn.Module:
         else:
             continue
         layer.sms = sms
+        layer.min_waves = MIN_WAVES_MAX if config.fp8 == "max" else None
         layer._derive()
     # For `requantize`, which runs on every LoRA change: a list to walk instead of the whole module tree.
     module._diffjet_fp8_layers = [m for m in module.modules() if isinstance(m, _Fp8Weight)]
@@ -268,8 +276,9 @@ def placements(module: nn.Module) -> dict[str, int]:
 def describe(module: nn.Module) -> str:
     """The pass's entry in `CompileReport.passes`."""
     placed = placements(module)
+    bars = sorted({m.min_waves for m in module.modules() if isinstance(m, _Fp8Weight) and m.min_waves})
     return (f"fp8(e4m3: {placed['linear']} linear + {placed['conv1x1']} 1x1-conv layers, "
-            f"{placed['left_fp16']} left fp16)")
+            f"{placed['left_fp16']} left fp16" + "".join(f", from {w} waves" for w in bars) + ")")
 
 
 @torch.no_grad()

@@ -16,13 +16,14 @@ an fp8 GEMM keeps that at the calls where fp8 pays; the others take the kernel w
 inputs, gate included, where the kernel pays. The kernels take CUDA half-precision (float16/bfloat16)
 channels-last activations; the pass is not applied elsewhere.
 
-`conv_fp8` (acts only with `Config.fp8`; not on by default: it took SDXL's fp8 step from 27.70 to 27.18 ms and
-its error against float32 from 0.0079 to 0.0685) gives the 3×3 convolutions of those ResNet blocks (stride 1,
-padding 1, widths the kernel takes) the class `Fp8Conv3x3`: where the convolution pays (`fp8.conv_pays`), the
-block runs the norm before it as `group_norm_silu_fp8`, which writes e4m3 with one scale per image, and the
-convolution as `diffjet::conv3x3_fp8` on it. Blocks that up- or downsample keep `conv1` in fp16.
+With `Config(fp8="max")` (lossier than fp8's GEMMs: SDXL's step error against float32 0.078 where `fp8=True`
+has 0.008) `group_norm_silu` also gives the 3×3 convolutions of those ResNet blocks (stride 1, padding 1,
+widths the kernel takes) the class `Fp8Conv3x3`: where the convolution pays (`fp8.conv_pays`), the block runs
+the norm before it as `group_norm_silu_fp8`, which writes e4m3 with one scale per image, and the convolution
+as `diffjet::conv3x3_fp8` on it. Blocks that up- or downsample keep `conv1` in fp16.
 
-`qk_norm_rope` (not on by default: not measured yet) gives every Flux.1 attention (diffusers' `FluxAttention`
+`qk_norm_rope` (not on by default: measured slower than Inductor's code, 149.8 against 132.4 ms a flux-dev
+step, bench/results/unet-step-flux-dev-qk-norm-rope-h200-2026-12-02.json) gives every Flux.1 attention (diffusers' `FluxAttention`
 with its own processor, on the projections the attention pass fused) the processor `FusedFluxAttnProcessor`,
 which runs the queries' and keys' RMS norms, the rotary embedding and SDPA's layout as one kernel. It acts on
 a DiT transformer in half precision on CUDA; channels-last does not concern it.
@@ -118,7 +119,7 @@ class FusedResnetBlock2D(ResnetBlock2D):
 
     @staticmethod
     def _fp8_conv(conv: nn.Module, x: torch.Tensor) -> bool:
-        """Whether `conv` reads its input in e4m3 from the norm kernel at this call (kernel "conv_fp8")."""
+        """Whether `conv` reads its input in e4m3 from the norm kernel at this call (`Config(fp8="max")`)."""
         return type(conv) is Fp8Conv3x3 and conv.uses_fp8(x.shape[0] * x.shape[2] * x.shape[3])
 
 
@@ -205,7 +206,7 @@ def _resnet_fits(block: ResnetBlock2D) -> bool:
 #: The kernels that act on a DiT's transformer; the others act on UNets, ControlNets and VAEs.
 DIT_KERNELS = ("qk_norm_rope",)
 #: The kernels that act only on the fp8 pass's layers.
-FP8_KERNELS = ("geglu_fp8", "conv_fp8")
+FP8_KERNELS = ("geglu_fp8",)
 
 
 def applies(module: nn.Module, config: Config, dit: bool = False) -> bool:
@@ -222,8 +223,8 @@ def applies(module: nn.Module, config: Config, dit: bool = False) -> bool:
 
 def acting(config: Config, fp8_on: bool, dit: bool = False) -> list[str]:
     """The kernels of `config` that act on a module (a DiT's transformer if `dit`), as the compile report (and
-    so the cache key) names them: `geglu_fp8` and `conv_fp8` only where fp8 is on, so that their being on by
-    default leaves lossless keys as they were."""
+    so the cache key) names them: `geglu_fp8` only where fp8 is on, so that its being on by default leaves
+    lossless keys as they were."""
     return [k for k in config.kernels if (k in DIT_KERNELS) == dit and (k not in FP8_KERNELS or fp8_on)]
 
 
@@ -250,7 +251,7 @@ def apply(module: nn.Module, config: Config) -> nn.Module:
     for block in list(module.modules()):
         if type(block) is ResnetBlock2D and _resnet_fits(block):
             block.__class__ = FusedResnetBlock2D
-        if type(block) is FusedResnetBlock2D and "conv_fp8" in config.kernels and fp8_layers is not None:
+        if type(block) is FusedResnetBlock2D and config.fp8 == "max" and fp8_layers is not None:
             for conv in (block.conv1, block.conv2):
                 if conv3x3_fits(conv):
                     conv.__class__ = Fp8Conv3x3
