@@ -108,8 +108,8 @@ class Config:
         kernels: diffjet's Triton kernels to put in (`passes/kernels.py`): "group_norm_silu" and
             "geglu", and "geglu_fp8" (the GEGLU kernel on the fp8 pass's e4m3 inputs; nothing unless `fp8`
             is on), all three by default; `()` for none. Applied on CUDA to half-precision channels-last
-            UNet, ControlNet and VAE only. "qk_norm_rope" (opt-in: measured slower than Inductor's code, 149.8
-            against 132.4 ms a flux-dev step): Flux.1's attention norms and rotary embedding in one kernel, for
+            UNet, ControlNet and VAE only. "qk_norm_rope" (opt-in until a step shows it faster in one run: the op
+            alone is 1.9-2.7× Inductor's speed, docs/kernels.md): Flux.1's attention norms and rotary embedding in one kernel, for
             its transformer in half precision on CUDA.
         compile_mode: "default" or "max-autotune-no-cudagraphs" (much longer compilation).
         backend: the `torch.compile` backend: "inductor", or "eager" / "aot_eager" (tests: traced, not compiled).

@@ -16,7 +16,7 @@
   Inductor's own code in their place, so that the kernels' effect is measured side by side.
 - `diffjet-no-geglu`: the default without the GEGLU projection kernel (`Config(kernels=("group_norm_silu",))`),
   to measure that kernel end to end.
-- `diffjet-qk-norm-rope`: the default plus the Flux attention kernel (`qk_norm_rope`, opt-in: slower than Inductor's code).
+- `diffjet-qk-norm-rope`: the default plus the Flux attention kernel (`qk_norm_rope`, opt-in).
 - `diffjet-fast`: `Config.fast()`, every lossy option where the device supports it (LOSSY).
 - `diffjet-deepcache`: the default plus the step cache alone, DeepCache's setting (interval 3, branch 0).
 - `diffjet-fp8`: the default plus fp8 GEMMs alone (`Config(fp8=True)`: Ada and Hopper GPUs only).

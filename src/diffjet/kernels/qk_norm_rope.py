@@ -6,7 +6,10 @@ and image tokens, rotates pairs of q and k channels by each token's position, an
 (batch, heads, tokens, head_dim). Inductor turns that into kernels well off the memory bound: on flux-dev at
 1024² the single blocks' one takes 121 µs a call, for about 170 MB moved, 40 µs at the H200's 4.3 TB/s; with the
 double blocks', 7.5 ms of a 130 ms step (bench/results/profile-flux-dev-h200-2026-12-02.json). Here one program
-per (block of tokens, head, image) reads its rows of q, k and v once and writes the three in SDPA's layout.
+per (block of tokens, head, image) reads its rows of q, k and v once and writes the three in SDPA's layout,
+whole rows at a time: the rotation's even and odd channels are split and joined in registers. (Loading them as
+two stride-2 accesses made the kernel ten times slower: 532 against 51 µs a single block's call, where
+Inductor's compile of the same computation takes 97; bench/results/qk-norm-rope-op-h200-2026-12-02.json.)
 
 Rounding follows diffusers' modules: the norm in float32 rounded once to the input's dtype (`torch.nn.RMSNorm`),
 then the rotation in float32 from those values, rounded again (`diffusers.models.embeddings.apply_rotary_emb`).
@@ -77,19 +80,24 @@ def supported(qkv: torch.Tensor, text_qkv: torch.Tensor | None, cos: torch.Tenso
 if triton is not None:
 
     @triton.jit
-    def _normed_pairs(ptr, w_e, w_o, eps, mask, D: tl.constexpr):
-        # RMS-normalise the rows at `ptr` (pointers to each row's even channels) over their D channels, scale by the
-        # weight's even and odd halves, round to the output's dtype (what torch.nn.RMSNorm returns).
-        x_e = tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
-        x_o = tl.load(ptr + 1, mask=mask, other=0.0).to(tl.float32)
+    def _pairs(x, BLOCK_S: tl.constexpr, D: tl.constexpr):
+        # A (BLOCK_S, D) tile as its even and odd channels, each (BLOCK_S, D // 2): loaded whole, split in registers.
+        return tl.split(tl.reshape(x, (BLOCK_S, D // 2, 2)))
+
+    @triton.jit
+    def _normed_pairs(ptr, w_e, w_o, eps, mask, BLOCK_S: tl.constexpr, D: tl.constexpr):
+        # RMS-normalise the (BLOCK_S, D) rows at `ptr` over their D channels, scale by the weight's even and odd
+        # halves, round to the output's dtype (what torch.nn.RMSNorm returns); even and odd channels apart.
+        x_e, x_o = _pairs(tl.load(ptr, mask=mask, other=0.0).to(tl.float32), BLOCK_S, D)
         r = tl.math.rsqrt((tl.sum(x_e * x_e, axis=1) + tl.sum(x_o * x_o, axis=1)) / D + eps)[:, None]
         dtype = ptr.dtype.element_ty
         return (x_e * r * w_e).to(dtype).to(tl.float32), (x_o * r * w_o).to(dtype).to(tl.float32)
 
     @triton.jit
-    def _weight_pairs(ptr, pairs):
+    def _weight_pairs(ptr, D: tl.constexpr):
         # A norm weight's even and odd channels, as float32 rows that broadcast over tokens.
-        return tl.load(ptr + pairs).to(tl.float32)[None, :], tl.load(ptr + pairs + 1).to(tl.float32)[None, :]
+        w = tl.reshape(tl.load(ptr + tl.arange(0, D)).to(tl.float32), (1, D // 2, 2))
+        return tl.split(w)
 
     @triton.jit
     def _qk_norm_rope(img_ptr, txt_ptr, wq_ptr, wk_ptr, twq_ptr, twk_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr,
@@ -97,42 +105,42 @@ if triton is not None:
                       HAS_TEXT: tl.constexpr, D: tl.constexpr, BLOCK_S: tl.constexpr):
         # img: (B, TOKENS - TEXT, 3·H·D) rows, txt: (B, TEXT, 3·H·D) rows (last dimension contiguous); q, k, v:
         # (B, H, TOKENS, D) contiguous; cos, sin: (TOKENS, D). Token t < TEXT comes from txt, the rest from img.
+        # Every load and store is of whole rows (coalesced); the rotation's channel pairs are split in registers.
         tokens = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
         head = tl.program_id(1)
         image = tl.program_id(2)
-        pairs = 2 * tl.arange(0, D // 2)
+        channels = tl.arange(0, D)
         ok = tokens < TOKENS
         row = img_ptr + image * img_sb + (tokens - TEXT) * img_ss
-        wq_e, wq_o = _weight_pairs(wq_ptr, pairs)
-        wk_e, wk_o = _weight_pairs(wk_ptr, pairs)
+        wq_e, wq_o = _weight_pairs(wq_ptr, D)
+        wk_e, wk_o = _weight_pairs(wk_ptr, D)
         row_eps = tl.zeros((BLOCK_S,), tl.float32) + eps
         if HAS_TEXT:
             text = (tokens < TEXT)[:, None]
             row = tl.where(tokens < TEXT, txt_ptr + image * txt_sb + tokens * txt_ss, row)
-            twq_e, twq_o = _weight_pairs(twq_ptr, pairs)
-            twk_e, twk_o = _weight_pairs(twk_ptr, pairs)
+            twq_e, twq_o = _weight_pairs(twq_ptr, D)
+            twk_e, twk_o = _weight_pairs(twk_ptr, D)
             wq_e, wq_o = tl.where(text, twq_e, wq_e), tl.where(text, twq_o, wq_o)
             wk_e, wk_o = tl.where(text, twk_e, wk_e), tl.where(text, twk_o, wk_o)
             row_eps = tl.where(tokens < TEXT, text_eps, row_eps)
         mask = ok[:, None]
-        at = row[:, None] + head * D + pairs[None, :]  # each row's even channels of this head's q
-        table = tokens[:, None] * D + pairs[None, :]
-        c_e, c_o = tl.load(cos_ptr + table, mask=mask, other=0.0), tl.load(cos_ptr + table + 1, mask=mask, other=0.0)
-        s_e, s_o = tl.load(sin_ptr + table, mask=mask, other=0.0), tl.load(sin_ptr + table + 1, mask=mask, other=0.0)
-        out = ((image * H + head) * TOKENS + tokens)[:, None] * D + pairs[None, :]
+        at = row[:, None] + head * D + channels[None, :]  # each row's channels of this head's q
+        table = tokens[:, None] * D + channels[None, :]
+        c_e, c_o = _pairs(tl.load(cos_ptr + table, mask=mask, other=0.0), BLOCK_S, D)
+        s_e, s_o = _pairs(tl.load(sin_ptr + table, mask=mask, other=0.0), BLOCK_S, D)
+        out = ((image * H + head) * TOKENS + tokens)[:, None] * D + channels[None, :]
         for which in tl.static_range(2):  # q, then k
             if which == 0:
-                y_e, y_o = _normed_pairs(at, wq_e, wq_o, row_eps, mask, D)
+                y_e, y_o = _normed_pairs(at, wq_e, wq_o, row_eps, mask, BLOCK_S, D)
                 dst = q_ptr + out
             else:
-                y_e, y_o = _normed_pairs(at + H * D, wk_e, wk_o, row_eps, mask, D)
+                y_e, y_o = _normed_pairs(at + H * D, wk_e, wk_o, row_eps, mask, BLOCK_S, D)
                 dst = k_ptr + out
             # diffusers' rotation: (x_real, x_imag) pairs, out = x·cos + (−x_imag, x_real)·sin
-            tl.store(dst, (y_e * c_e - y_o * s_e).to(dst.dtype.element_ty), mask=mask)
-            tl.store(dst + 1, (y_o * c_o + y_e * s_o).to(dst.dtype.element_ty), mask=mask)
-        channels = tl.arange(0, D)
-        value = tl.load(row[:, None] + 2 * H * D + head * D + channels[None, :], mask=mask)
-        tl.store(v_ptr + ((image * H + head) * TOKENS + tokens)[:, None] * D + channels[None, :], value, mask=mask)
+            y = tl.reshape(tl.join(y_e * c_e - y_o * s_e, y_o * c_o + y_e * s_o), (BLOCK_S, D))
+            tl.store(dst, y.to(dst.dtype.element_ty), mask=mask)
+        value = tl.load(at + 2 * H * D, mask=mask)
+        tl.store(v_ptr + out, value, mask=mask)
 
 
 def launch(qkv, text_qkv, norm_q, norm_k, text_norm_q, text_norm_k, cos, sin, heads, eps, text_eps):
