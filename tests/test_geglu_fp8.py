@@ -138,7 +138,8 @@ def test_fp8_kernel_sees_a_requantized_weight():
 
 
 def test_tiny_unet_with_the_fp8_geglu_kernel_keeps_the_fp8_error(tiny_path, monkeypatch):
-    reference, unfused, fused = tiny_fp8_unets(tiny_path, Config(kernels=(), fp8=True), Config(kernels=("geglu_fp8",), fp8=True))
+    reference, unfused, fused = tiny_fp8_unets(tiny_path, Config(kernels=(), fp8=True),
+                                               Config(kernels=("geglu_fp8",), fp8=True))
     calls = []
     real = kernel_pass.geglu_fp8
     monkeypatch.setattr(kernel_pass, "geglu_fp8", lambda *args: calls.append(args[0].shape) or real(*args))

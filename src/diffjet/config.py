@@ -108,9 +108,9 @@ class Config:
         kernels: diffjet's Triton kernels to put in (`passes/kernels.py`): "group_norm_silu" and
             "geglu", and "geglu_fp8" (the GEGLU kernel on the fp8 pass's e4m3 inputs; nothing unless `fp8`
             is on), all three by default; `()` for none. Applied on CUDA to half-precision channels-last
-            UNet, ControlNet and VAE only. "qk_norm_rope" (opt-in until a step shows it faster in one run: the op
-            alone is 1.9-2.7× Inductor's speed, docs/kernels.md): Flux.1's attention norms and rotary embedding in one kernel, for
-            its transformer in half precision on CUDA.
+            UNet, ControlNet and VAE only. "qk_norm_rope" (opt-in until a step shows it faster in one run: the
+            op alone is 1.9-2.7× Inductor's speed, docs/kernels.md): Flux.1's attention norms and rotary
+            embedding in one kernel, for its transformer in half precision on CUDA.
         compile_mode: "default" or "max-autotune-no-cudagraphs" (much longer compilation).
         backend: the `torch.compile` backend: "inductor", or "eager" / "aot_eager" (tests: traced, not compiled).
         cuda_graphs: capture each component call per input signature into a CUDA graph.
@@ -219,7 +219,8 @@ class Config:
     def lossy(self) -> list[str]:
         """The lossy options this config asks for, described (empty: lossless). What a device turned
         off is left out of `CompileReport.lossy` instead."""
-        return ([self.step_cache.describe()] if self.step_cache is not None else []) + ([FP8_NAMES[self.fp8]] if self.fp8 else [])
+        cached = [self.step_cache.describe()] if self.step_cache is not None else []
+        return cached + ([FP8_NAMES[self.fp8]] if self.fp8 else [])
 
     def replace(self, **changes) -> "Config":
         return dataclasses.replace(self, **changes)

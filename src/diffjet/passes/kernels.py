@@ -22,10 +22,11 @@ widths the kernel takes) the class `Fp8Conv3x3`: where the convolution pays (`fp
 the norm before it as `group_norm_silu_fp8`, which writes e4m3 with one scale per image, and the convolution
 as `diffjet::conv3x3_fp8` on it. Blocks that up- or downsample keep `conv1` in fp16.
 
-`qk_norm_rope` (not on by default until a flux-dev step shows it faster in one run; docs/kernels.md) gives every Flux.1 attention (diffusers' `FluxAttention`
-with its own processor, on the projections the attention pass fused) the processor `FusedFluxAttnProcessor`,
-which runs the queries' and keys' RMS norms, the rotary embedding and SDPA's layout as one kernel. It acts on
-a DiT transformer in half precision on CUDA; channels-last does not concern it.
+`qk_norm_rope` (not on by default until a flux-dev step shows it faster in one run; docs/kernels.md) gives every
+Flux.1 attention (diffusers' `FluxAttention` with its own processor, on the projections the attention pass fused)
+the processor `FusedFluxAttnProcessor`, which runs the queries' and keys' RMS norms, the rotary embedding and
+SDPA's layout as one kernel. It acts on a DiT transformer in half precision on CUDA; channels-last does not concern
+it.
 """
 
 from __future__ import annotations
