@@ -201,7 +201,8 @@ def test_bad_bench_input_is_refused_before_work(capsys, extra, message, no_work)
 
 
 @pytest.mark.parametrize("command", [["bench", *FAST, "--compiler", "eager,diffjet-fp8"],
-                                     ["verify", *FAST, "--compiler", "diffjet-fp8-no-geglu-fp8"]], ids=["bench", "verify"])
+                                     ["verify", *FAST, "--compiler", "diffjet-fp8-no-geglu-fp8"],
+                                     ["verify", *FAST, "--compiler", "diffjet-fp8-max"]], ids=["bench", "verify", "max"])
 def test_an_fp8_variant_is_refused_before_work_where_fp8_cannot_run(capsys, command, no_work):
     """`Config(fp8=True)` fails where the GPU has no fp8 GEMMs: the CLI says so before loading anything (it
     used to fail each bench row after building its pipeline, with a traceback's last lines)."""
