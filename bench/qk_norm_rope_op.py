@@ -14,7 +14,6 @@ after 10; `bound_us` is the time its bytes (q, k, v read and written once, the r
 from __future__ import annotations
 
 import argparse
-import datetime
 import importlib.util
 import json
 import pathlib
@@ -82,10 +81,9 @@ def main() -> None:
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--old", help="a previous version of diffjet/kernels/qk_norm_rope.py to time beside")
     args = parser.parse_args()
-    import diffusers
     import torch
-    import triton
 
+    from diffjet.bench import environment
     from diffjet.kernels import qk_norm_rope as kernel
 
     old = _old_kernel(args.old) if args.old else None
@@ -104,10 +102,7 @@ def main() -> None:
         run["bound_us"] = (tokens * call[0].shape[-1] * 2 * 2 + 2 * call[6].numel() * 4) / 4.8e12 * 1e6
         runs.append(run)
         print(json.dumps(run), flush=True)
-    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-              "diffusers": diffusers.__version__,
-              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "command": "python " + " ".join(sys.argv), "runs": runs}
+    result = {**environment("cuda"), "command": "python " + " ".join(sys.argv), "runs": runs}
     if args.json:
         pathlib.Path(args.json).write_text(json.dumps(result, indent=1))
     names = [k[:-3] for k in runs[0] if k.endswith("_us") and k != "bound_us"]

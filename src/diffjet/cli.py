@@ -120,7 +120,7 @@ def _refuse_fp8_where_it_cannot_run(compilers: Sequence[str], device: str) -> No
 
     from .passes import fp8
 
-    forced = [c for c in compilers if c in DIFFJET and DIFFJET[c]().fp8 in (True, "max")]
+    forced = [c for c in compilers if c in DIFFJET and DIFFJET[c]().fp8_required]
     reason = fp8.unsupported(torch.device(device)) if forced else None
     if reason:
         raise DeviceError(f"--compiler {', '.join(forced)}: {reason}; diffjet-fast uses fp8 only where the GPU has it")

@@ -216,6 +216,12 @@ class Config:
         return self.replace(dtype="bfloat16" if is_dit(components) else "float16")
 
     @property
+    def fp8_required(self) -> bool:
+        """fp8 asked for whatever the device (True or "max"): `diffjet.compile` raises `DeviceError` where it
+        cannot run, where "auto" turns itself off."""
+        return self.fp8 in (True, "max")
+
+    @property
     def lossy(self) -> list[str]:
         """The lossy options this config asks for, described (empty: lossless). What a device turned
         off is left out of `CompileReport.lossy` instead."""

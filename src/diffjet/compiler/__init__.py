@@ -94,7 +94,7 @@ def compile_pipeline(pipe, config: Config) -> CompileReport:
     report = CompileReport(device=str(device), config=config, dtype=_dtype_rule(config, modules, on_cuda))
     config = config.for_pipeline(modules)
     fp8_off = fp8.unsupported(device) if config.fp8 else None
-    if fp8_off and config.fp8 in (True, "max"):
+    if fp8_off and config.fp8_required:
         raise DeviceError(f"{fp8_off}; use Config(fp8='auto') to run fp8 only where it is supported")
     fp8_on = bool(config.fp8) and not fp8_off
     if on_cuda:

@@ -276,7 +276,7 @@ def placements(module: nn.Module) -> dict[str, int]:
 def describe(module: nn.Module) -> str:
     """The pass's entry in `CompileReport.passes`."""
     placed = placements(module)
-    bars = sorted({m.min_waves for m in module.modules() if isinstance(m, _Fp8Weight) and m.min_waves})
+    bars = sorted({m.min_waves for m in getattr(module, "_diffjet_fp8_layers", ()) if m.min_waves})
     return (f"fp8(e4m3: {placed['linear']} linear + {placed['conv1x1']} 1x1-conv layers, "
             f"{placed['left_fp16']} left fp16" + "".join(f", from {w} waves" for w in bars) + ")")
 
