@@ -93,7 +93,7 @@ def run_model(model: str, remove: bool, profile: bool = False) -> dict:
         "peak_rss_gib_after_load": round(_peak_rss_gib(), 2),
         "bytes_on_disk": components,
         "disk_free_before_gib": round(free_before / 2**30, 1),
-        "folder": str(target),
+        "folder": target.name,  # in the preset cache
     }
     if remove:
         shutil.rmtree(target, ignore_errors=True)
@@ -108,7 +108,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", action="store_true", help="where the build's time goes (cProfile)")
     args = parser.parse_args(argv)
     results = [run_model(m, args.remove, args.profile) for m in args.model.split(",")]
-    text = json.dumps({"weights": "random (architecture-exact)", "runs": results}, indent=1)
+    import torch
+
+    from diffjet.bench import environment
+
+    # the command without --json's path, which is this machine's
+    record = {**environment("cuda" if torch.cuda.is_available() else "cpu"),
+              "command": f"python bench/dit_build.py --model {args.model}" + (" --remove" if args.remove else ""),
+              "runs": results}
+    text = json.dumps(record, indent=1)
     if args.json:
         Path(args.json).write_text(text + "\n")
     print(text)

@@ -89,6 +89,9 @@ VARIANTS = {
                        "__kernels": ("group_norm_silu", "geglu", "geglu_fp8")},
     # A DiT's step with diffjet's Flux attention kernel (the queries' and keys' norms, rotary embedding, SDPA layout).
     "inductor-qk-norm-rope": {"__kernels": ("qk_norm_rope",)},
+    # ... with the GELU projections through cuBLASLt's epilogue (and Flux's single blocks without their concatenation)
+    "inductor-gelu-epilogue": {"__kernels": ("gelu_epilogue",)},
+    "inductor-qk-gelu-epilogue": {"__kernels": ("qk_norm_rope", "gelu_epilogue")},
     # Diffusers' speed guide in place of diffjet's passes and CudaGraphRunner (`recipes.compiled_denoiser`): its
     # Inductor flags and torch.compile's reduce-overhead mode (Inductor plus CUDA-graph trees), fullgraph.
     "torch-compile": {"conv_1x1_as_mm": True, "epilogue_fusion": False, "__mode": "reduce-overhead"},

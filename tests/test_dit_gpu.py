@@ -5,7 +5,6 @@ import pytest
 import torch
 
 import diffjet
-from diffjet.config import DEFAULT_KERNELS
 from diffjet.models import load_pipeline
 from diffjet.quality import verify
 
@@ -26,8 +25,11 @@ def test_dit_runs_bfloat16_and_every_step_replays_one_graph(model):
     diffjet.compile(pipe, diffjet.Config(cache=False))
     assert pipe.diffjet.dtype == "bfloat16 (Config.dtype='auto': a DiT pipeline)"
     assert pipe.transformer.dtype == torch.bfloat16
-    assert pipe.diffjet.passes["transformer"] == ["precision(bfloat16)", "fused_qkv_sdpa", "inductor(default)",
-                                                  "cuda_graphs"]
+    kernels = {"tiny-flux": ["kernels(qk_norm_rope,gelu_epilogue: 2 attention blocks, 2 gelu projections, "
+                             "1 single blocks)"],
+               "tiny-sd3": ["kernels(gelu_epilogue: 3 gelu projections)"]}[model]
+    assert pipe.diffjet.passes["transformer"] == ["precision(bfloat16)", "fused_qkv_sdpa", *kernels,
+                                                  "inductor(default)", "cuda_graphs"]
     for guidance in (3.5, 5.0):  # Flux.1-dev's distilled guidance: a graph input, not a new graph
         run(pipe, guidance_scale=guidance)
     stats = pipe.diffjet.runners["transformer"].stats
@@ -51,12 +53,42 @@ def test_dit_fidelity_rule_holds(model):
     assert _fidelity_verdict(model, steps=8, size=64).passed
 
 
-def test_flux_attention_kernel_runs_in_the_graph_and_holds_the_fidelity_rule():
-    config = diffjet.Config(cache=False, kernels=(*DEFAULT_KERNELS, "qk_norm_rope"))
+def test_flux_attention_kernel_alone_runs_in_the_graph_and_holds_the_fidelity_rule():
+    config = diffjet.Config(cache=False, kernels=("qk_norm_rope",))
     pipe = load_pipeline("tiny-flux", device="cuda", dtype=torch.bfloat16)
     pipe.set_progress_bar_config(disable=True)
     diffjet.compile(pipe, config)
     assert "kernels(qk_norm_rope: 2 attention blocks)" in pipe.diffjet.passes["transformer"]
+    run(pipe, guidance_scale=3.5)
+    stats = pipe.diffjet.runners["transformer"].stats
+    assert stats.captures == 1 and stats.eager_calls == 0
+    assert _fidelity_verdict("tiny-flux", steps=8, size=64, config=config).passed
+
+
+def test_the_gelu_epilogue_is_the_tanh_gelu_of_the_projection():
+    """cuBLASLt's GELU epilogue (CUDA's `_addmm_activation`) computes the tanh GELU, as diffusers' layers do."""
+    from diffjet.passes.kernels import linear_gelu
+
+    g = torch.Generator("cuda").manual_seed(0)
+    proj = torch.nn.Linear(256, 512, device="cuda")
+    x = torch.randn(2, 300, 256, device="cuda", generator=g)
+    with torch.no_grad():
+        pre = proj(x)
+        tanh, exact = torch.nn.functional.gelu(pre, approximate="tanh"), torch.nn.functional.gelu(pre)
+        got = linear_gelu(x, proj)
+        bf16 = linear_gelu(x.bfloat16(), proj.bfloat16()).float()
+    assert got.shape == (2, 300, 512)
+    assert (got - tanh).abs().max() < 1e-4 < (got - exact).abs().max()
+    assert ((bf16 - tanh).norm() / tanh.norm()) < 1e-2
+
+
+def test_dit_kernels_run_in_the_graph_and_hold_the_fidelity_rule():
+    config = diffjet.Config(cache=False)  # both DiT kernels are default
+    pipe = load_pipeline("tiny-flux", device="cuda", dtype=torch.bfloat16)
+    pipe.set_progress_bar_config(disable=True)
+    diffjet.compile(pipe, config)
+    assert ("kernels(qk_norm_rope,gelu_epilogue: 2 attention blocks, 2 gelu projections, 1 single blocks)"
+            in pipe.diffjet.passes["transformer"])
     run(pipe, guidance_scale=3.5)
     stats = pipe.diffjet.runners["transformer"].stats
     assert stats.captures == 1 and stats.eager_calls == 0

@@ -137,13 +137,15 @@ def test_calls_the_processor_does_not_cover_run_diffusers_processor(launched):
     assert relative_error(got, expected) < 1e-5
 
 
-def test_the_dit_kernel_is_opt_in_and_named_apart_from_the_unet_kernels():
-    assert "qk_norm_rope" not in DEFAULT_KERNELS  # not measured on a GPU yet
-    config = Config(kernels=(*DEFAULT_KERNELS, "qk_norm_rope"))  # extending the defaults needs no fp8
+def test_the_dit_kernels_are_default_and_named_apart_from_the_unet_kernels():
+    config = Config()
+    assert config.kernels == DEFAULT_KERNELS and "qk_norm_rope" in DEFAULT_KERNELS
     assert kernel_pass.acting(config, fp8_on=False) == ["group_norm_silu", "geglu"]
-    assert kernel_pass.acting(config, fp8_on=False, dit=True) == ["qk_norm_rope"]
-    assert kernel_pass.acting(Config(), fp8_on=True, dit=True) == []
+    assert kernel_pass.acting(config, fp8_on=False, dit=True) == ["qk_norm_rope", "gelu_epilogue"]
+    # the UNet defaults named alone still need no fp8
+    unet = Config(kernels=("group_norm_silu", "geglu", "geglu_fp8"))
+    assert kernel_pass.acting(unet, fp8_on=True, dit=True) == []
     model, _ = tiny_flux()
     assert not kernel_pass.applies(model, config, dit=True)  # float32: not what the pass is for
     assert kernel_pass.applies(model.to(torch.bfloat16), config, dit=True) == (DEVICE == "cuda")
-    assert not kernel_pass.applies(model, Config(), dit=True)  # not named
+    assert not kernel_pass.applies(model, unet, dit=True)  # not named

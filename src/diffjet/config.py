@@ -24,11 +24,13 @@ _BACKENDS = ("inductor", "eager", "aot_eager")
 MAX_GUIDANCE = 50.0
 #: The largest seed `torch.Generator.manual_seed` takes (seeds are from 0), in the CLI and the server's APIs.
 MAX_SEED = 2**64 - 1
-#: diffjet's Triton kernels (`diffjet/kernels/`) that `Config.kernels` may name.
-KNOWN_KERNELS = ("group_norm_silu", "geglu", "geglu_fp8", "qk_norm_rope")
+#: diffjet's kernels (Triton, `diffjet/kernels/`; cuBLASLt's GELU epilogue) that `Config.kernels` may name.
+KNOWN_KERNELS = ("group_norm_silu", "geglu", "geglu_fp8", "qk_norm_rope", "gelu_epilogue")
 #: The kernels on by default: those measured faster than Inductor's own code (docs/kernels.md). `geglu_fp8`
-#: acts only where `Config.fp8` is on.
-DEFAULT_KERNELS = ("group_norm_silu", "geglu", "geglu_fp8")
+#: acts only where `Config.fp8` is on; the last two act on DiT transformers only.
+DEFAULT_KERNELS = ("group_norm_silu", "geglu", "geglu_fp8", "qk_norm_rope", "gelu_epilogue")
+#: The UNet kernels on by default (`geglu_fp8` named without fp8 is an error unless with all of these).
+_UNET_DEFAULTS = ("group_norm_silu", "geglu", "geglu_fp8")
 #: How `Config.lossy` and the compile report name each fp8 setting.
 FP8_NAMES = {True: "fp8", "auto": "fp8", "max": "fp8 max (QKV GEMMs, 3x3 convolutions)"}
 
@@ -105,12 +107,14 @@ class Config:
         inductor: the components compiled with Inductor (`torch.compile`): by default the denoisers
             (UNet, transformer), ControlNet and VAE. Text encoders run once per image, so by default they
             get CUDA graphs but no compile time.
-        kernels: diffjet's Triton kernels to put in (`passes/kernels.py`): "group_norm_silu" and
+        kernels: diffjet's kernels to put in (`passes/kernels.py`): "group_norm_silu" and
             "geglu", and "geglu_fp8" (the GEGLU kernel on the fp8 pass's e4m3 inputs; nothing unless `fp8`
-            is on), all three by default; `()` for none. Applied on CUDA to half-precision channels-last
-            UNet, ControlNet and VAE only. "qk_norm_rope" (opt-in until a step shows it faster in one run: the
-            op alone is 1.9-2.7× Inductor's speed, docs/kernels.md): Flux.1's attention norms and rotary
-            embedding in one kernel, for its transformer in half precision on CUDA.
+            is on), and for DiT transformers "qk_norm_rope" (Flux.1's attention norms and rotary embedding
+            in one kernel) and "gelu_epilogue" (tanh-GELU projections as one cuBLASLt GEMM with a GELU
+            epilogue; Flux's single blocks without the concatenation before their output projection), all
+            five by default (with the last two a flux-dev step is 1.046× faster, docs/kernels.md); `()` for
+            none. Applied on CUDA to half-precision channels-last UNet, ControlNet and VAE, and to
+            half-precision DiT transformers.
         compile_mode: "default" or "max-autotune-no-cudagraphs" (much longer compilation).
         backend: the `torch.compile` backend: "inductor", or "eager" / "aot_eager" (tests: traced, not compiled).
         cuda_graphs: capture each component call per input signature into a CUDA graph.
@@ -184,7 +188,7 @@ class Config:
         if unknown:
             raise ConfigError(f"kernels: unknown {unknown}; known: {list(KNOWN_KERNELS)}")
         object.__setattr__(self, "kernels", tuple(self.kernels))
-        if not self.fp8 and not set(DEFAULT_KERNELS) <= set(self.kernels) and "geglu_fp8" in self.kernels:
+        if not self.fp8 and not set(_UNET_DEFAULTS) <= set(self.kernels) and "geglu_fp8" in self.kernels:
             raise ConfigError('kernels: "geglu_fp8" runs the fp8 GEGLU projections and fp8 is off; '
                               'set fp8=True (or "auto") with it, or leave it out')
         if not isinstance(self.max_graphs, int) or self.max_graphs < 1:

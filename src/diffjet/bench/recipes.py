@@ -14,9 +14,10 @@
 - `diffjet`: `diffjet.compile(pipe)` with the default (lossless) config, diffjet's Triton kernels included.
 - `diffjet-no-kernels`: the same without the Triton kernels of `diffjet/kernels/` (`Config(kernels=())`):
   Inductor's own code in their place, so that the kernels' effect is measured side by side.
-- `diffjet-no-geglu`: the default without the GEGLU projection kernel (`Config(kernels=("group_norm_silu",))`),
-  to measure that kernel end to end.
-- `diffjet-qk-norm-rope`: the default plus the Flux attention kernel (`qk_norm_rope`, opt-in).
+- `diffjet-no-geglu`: the default without the GEGLU projection kernels (`geglu`, `geglu_fp8`), to measure them end
+  to end.
+- `diffjet-no-dit-kernels`: the default without the DiT kernels (`qk_norm_rope`, `gelu_epilogue`): Inductor's
+  code in their place.
 - `diffjet-fast`: `Config.fast()`, every lossy option where the device supports it (LOSSY).
 - `diffjet-deepcache`: the default plus the step cache alone, DeepCache's setting (interval 3, branch 0).
 - `diffjet-fp8`: the default plus fp8 GEMMs alone (`Config(fp8=True)`: Ada and Hopper GPUs only).
@@ -38,12 +39,12 @@ from typing import Any
 DIFFJET = {
     "diffjet": lambda: _config(),
     "diffjet-no-kernels": lambda: _config(kernels=()),
-    "diffjet-no-geglu": lambda: _config(kernels=("group_norm_silu",)),
-    "diffjet-qk-norm-rope": lambda: _with_kernels("qk_norm_rope"),
+    "diffjet-no-geglu": lambda: _without("geglu", "geglu_fp8"),
+    "diffjet-no-dit-kernels": lambda: _without("qk_norm_rope", "gelu_epilogue"),
     "diffjet-fast": lambda: _config(preset="fast"),
     "diffjet-deepcache": lambda: _config(step_cache=_deepcache_setting()),
     "diffjet-fp8": lambda: _config(fp8=True),
-    "diffjet-fp8-no-geglu-fp8": lambda: _config(fp8=True, kernels=("group_norm_silu", "geglu")),
+    "diffjet-fp8-no-geglu-fp8": lambda: _without("geglu_fp8", fp8=True),
     "diffjet-fp8-max": lambda: _config(fp8="max"),
 }
 COMPILERS = ("eager", "torch-compile", *DIFFJET, "deepcache")
@@ -130,10 +131,10 @@ def _config(preset: str = "lossless", **fields):
     return getattr(Config, preset)().replace(**fields)
 
 
-def _with_kernels(*extra: str, **options: Any):
+def _without(*kernels: str, **options: Any):
     from ..config import DEFAULT_KERNELS
 
-    return _config(kernels=(*DEFAULT_KERNELS, *extra), **options)
+    return _config(kernels=tuple(k for k in DEFAULT_KERNELS if k not in kernels), **options)
 
 
 def _deepcache_setting():

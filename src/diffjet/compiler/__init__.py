@@ -161,9 +161,16 @@ def compile_pipeline(pipe, config: Config) -> CompileReport:
             applied.append("kernels(" + ",".join(named) + ": " + ", ".join(counts) + ")")
         if name == "transformer" and kernels.applies(module, config, dit=True):
             kernels.apply(module, config)
-            placed = kernels.placements(module)["flux_attention"]
-            if placed:  # named only where it acts, so that other DiTs' keys stay as they were
-                applied.append(f"kernels(qk_norm_rope: {placed} attention blocks)")
+            placed = kernels.placements(module)
+            counts = [f"{placed[key]} {what}" for key, what in (
+                ("flux_attention", "attention blocks"), ("gelu_epilogue", "gelu projections"),
+                ("flux_single_split", "single blocks")) if placed[key]]
+            # named only where they act (SD 3.5 has no Flux attention), a DiT without either unnamed
+            named = [k for k, keys in (("qk_norm_rope", ("flux_attention",)),
+                                       ("gelu_epilogue", ("gelu_epilogue", "flux_single_split")))
+                     if any(placed[key] for key in keys)]
+            if named:
+                applied.append("kernels(" + ",".join(named) + ": " + ", ".join(counts) + ")")
         target = _graph_target(name, module)
         if name in ("unet", "transformer") and config.step_cache is not None:
             report.step_cache = _step_cache(pipe, name, module, config, cache, applied, report)

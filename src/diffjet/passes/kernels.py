@@ -22,11 +22,19 @@ widths the kernel takes) the class `Fp8Conv3x3`: where the convolution pays (`fp
 the norm before it as `group_norm_silu_fp8`, which writes e4m3 with one scale per image, and the convolution
 as `diffjet::conv3x3_fp8` on it. Blocks that up- or downsample keep `conv1` in fp16.
 
-`qk_norm_rope` (not on by default until a flux-dev step shows it faster in one run; docs/kernels.md) gives every
-Flux.1 attention (diffusers' `FluxAttention` with its own processor, on the projections the attention pass fused)
-the processor `FusedFluxAttnProcessor`, which runs the queries' and keys' RMS norms, the rotary embedding and
-SDPA's layout as one kernel. It acts on a DiT transformer in half precision on CUDA; channels-last does not concern
-it.
+`qk_norm_rope` (on by default; docs/kernels.md) gives every Flux.1 attention (diffusers' `FluxAttention` with
+its own processor, on the projections the attention pass fused) the processor `FusedFluxAttnProcessor`, which
+runs the queries' and keys' RMS norms, the rotary embedding and SDPA's layout as one kernel.
+
+`gelu_epilogue` (on by default) gives diffusers' tanh-GELU projections (the feed-forwards of Flux's and SD 3.5's
+blocks) the class `EpilogueGELU`: one cuBLASLt GEMM whose epilogue applies the GELU to the float32 accumulator
+(`torch._addmm_activation`), where Inductor runs a GEMM, then a GELU kernel over its rounded output. Flux's single
+blocks get the class `SplitFluxSingleBlock`: the MLP's projection through the same epilogue, and the output
+projection as two GEMMs over the two halves of its input (the attention's output, the MLP's), the second
+accumulating onto the first, where diffusers concatenates the halves first. Projections the fp8 pass made fp8
+GEMMs keep those. With `qk_norm_rope` a flux-dev step is 1.046× faster (docs/kernels.md).
+
+Both act on a DiT transformer in half precision on CUDA; channels-last does not concern them.
 """
 
 from __future__ import annotations
@@ -36,9 +44,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from diffusers.models.activations import GEGLU
+from diffusers.models.activations import GEGLU, GELU
 from diffusers.models.resnet import ResnetBlock2D
-from diffusers.models.transformers.transformer_flux import FluxAttention, FluxAttnProcessor
+from diffusers.models.transformers.transformer_flux import (FluxAttention, FluxAttnProcessor,
+                                                            FluxSingleTransformerBlock)
 from torch import nn
 
 from ..config import Config
@@ -188,6 +197,57 @@ class FusedFluxAttnProcessor(FluxAttnProcessor):
         return hidden_states, attn.to_add_out(encoder_hidden_states.contiguous())
 
 
+def linear_gelu(x: torch.Tensor, proj: nn.Linear) -> torch.Tensor:
+    """`gelu(proj(x), approximate="tanh")` as one GEMM with cuBLASLt's GELU epilogue (its GELU is the tanh one).
+    Inductor calls `aten._addmm_activation` as it is. On a CPU that op's GELU is the exact one, so there this is
+    diffusers' computation."""
+    if not x.is_cuda:
+        return F.gelu(F.linear(x, proj.weight, proj.bias), approximate="tanh")
+    y = torch._addmm_activation(proj.bias, x.reshape(-1, x.shape[-1]), proj.weight.t(), use_gelu=True)
+    return y.view(*x.shape[:-1], -1)
+
+
+def _epilogue_fits(proj: nn.Module) -> bool:
+    """A plain Linear with a bias: not an fp8 GEMM, not a PEFT LoRA layer."""
+    return type(proj) is nn.Linear and proj.bias is not None
+
+
+class EpilogueGELU(GELU):
+    """diffusers' tanh-GELU projection through `linear_gelu`."""
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if not _epilogue_fits(self.proj):
+            return super().forward(hidden_states)
+        return linear_gelu(hidden_states, self.proj)
+
+
+class SplitFluxSingleBlock(FluxSingleTransformerBlock):
+    """diffusers' Flux single block, its MLP projection through `linear_gelu` and its output projection as two
+    GEMMs over the halves of its input, without the concatenation: `proj_out(cat([a, m])) = a @ Wa.T + (m @ Wm.T
+    + b)`, `Wa` and `Wm` views of `proj_out.weight` (a LoRA merge reaches them)."""
+
+    def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor, temb: torch.Tensor,
+                image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+                joint_attention_kwargs: dict[str, Any] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        if not (_epilogue_fits(self.proj_mlp) and _epilogue_fits(self.proj_out)):
+            return super().forward(hidden_states, encoder_hidden_states, temb, image_rotary_emb,
+                                   joint_attention_kwargs)
+        text_seq_len = encoder_hidden_states.shape[1]
+        hidden_states = torch.cat([encoder_hidden_states, hidden_states], dim=1)
+        residual = hidden_states
+        norm_hidden_states, gate = self.norm(hidden_states, emb=temb)
+        mlp_hidden_states = linear_gelu(norm_hidden_states, self.proj_mlp)
+        attn_output = self.attn(hidden_states=norm_hidden_states, image_rotary_emb=image_rotary_emb,
+                                **(joint_attention_kwargs or {}))
+        width, weight = attn_output.shape[-1], self.proj_out.weight
+        out = torch.addmm(self.proj_out.bias, mlp_hidden_states.flatten(0, -2), weight[:, width:].t())
+        out = torch.addmm(out, attn_output.flatten(0, -2), weight[:, :width].t())
+        hidden_states = residual + gate.unsqueeze(1) * out.view(*attn_output.shape[:-1], -1)
+        if hidden_states.dtype == torch.float16:
+            hidden_states = hidden_states.clip(-65504, 65504)
+        return hidden_states[:, :text_seq_len], hidden_states[:, text_seq_len:]
+
+
 def _flux_fits(attn: nn.Module) -> bool:
     """diffusers' own processor on projections the attention pass fused, with its default attention backend."""
     return (isinstance(attn, FluxAttention) and type(attn.processor) is FluxAttnProcessor and attn.fused_projections
@@ -204,7 +264,7 @@ def _resnet_fits(block: ResnetBlock2D) -> bool:
 
 
 #: The kernels that act on a DiT's transformer; the others act on UNets, ControlNets and VAEs.
-DIT_KERNELS = ("qk_norm_rope",)
+DIT_KERNELS = ("qk_norm_rope", "gelu_epilogue")
 #: The kernels that act only on the fp8 pass's layers.
 FP8_KERNELS = ("geglu_fp8",)
 
@@ -241,6 +301,15 @@ def apply(module: nn.Module, config: Config) -> nn.Module:
         processor = FusedFluxAttnProcessor()
         for attn in [m for m in module.modules() if _flux_fits(m)]:
             attn.set_processor(processor)
+    if "gelu_epilogue" in config.kernels:
+        for block in module.modules():
+            # not where the fp8 pass made the projection an fp8 GEMM
+            if type(block) is GELU and block.approximate == "tanh" and _epilogue_fits(block.proj):
+                block.__class__ = EpilogueGELU
+            elif (type(block) is FluxSingleTransformerBlock and isinstance(block.act_mlp, nn.GELU)
+                  and block.act_mlp.approximate == "tanh" and _epilogue_fits(block.proj_mlp)
+                  and _epilogue_fits(block.proj_out)):
+                block.__class__ = SplitFluxSingleBlock
     for block in gegl:
         block.__class__ = FusedGEGLU
         block.sms = gg.multiprocessors(device)
@@ -269,7 +338,8 @@ def apply(module: nn.Module, config: Config) -> nn.Module:
 
 def placements(module: nn.Module) -> dict[str, int]:
     """Where the kernels are in `module`: fused ResNet blocks, fused norms, ResNet blocks left alone, fused
-    GEGLU projections, e4m3 3×3 convolutions and Flux attentions with the fused processor."""
+    GEGLU projections, e4m3 3×3 convolutions, Flux attentions with the fused processor, GELU projections through
+    the epilogue and Flux single blocks with the split output projection."""
     resnets = [m for m in module.modules() if isinstance(m, ResnetBlock2D)]
     fused = [m for m in module.modules() if isinstance(m, FusedGroupNorm)]
     return {
@@ -281,4 +351,6 @@ def placements(module: nn.Module) -> dict[str, int]:
         "conv_fp8": sum(isinstance(m, Fp8Conv3x3) for m in module.modules()),
         "flux_attention": sum(isinstance(getattr(m, "processor", None), FusedFluxAttnProcessor)
                               for m in module.modules()),
+        "gelu_epilogue": sum(isinstance(m, EpilogueGELU) for m in module.modules()),
+        "flux_single_split": sum(isinstance(m, SplitFluxSingleBlock) for m in module.modules()),
     }
