@@ -15,7 +15,6 @@ from diffusers import UNet2DConditionModel
 from diffusers.models.resnet import ResnetBlock2D
 
 from diffjet import Config
-from diffjet.config import KNOWN_KERNELS
 from diffjet.kernels import group_norm_silu as gn
 from diffjet.passes import kernels as kernel_pass
 
@@ -151,7 +150,8 @@ def test_pass_swaps_every_resnet_block_and_keeps_the_unet_output(tiny_path):
     unet.to(memory_format=torch.channels_last)
     resnets = sum(type(m).__name__ == "ResnetBlock2D" for m in unet.modules())
     assert kernel_pass.apply(unet, Config(kernels=())) is unet and kernel_pass.placements(unet)["resnet_blocks"] == 0
-    assert Config().kernels == KNOWN_KERNELS, "all kernels are on by default"
+    assert Config().kernels == ("group_norm_silu", "geglu", "geglu_fp8", "qk_norm_rope", "gelu_epilogue"), (
+        "all kernels are on by default")
     assert kernel_pass.apply(unet, Config(kernels=("group_norm_silu",))) is unet
     counts = kernel_pass.placements(unet)
     assert counts["resnet_blocks"] == resnets > 0 and counts["left_alone"] == 0

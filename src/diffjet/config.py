@@ -26,11 +26,11 @@ MAX_GUIDANCE = 50.0
 MAX_SEED = 2**64 - 1
 #: diffjet's kernels (Triton, `diffjet/kernels/`; cuBLASLt's GELU epilogue) that `Config.kernels` may name.
 KNOWN_KERNELS = ("group_norm_silu", "geglu", "geglu_fp8", "qk_norm_rope", "gelu_epilogue")
-#: The kernels on by default: those measured faster than Inductor's own code (docs/kernels.md). `geglu_fp8`
-#: acts only where `Config.fp8` is on; the last two act on DiT transformers only.
-DEFAULT_KERNELS = ("group_norm_silu", "geglu", "geglu_fp8", "qk_norm_rope", "gelu_epilogue")
 #: The UNet kernels on by default (`geglu_fp8` named without fp8 is an error unless with all of these).
 _UNET_DEFAULTS = ("group_norm_silu", "geglu", "geglu_fp8")
+#: The kernels on by default: those measured faster than Inductor's own code (docs/kernels.md). `geglu_fp8`
+#: acts only where `Config.fp8` is on; the last two act on DiT transformers only.
+DEFAULT_KERNELS = (*_UNET_DEFAULTS, "qk_norm_rope", "gelu_epilogue")
 #: How `Config.lossy` and the compile report name each fp8 setting.
 FP8_NAMES = {True: "fp8", "auto": "fp8", "max": "fp8 max (QKV GEMMs, 3x3 convolutions)"}
 

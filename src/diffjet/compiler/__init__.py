@@ -162,15 +162,13 @@ def compile_pipeline(pipe, config: Config) -> CompileReport:
         if name == "transformer" and kernels.applies(module, config, dit=True):
             kernels.apply(module, config)
             placed = kernels.placements(module)
-            counts = [f"{placed[key]} {what}" for key, what in (
-                ("flux_attention", "attention blocks"), ("gelu_epilogue", "gelu projections"),
-                ("flux_single_split", "single blocks")) if placed[key]]
-            # named only where they act (SD 3.5 has no Flux attention), a DiT without either unnamed
-            named = [k for k, keys in (("qk_norm_rope", ("flux_attention",)),
-                                       ("gelu_epilogue", ("gelu_epilogue", "flux_single_split")))
-                     if any(placed[key] for key in keys)]
-            if named:
-                applied.append("kernels(" + ",".join(named) + ": " + ", ".join(counts) + ")")
+            acted = [(kernel, f"{placed[key]} {what}") for kernel, key, what in (
+                ("qk_norm_rope", "flux_attention", "attention blocks"),
+                ("gelu_epilogue", "gelu_epilogue", "gelu projections"),
+                ("gelu_epilogue", "flux_single_split", "single blocks")) if placed[key]]
+            if acted:  # named only where they act (SD 3.5 has no Flux attention), a DiT without either unnamed
+                named = dict.fromkeys(kernel for kernel, _ in acted)
+                applied.append("kernels(" + ",".join(named) + ": " + ", ".join(c for _, c in acted) + ")")
         target = _graph_target(name, module)
         if name in ("unet", "transformer") and config.step_cache is not None:
             report.step_cache = _step_cache(pipe, name, module, config, cache, applied, report)
