@@ -63,6 +63,15 @@ def relative_error(x, ref) -> float:
     return float((x - ref).norm() / ref.norm())
 
 
+def traced_error(model, inputs: dict) -> float:
+    """The relative error of `model` traced whole by Dynamo (`aot_eager`: no graph break allowed) against its eager
+    output on `inputs`."""
+    with torch.no_grad():
+        eager = model(**inputs)[0]
+        traced = torch.compile(model, backend="aot_eager", fullgraph=True)(**inputs)[0]
+    return relative_error(traced, eager)
+
+
 def tiny_fp8_unets(path, *configs):
     """The tiny preset's UNet in float32, then one float16 copy per `Config` (fp8 on) with the fp8 pass and the
     kernel pass applied, as `diffjet.compile` applies them."""

@@ -444,12 +444,12 @@ def test_bench_diffjet_variants_put_in_their_kernels(monkeypatch):
 
     monkeypatch.setattr(diffjet, "compile", compile_)
     for name in ("diffjet", "diffjet-no-kernels", "diffjet-no-geglu", "diffjet-fp8", "diffjet-fp8-no-geglu-fp8",
-                 "diffjet-no-dit-kernels"):
+                 "diffjet-no-dit-kernels", "diffjet-no-flash-attn-4"):
         recipes.apply(types.SimpleNamespace(), name)
-    dit = ("qk_norm_rope", "gelu_epilogue")
+    dit = ("qk_norm_rope", "gelu_epilogue", "flash_attn_4")
     assert used == [("group_norm_silu", "geglu", "geglu_fp8", *dit), (), ("group_norm_silu", *dit),
                     ("group_norm_silu", "geglu", "geglu_fp8", *dit), ("group_norm_silu", "geglu", *dit),
-                    ("group_norm_silu", "geglu", "geglu_fp8")]
+                    ("group_norm_silu", "geglu", "geglu_fp8"), ("group_norm_silu", "geglu", "geglu_fp8", *dit[:2])]
 
 
 def test_verify_covers_a_controlnet_pipeline(capsys, tmp_path):

@@ -5,12 +5,24 @@ import pytest
 import torch
 
 import diffjet
+from diffjet.kernels import flash4
 from diffjet.models import load_pipeline
 from diffjet.quality import verify
 
 pytestmark = pytest.mark.gpu
 
 STEPS = 3
+#: Whether FlashAttention-4 runs here (its package installed, a Hopper GPU): the kernel passes then name it.
+FLASH = torch.cuda.is_available() and flash4.unavailable(torch.device("cuda")) is None
+
+
+def dit_kernels(model: str, flash: bool = FLASH) -> str:
+    """The kernel pass's entry in the compile report of a tiny DiT with the default kernels."""
+    if model == "tiny-flux":
+        return ("kernels(qk_norm_rope,gelu_epilogue" + (",flash_attn_4" if flash else "") + ": 2 attention blocks, "
+                "2 gelu projections, 1 single blocks" + (", 2 flash attentions)" if flash else ")"))
+    return "kernels(gelu_epilogue" + (",flash_attn_4: 3 gelu projections, 3 flash attentions)" if flash
+                                      else ": 3 gelu projections)")
 
 
 def run(pipe, **kwargs):
@@ -25,10 +37,7 @@ def test_dit_runs_bfloat16_and_every_step_replays_one_graph(model):
     diffjet.compile(pipe, diffjet.Config(cache=False))
     assert pipe.diffjet.dtype == "bfloat16 (Config.dtype='auto': a DiT pipeline)"
     assert pipe.transformer.dtype == torch.bfloat16
-    kernels = {"tiny-flux": ["kernels(qk_norm_rope,gelu_epilogue: 2 attention blocks, 2 gelu projections, "
-                             "1 single blocks)"],
-               "tiny-sd3": ["kernels(gelu_epilogue: 3 gelu projections)"]}[model]
-    assert pipe.diffjet.passes["transformer"] == ["precision(bfloat16)", "fused_qkv_sdpa", *kernels,
+    assert pipe.diffjet.passes["transformer"] == ["precision(bfloat16)", "fused_qkv_sdpa", dit_kernels(model),
                                                   "inductor(default)", "cuda_graphs"]
     for guidance in (3.5, 5.0):  # Flux.1-dev's distilled guidance: a graph input, not a new graph
         run(pipe, guidance_scale=guidance)
@@ -83,16 +92,48 @@ def test_the_gelu_epilogue_is_the_tanh_gelu_of_the_projection():
 
 
 def test_dit_kernels_run_in_the_graph_and_hold_the_fidelity_rule():
-    config = diffjet.Config(cache=False)  # both DiT kernels are default
+    config = diffjet.Config(cache=False, kernels=("qk_norm_rope", "gelu_epilogue"))
     pipe = load_pipeline("tiny-flux", device="cuda", dtype=torch.bfloat16)
     pipe.set_progress_bar_config(disable=True)
     diffjet.compile(pipe, config)
-    assert ("kernels(qk_norm_rope,gelu_epilogue: 2 attention blocks, 2 gelu projections, 1 single blocks)"
-            in pipe.diffjet.passes["transformer"])
+    assert dit_kernels("tiny-flux", flash=False) in pipe.diffjet.passes["transformer"]
     run(pipe, guidance_scale=3.5)
     stats = pipe.diffjet.runners["transformer"].stats
     assert stats.captures == 1 and stats.eager_calls == 0
     assert _fidelity_verdict("tiny-flux", steps=8, size=64, config=config).passed
+
+
+needs_flash = pytest.mark.skipif(not FLASH, reason="FlashAttention-4 does not run here: "
+                                + str(torch.cuda.is_available() and flash4.unavailable(torch.device("cuda"))))
+
+
+@needs_flash
+@pytest.mark.parametrize("shape", [(1, 4608, 24, 128), (2, 4429, 24, 64), (1, 333, 3, 40)], ids=str)
+def test_flash_attn_4_matches_sdpa_on_the_processors_layout(shape):
+    """The op on the transposed (batch, heads, tokens, head_dim) tensors the processors pass, against cuDNN's or
+    the other SDPA backends' error from the float32 attention."""
+    g = torch.Generator("cuda").manual_seed(0)
+    batch, tokens, heads, dim = shape
+    q, k, v = (torch.randn(batch, heads, tokens, dim, device="cuda", generator=g).bfloat16() for _ in range(3))
+    reference = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float()).transpose(1, 2)
+    sdpa = torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).float()
+    flash = flash4.flash_attn_4(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dim ** -0.5).float()
+    error, sdpa_error = ((x - reference).norm() / reference.norm() for x in (flash, sdpa))
+    assert flash.shape == reference.shape and error < 1.2 * sdpa_error
+
+
+@needs_flash
+@pytest.mark.parametrize("model", ["tiny-flux", "tiny-sd3"])
+def test_flash_attention_runs_in_the_graph_and_holds_the_fidelity_rule(model):
+    config = diffjet.Config(cache=False)
+    pipe = load_pipeline(model, device="cuda", dtype=torch.bfloat16)
+    pipe.set_progress_bar_config(disable=True)
+    diffjet.compile(pipe, config)
+    assert dit_kernels(model) in pipe.diffjet.passes["transformer"] and "flash_attn_4" in dit_kernels(model)
+    run(pipe, guidance_scale=3.5)
+    stats = pipe.diffjet.runners["transformer"].stats
+    assert stats.captures == 1 and stats.eager_calls == 0
+    assert _fidelity_verdict(model, steps=8, size=64, config=config).passed
 
 
 @pytest.mark.slow

@@ -150,7 +150,8 @@ def test_pass_swaps_every_resnet_block_and_keeps_the_unet_output(tiny_path):
     unet.to(memory_format=torch.channels_last)
     resnets = sum(type(m).__name__ == "ResnetBlock2D" for m in unet.modules())
     assert kernel_pass.apply(unet, Config(kernels=())) is unet and kernel_pass.placements(unet)["resnet_blocks"] == 0
-    assert Config().kernels == ("group_norm_silu", "geglu", "geglu_fp8", "qk_norm_rope", "gelu_epilogue"), (
+    assert Config().kernels == ("group_norm_silu", "geglu", "geglu_fp8", "qk_norm_rope", "gelu_epilogue",
+                               "flash_attn_4"), (
         "all kernels are on by default")
     assert kernel_pass.apply(unet, Config(kernels=("group_norm_silu",))) is unet
     counts = kernel_pass.placements(unet)

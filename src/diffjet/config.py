@@ -25,12 +25,13 @@ MAX_GUIDANCE = 50.0
 #: The largest seed `torch.Generator.manual_seed` takes (seeds are from 0), in the CLI and the server's APIs.
 MAX_SEED = 2**64 - 1
 #: diffjet's kernels (Triton, `diffjet/kernels/`; cuBLASLt's GELU epilogue) that `Config.kernels` may name.
-KNOWN_KERNELS = ("group_norm_silu", "geglu", "geglu_fp8", "qk_norm_rope", "gelu_epilogue")
+KNOWN_KERNELS = ("group_norm_silu", "geglu", "geglu_fp8", "qk_norm_rope", "gelu_epilogue", "flash_attn_4")
 #: The UNet kernels on by default (`geglu_fp8` named without fp8 is an error unless with all of these).
 _UNET_DEFAULTS = ("group_norm_silu", "geglu", "geglu_fp8")
 #: The kernels on by default: those measured faster than Inductor's own code (docs/kernels.md). `geglu_fp8`
-#: acts only where `Config.fp8` is on; the last two act on DiT transformers only.
-DEFAULT_KERNELS = (*_UNET_DEFAULTS, "qk_norm_rope", "gelu_epilogue")
+#: acts only where `Config.fp8` is on; the last three act on DiT transformers only, `flash_attn_4` where its
+#: package is installed.
+DEFAULT_KERNELS = (*_UNET_DEFAULTS, "qk_norm_rope", "gelu_epilogue", "flash_attn_4")
 #: How `Config.lossy` and the compile report name each fp8 setting.
 FP8_NAMES = {True: "fp8", "auto": "fp8", "max": "fp8 max (QKV GEMMs, 3x3 convolutions)"}
 
@@ -110,9 +111,10 @@ class Config:
         kernels: diffjet's kernels to put in (`passes/kernels.py`): "group_norm_silu" and
             "geglu", and "geglu_fp8" (the GEGLU kernel on the fp8 pass's e4m3 inputs; nothing unless `fp8`
             is on), and for DiT transformers "qk_norm_rope" (Flux.1's attention norms and rotary embedding
-            in one kernel) and "gelu_epilogue" (tanh-GELU projections as one cuBLASLt GEMM with a GELU
-            epilogue; Flux's single blocks without the concatenation before their output projection), all
-            five by default (with the last two a flux-dev step is 1.046× faster, docs/kernels.md); `()` for
+            in one kernel), "gelu_epilogue" (tanh-GELU projections as one cuBLASLt GEMM with a GELU
+            epilogue; Flux's single blocks without the concatenation before their output projection) and
+            "flash_attn_4" (the attention through FlashAttention-4 on Hopper where the optional `flash-attn-4`
+            package is installed; Flux's with "qk_norm_rope"), all six by default (docs/kernels.md); `()` for
             none. Applied on CUDA to half-precision channels-last UNet, ControlNet and VAE, and to
             half-precision DiT transformers.
         compile_mode: "default" or "max-autotune-no-cudagraphs" (much longer compilation).

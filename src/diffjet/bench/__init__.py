@@ -36,6 +36,7 @@ def environment(device: str) -> dict[str, Any]:
         "diffusers": package_version("diffusers"),
         "transformers": package_version("transformers"),
         "triton": package_version("triton"),
+        "flash_attn_4": package_version("flash-attn-4"),
         "cuda": torch.version.cuda,
         "python": sys.version.split()[0],
         # Without bytecode caching every new process compiles torch's and diffusers' Python anew

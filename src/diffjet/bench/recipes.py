@@ -16,8 +16,9 @@
   Inductor's own code in their place, so that the kernels' effect is measured side by side.
 - `diffjet-no-geglu`: the default without the GEGLU projection kernels (`geglu`, `geglu_fp8`), to measure them end
   to end.
-- `diffjet-no-dit-kernels`: the default without the DiT kernels (`qk_norm_rope`, `gelu_epilogue`): Inductor's
-  code in their place.
+- `diffjet-no-dit-kernels`: the default without the DiT kernels (`qk_norm_rope`, `gelu_epilogue`,
+  `flash_attn_4`): Inductor's code and SDPA in their place.
+- `diffjet-no-flash-attn-4`: the default with SDPA's attention where `flash_attn_4` would act.
 - `diffjet-fast`: `Config.fast()`, every lossy option where the device supports it (LOSSY).
 - `diffjet-deepcache`: the default plus the step cache alone, DeepCache's setting (interval 3, branch 0).
 - `diffjet-fp8`: the default plus fp8 GEMMs alone (`Config(fp8=True)`: Ada and Hopper GPUs only).
@@ -40,7 +41,8 @@ DIFFJET = {
     "diffjet": lambda: _config(),
     "diffjet-no-kernels": lambda: _config(kernels=()),
     "diffjet-no-geglu": lambda: _without("geglu", "geglu_fp8"),
-    "diffjet-no-dit-kernels": lambda: _without("qk_norm_rope", "gelu_epilogue"),
+    "diffjet-no-dit-kernels": lambda: _without("qk_norm_rope", "gelu_epilogue", "flash_attn_4"),
+    "diffjet-no-flash-attn-4": lambda: _without("flash_attn_4"),
     "diffjet-fast": lambda: _config(preset="fast"),
     "diffjet-deepcache": lambda: _config(step_cache=_deepcache_setting()),
     "diffjet-fp8": lambda: _config(fp8=True),

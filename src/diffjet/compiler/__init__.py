@@ -31,6 +31,7 @@ from torch import nn
 
 from ..config import FP8_NAMES, KNOWN_COMPONENTS, PRECOMPILE_KINDS, Config, is_dit
 from ..errors import CacheError, DeviceError
+from ..kernels import flash4
 from ..passes import attention, fp8, inductor, kernels, memory_format, precision
 from ..runtime import precompiled, triton_cache
 from ..runtime.compile_cache import CompileCache, module_key, open_cache
@@ -165,8 +166,12 @@ def compile_pipeline(pipe, config: Config) -> CompileReport:
             acted = [(kernel, f"{placed[key]} {what}") for kernel, key, what in (
                 ("qk_norm_rope", "flux_attention", "attention blocks"),
                 ("gelu_epilogue", "gelu_epilogue", "gelu projections"),
-                ("gelu_epilogue", "flux_single_split", "single blocks")) if placed[key]]
-            if acted:  # named only where they act (SD 3.5 has no Flux attention), a DiT without either unnamed
+                ("gelu_epilogue", "flux_single_split", "single blocks"),
+                ("flash_attn_4", "flash_attention", "flash attentions")) if placed[key]]
+            why = flash4.unavailable(_device_of(module)) if "flash_attn_4" in config.kernels else None
+            if why:
+                report.off.append(f"flash_attn_4 ({why})")
+            if acted:  # named only where they act (SD 3.5 has no Flux attention), a DiT without any unnamed
                 named = dict.fromkeys(kernel for kernel, _ in acted)
                 applied.append("kernels(" + ",".join(named) + ": " + ", ".join(c for _, c in acted) + ")")
         target = _graph_target(name, module)

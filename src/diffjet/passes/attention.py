@@ -31,6 +31,7 @@ from diffusers.models.transformers.transformer_flux import FluxAttention, FluxAt
 from torch import nn
 
 from ..config import Config
+from ..kernels.flash4 import attend
 
 _REPLACEABLE = (AttnProcessor, AttnProcessor2_0)
 
@@ -89,7 +90,11 @@ class FusedQKVAttnProcessor:
 
 class FusedJointQKVAttnProcessor:
     """diffusers' `JointAttnProcessor2_0` (SD3's joint attention) with the image stream's and the text stream's
-    projections each fused into one, and PyTorch's SDPA."""
+    projections each fused into one, and PyTorch's SDPA (FlashAttention-4 with `flash`: the kernel pass's
+    `flash_attn_4`)."""
+
+    def __init__(self, flash: bool = False) -> None:
+        self.flash = flash
 
     def __call__(
         self,
@@ -100,7 +105,7 @@ class FusedJointQKVAttnProcessor:
         *args,
         **kwargs,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        batch, tokens = hidden_states.shape[:2]
+        tokens = hidden_states.shape[1]
         heads = attn.heads
 
         def split_heads(x: torch.Tensor) -> torch.Tensor:
@@ -118,9 +123,7 @@ class FusedJointQKVAttnProcessor:
             if attn.norm_added_k is not None:
                 text_k = attn.norm_added_k(text_k)
             query, key, value = (torch.cat(pair, dim=2) for pair in ((query, text_q), (key, text_k), (value, text_v)))
-        hidden_states = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
-        hidden_states = hidden_states.transpose(1, 2).reshape(batch, -1, query.shape[1] * query.shape[-1])
-        hidden_states = hidden_states.to(query.dtype)
+        hidden_states = attend(query, key, value, self.flash).to(query.dtype)
         if encoder_hidden_states is not None:
             hidden_states, encoder_hidden_states = hidden_states[:, :tokens], hidden_states[:, tokens:]
             if not attn.context_pre_only:

@@ -34,7 +34,12 @@ projection as two GEMMs over the two halves of its input (the attention's output
 accumulating onto the first, where diffusers concatenates the halves first. Projections the fp8 pass made fp8
 GEMMs keep those. With `qk_norm_rope` a flux-dev step is 1.046× faster (docs/kernels.md).
 
-Both act on a DiT transformer in half precision on CUDA; channels-last does not concern them.
+`flash_attn_4` (on by default) runs the attention of diffjet's DiT processors (SD3's `FusedJointQKVAttnProcessor`,
+Flux's `FusedFluxAttnProcessor`, so with `qk_norm_rope`) through FlashAttention-4's Hopper kernel
+(`kernels/flash4.py`) where the optional `flash-attn-4` package is installed and the GPU is a Hopper; elsewhere
+SDPA stays, and the compile report's `off` says why.
+
+The three act on a DiT transformer in half precision on CUDA; channels-last does not concern them.
 """
 
 from __future__ import annotations
@@ -51,10 +56,13 @@ from diffusers.models.transformers.transformer_flux import (FluxAttention, FluxA
 from torch import nn
 
 from ..config import Config
+from ..kernels import flash4
+from ..kernels.flash4 import attend
 from ..kernels import geglu as gg
 from ..kernels.geglu import geglu, geglu_fp8
 from ..kernels.group_norm_silu import group_norm_silu, group_norm_silu_fp8
 from ..kernels.qk_norm_rope import qk_norm_rope
+from .attention import FusedJointQKVAttnProcessor
 from .fp8 import Fp8Conv3x3, Fp8Linear, conv3x3_fits, quantize_rows
 
 logger = logging.getLogger(__name__)
@@ -163,9 +171,14 @@ class FusedGEGLU(GEGLU):
 
 class FusedFluxAttnProcessor(FluxAttnProcessor):
     """diffusers' `FluxAttnProcessor` on fused projections, with the queries' and keys' RMS norms, the rotary
-    embedding and the (batch, heads, tokens, head_dim) layout SDPA reads done by `diffjet::qk_norm_rope`.
-    Calls it does not cover (an attention mask, no rotary embedding, unfused projections, norms without
-    weights or with two epsilons) run diffusers' processor."""
+    embedding and the (batch, heads, tokens, head_dim) layout SDPA reads done by `diffjet::qk_norm_rope`, and
+    the attention by SDPA or, with `flash`, by `diffjet::flash_attn_4`. Calls it does not cover (an attention
+    mask, no rotary embedding, unfused projections, norms without weights or with two epsilons) run diffusers'
+    processor."""
+
+    def __init__(self, flash: bool = False) -> None:
+        super().__init__()
+        self.flash = flash
 
     def __call__(self, attn: FluxAttention, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor = None,
                  attention_mask: torch.Tensor | None = None, image_rotary_emb: torch.Tensor | None = None
@@ -187,8 +200,7 @@ class FusedFluxAttnProcessor(FluxAttnProcessor):
             attn.norm_q.weight, attn.norm_k.weight, norms[2].weight if text else None,
             norms[3].weight if text else None, cos, sin, attn.to_qkv.out_features // 3 // attn.head_dim,
             eps(norms[0]), eps(norms[2]) if text else 0.0)
-        hidden_states = F.scaled_dot_product_attention(query, key, value)
-        hidden_states = hidden_states.transpose(1, 2).flatten(2, 3).to(query.dtype)
+        hidden_states = attend(query, key, value, self.flash).to(query.dtype)
         if not text:
             return hidden_states
         encoder_hidden_states, hidden_states = hidden_states.split_with_sizes(
@@ -264,7 +276,7 @@ def _resnet_fits(block: ResnetBlock2D) -> bool:
 
 
 #: The kernels that act on a DiT's transformer; the others act on UNets, ControlNets and VAEs.
-DIT_KERNELS = ("qk_norm_rope", "gelu_epilogue")
+DIT_KERNELS = ("qk_norm_rope", "gelu_epilogue", "flash_attn_4")
 #: The kernels that act only on the fp8 pass's layers.
 FP8_KERNELS = ("geglu_fp8",)
 
@@ -297,10 +309,15 @@ def apply(module: nn.Module, config: Config) -> nn.Module:
         logger.info("geglu: the kernel needs a Hopper or later GPU; %s's GEGLU blocks stay with Inductor",
                     type(module).__name__)
         gegl = []
+    flash = "flash_attn_4" in config.kernels and flash4.unavailable(device) is None
     if "qk_norm_rope" in config.kernels:
-        processor = FusedFluxAttnProcessor()
-        for attn in [m for m in module.modules() if _flux_fits(m)]:
+        processor = FusedFluxAttnProcessor(flash)
+        for attn in [m for m in module.modules() if _flux_fits(m)
+                     or isinstance(getattr(m, "processor", None), FusedFluxAttnProcessor)]:
             attn.set_processor(processor)
+    joint = FusedJointQKVAttnProcessor(flash)
+    for attn in [m for m in module.modules() if isinstance(getattr(m, "processor", None), FusedJointQKVAttnProcessor)]:
+        attn.set_processor(joint)
     if "gelu_epilogue" in config.kernels:
         for block in module.modules():
             # not where the fp8 pass made the projection an fp8 GEMM
@@ -338,8 +355,9 @@ def apply(module: nn.Module, config: Config) -> nn.Module:
 
 def placements(module: nn.Module) -> dict[str, int]:
     """Where the kernels are in `module`: fused ResNet blocks, fused norms, ResNet blocks left alone, fused
-    GEGLU projections, e4m3 3×3 convolutions, Flux attentions with the fused processor, GELU projections through
-    the epilogue and Flux single blocks with the split output projection."""
+    GEGLU projections, e4m3 3×3 convolutions, Flux attentions with the fused processor, attentions through
+    FlashAttention-4, GELU projections through the epilogue and Flux single blocks with the split output
+    projection."""
     resnets = [m for m in module.modules() if isinstance(m, ResnetBlock2D)]
     fused = [m for m in module.modules() if isinstance(m, FusedGroupNorm)]
     return {
@@ -351,6 +369,7 @@ def placements(module: nn.Module) -> dict[str, int]:
         "conv_fp8": sum(isinstance(m, Fp8Conv3x3) for m in module.modules()),
         "flux_attention": sum(isinstance(getattr(m, "processor", None), FusedFluxAttnProcessor)
                               for m in module.modules()),
+        "flash_attention": sum(getattr(getattr(m, "processor", None), "flash", False) for m in module.modules()),
         "gelu_epilogue": sum(isinstance(m, EpilogueGELU) for m in module.modules()),
         "flux_single_split": sum(isinstance(m, SplitFluxSingleBlock) for m in module.modules()),
     }

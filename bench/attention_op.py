@@ -1,0 +1,78 @@
+"""One attention call at the shapes of the DiTs' and SDXL's steps at 1024²: SDPA's cuDNN and flash backends against
+FlashAttention-4's Hopper kernel (`diffjet::flash_attn_4`, the `flash-attn-4` package).
+
+    python bench/attention_op.py --json attention-op.json
+
+Shapes (batch, tokens, heads, head_dim): Flux.1 (1, 4608, 24, 128); SD 3.5's joint attention (2, 4429, 24, 64:
+4,096 image and 333 text tokens, the CFG pair) and its MMDiT-X image-only attention (2, 4096, 24, 64); SDXL's
+64×64 level (2, 4096, 10, 64). SDPA reads the (batch, heads, tokens, head_dim) tensors; FlashAttention-4 their
+transposed views, as diffjet's processors pass them. Each is timed as 20 calls in one CUDA graph, the median of
+the replays (`gemm_shapes.time_calls`), so the package's Python launch path is not counted; the error is relative
+to the float32 attention. bfloat16 for the DiTs, float16 for SDXL.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+import torch.nn.functional as F
+from gemm_shapes import time_calls
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+SHAPES = {"flux": (1, 4608, 24, 128), "sd35-joint": (2, 4429, 24, 64), "sd35-image": (2, 4096, 24, 64),
+          "sdxl-64x64": (2, 4096, 10, 64)}
+
+
+def case(shape: tuple[int, int, int, int], dtype: torch.dtype, g: torch.Generator) -> dict:
+    from diffjet.kernels.flash4 import flash_attn_4
+
+    batch, tokens, heads, dim = shape
+    q, k, v = (torch.randn(batch, heads, tokens, dim, device="cuda", generator=g).to(dtype) for _ in range(3))
+    ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
+    flops = 4 * batch * heads * tokens * tokens * dim
+
+    def sdpa(backend):
+        def run():
+            with sdpa_kernel([backend]):
+                return F.scaled_dot_product_attention(q, k, v)
+        return run
+
+    variants = {"cudnn": sdpa(SDPBackend.CUDNN_ATTENTION), "flash2": sdpa(SDPBackend.FLASH_ATTENTION),
+                "flash_attn_4": lambda: flash_attn_4(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                     dim**-0.5).transpose(1, 2)}
+    out = {}
+    for name, fn in variants.items():
+        y = fn().float()
+        us = time_calls(fn)
+        out[name] = {"us": us, "tflops": flops / us / 1e6, "error": float((y - ref).norm() / ref.norm())}
+    return out
+
+
+def main() -> None:
+    from diffjet.bench import environment
+    from diffjet.kernels.flash4 import unavailable
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    why = unavailable(torch.device("cuda"))
+    if why:
+        raise SystemExit(f"FlashAttention-4 does not run here: {why}")
+    g = torch.Generator("cuda").manual_seed(0)
+    cases = {name: case(shape, torch.float16 if name.startswith("sdxl") else torch.bfloat16, g)
+             for name, shape in SHAPES.items()}
+    print(f"{'shape':12s} " + "  ".join(f"{n:>22s}" for n in next(iter(cases.values()))))
+    for name, variants in cases.items():
+        print(f"{name:12s} " + "  ".join(f"{v['us']:7.1f} us {v['tflops']:5.0f} TF/s" for v in variants.values()))
+    if args.json:
+        result = {**environment("cuda"), "command": "python bench/attention_op.py",
+                  "shapes": {n: dict(zip(("batch", "tokens", "heads", "head_dim"), s)) for n, s in SHAPES.items()},
+                  "cases": cases}
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,74 @@
+"""FlashAttention-4's Hopper forward kernel as a `diffjet::` op, for DiT attention.
+
+At a DiT's head sizes and sequence lengths the `flash-attn-4` package's SM90 forward kernel (CuTe DSL) is faster
+than the cuDNN attention SDPA picks on Hopper: on an H200, in CUDA graphs, Flux.1's attention (4,608 tokens,
+24 heads of 128) 443.4 → 414.8 µs a call, SD 3.5's joint attention (4,429 tokens, 24 heads of 64, batch 2)
+605.8 → 484.9 µs; at SDXL's largest (4,096 tokens, 10 heads of 64) 196.5 against 193.5 µs is too little to
+carry the package into UNet pipelines, which keep SDPA (bench/results/fa4-attention-op-h200-2026-12-03.json).
+Outside a CUDA graph the package's Python launch path costs tens of microseconds a call, which diffjet's graphs
+take away; importing it takes seconds (its compiler), and each kernel configuration compiles on first use.
+
+The package is optional (`pip install "diffjet[flash-attn-4]"`); `unavailable` says why the op cannot run on a
+device. `flash_attn_4` is an opaque `torch.library.custom_op` on (batch, tokens, heads, head_dim) tensors with a
+fake implementation; on CPU it runs `reference` (SDPA), which the tests hold the processors to.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+
+def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Attention over (batch, tokens, heads, head_dim) tensors, through PyTorch's SDPA; the same layout out."""
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale)
+    return out.transpose(1, 2).contiguous()
+
+
+@functools.cache
+def _interface():
+    from flash_attn.cute import interface  # imports the CuTe DSL compiler: seconds, once a process
+    return interface
+
+
+@functools.cache
+def unavailable(device: torch.device) -> str | None:
+    """Why the op cannot run on `device` (None where it can): a CUDA GPU of compute capability 9.x (Hopper, the
+    one it is measured on) with the `flash-attn-4` package installed."""
+    if device.type != "cuda":
+        return f"needs a CUDA GPU, not {device.type}"
+    major, minor = torch.cuda.get_device_capability(device)
+    if major != 9:
+        return f"measured on Hopper (sm_90) only; this GPU is sm_{major}{minor}"
+    try:
+        _interface()
+    except ImportError as exc:
+        return f'the flash-attn-4 package is not installed (pip install "diffjet[flash-attn-4]"): {exc}'
+    return None
+
+
+@torch.library.custom_op("diffjet::flash_attn_4", mutates_args=())
+def flash_attn_4(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Attention over (batch, tokens, heads, head_dim) tensors: FlashAttention-4 on CUDA, `reference` elsewhere.
+    The result is contiguous in the same layout."""
+    if q.device.type != "cuda":
+        return reference(q, k, v, scale)
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    return _interface().flash_attn_func(q, k, v, softmax_scale=scale)[0]
+
+
+@flash_attn_4.register_fake
+def _(q, k, v, scale):
+    return q.new_empty(q.shape[:-1] + v.shape[-1:])
+
+
+def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, flash: bool) -> torch.Tensor:
+    """SDPA's attention on (batch, heads, tokens, head_dim) inputs at the default scale, as (batch, tokens,
+    heads · head_dim): through `flash_attn_4` if `flash`, else `F.scaled_dot_product_attention`."""
+    if flash:
+        out = flash_attn_4(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
+                           query.shape[-1] ** -0.5)
+        return out.flatten(2)
+    return F.scaled_dot_product_attention(query, key, value).transpose(1, 2).flatten(2)
