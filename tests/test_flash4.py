@@ -113,3 +113,12 @@ def test_it_is_default_a_dit_kernel_and_needs_a_hopper_gpu_and_the_package():
     assert "flash_attn_4" in DEFAULT_KERNELS and "flash_attn_4" in kernel_pass.DIT_KERNELS
     assert kernel_pass.acting(FLASH, fp8_on=False) == []  # nothing for a UNet
     assert "CUDA" in flash4.unavailable(torch.device("cpu"))
+
+
+def test_a_model_it_cannot_act_on_never_imports_the_package(monkeypatch):
+    """Importing flash-attn-4 takes seconds: a UNet, or Flux without `qk_norm_rope`, must not ask for it."""
+    monkeypatch.setattr(flash4, "unavailable", lambda device: pytest.fail("asked for FlashAttention-4"))
+    model, _ = tiny_flux()
+    attention.apply(model, Config())
+    kernel_pass.apply(model, FLASH)
+    assert kernel_pass.placements(model)["flash_attention"] == 0

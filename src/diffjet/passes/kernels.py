@@ -309,15 +309,14 @@ def apply(module: nn.Module, config: Config) -> nn.Module:
         logger.info("geglu: the kernel needs a Hopper or later GPU; %s's GEGLU blocks stay with Inductor",
                     type(module).__name__)
         gegl = []
-    flash = "flash_attn_4" in config.kernels and flash4.unavailable(device) is None
-    if "qk_norm_rope" in config.kernels:
-        processor = FusedFluxAttnProcessor(flash)
-        for attn in [m for m in module.modules() if _flux_fits(m)
-                     or isinstance(getattr(m, "processor", None), FusedFluxAttnProcessor)]:
+    flux = [m for m in module.modules() if "qk_norm_rope" in config.kernels and (
+        _flux_fits(m) or isinstance(getattr(m, "processor", None), FusedFluxAttnProcessor))]
+    joint = [m for m in module.modules() if isinstance(getattr(m, "processor", None), FusedJointQKVAttnProcessor)]
+    # asked only where it could act: importing the package takes seconds
+    flash = bool(flux or joint) and "flash_attn_4" in config.kernels and flash4.unavailable(device) is None
+    for attns, processor in ((flux, FusedFluxAttnProcessor(flash)), (joint, FusedJointQKVAttnProcessor(flash))):
+        for attn in attns:
             attn.set_processor(processor)
-    joint = FusedJointQKVAttnProcessor(flash)
-    for attn in [m for m in module.modules() if isinstance(getattr(m, "processor", None), FusedJointQKVAttnProcessor)]:
-        attn.set_processor(joint)
     if "gelu_epilogue" in config.kernels:
         for block in module.modules():
             # not where the fp8 pass made the projection an fp8 GEMM
