@@ -12,17 +12,20 @@ from diffjet.quality import verify
 pytestmark = pytest.mark.gpu
 
 STEPS = 3
-#: Whether FlashAttention-4 runs here (its package installed, a Hopper GPU): the kernel passes then name it.
-FLASH = torch.cuda.is_available() and flash4.unavailable(torch.device("cuda")) is None
+#: Why FlashAttention-4 does not run here (None: its package installed, a Hopper GPU; the kernel pass names it).
+NO_FLASH = flash4.unavailable(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+#: The kernel pass's entry in a tiny DiT's compile report: kernels, counts, and attentions FlashAttention-4 takes.
+TINY_DIT_KERNELS = {"tiny-flux": ("qk_norm_rope,gelu_epilogue", "2 attention blocks, 2 gelu projections, "
+                                  "1 single blocks", 2),
+                    "tiny-sd3": ("gelu_epilogue", "3 gelu projections", 3)}
 
 
-def dit_kernels(model: str, flash: bool = FLASH) -> str:
+def dit_kernels(model: str, flash: bool = NO_FLASH is None) -> str:
     """The kernel pass's entry in the compile report of a tiny DiT with the default kernels."""
-    if model == "tiny-flux":
-        return ("kernels(qk_norm_rope,gelu_epilogue" + (",flash_attn_4" if flash else "") + ": 2 attention blocks, "
-                "2 gelu projections, 1 single blocks" + (", 2 flash attentions)" if flash else ")"))
-    return "kernels(gelu_epilogue" + (",flash_attn_4: 3 gelu projections, 3 flash attentions)" if flash
-                                      else ": 3 gelu projections)")
+    names, counts, attentions = TINY_DIT_KERNELS[model]
+    if flash:
+        names, counts = f"{names},flash_attn_4", f"{counts}, {attentions} flash attentions"
+    return f"kernels({names}: {counts})"
 
 
 def run(pipe, **kwargs):
@@ -103,8 +106,7 @@ def test_dit_kernels_run_in_the_graph_and_hold_the_fidelity_rule():
     assert _fidelity_verdict("tiny-flux", steps=8, size=64, config=config).passed
 
 
-needs_flash = pytest.mark.skipif(not FLASH, reason="FlashAttention-4 does not run here: "
-                                + str(torch.cuda.is_available() and flash4.unavailable(torch.device("cuda"))))
+needs_flash = pytest.mark.skipif(NO_FLASH is not None, reason=f"FlashAttention-4 does not run here: {NO_FLASH}")
 
 
 @needs_flash

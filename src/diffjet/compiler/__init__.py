@@ -168,9 +168,8 @@ def compile_pipeline(pipe, config: Config) -> CompileReport:
                 ("gelu_epilogue", "gelu_epilogue", "gelu projections"),
                 ("gelu_epilogue", "flux_single_split", "single blocks"),
                 ("flash_attn_4", "flash_attention", "flash attentions")) if placed[key]]
-            why = flash4.unavailable(_device_of(module)) if "flash_attn_4" in config.kernels else None
-            if why:
-                report.off.append(f"flash_attn_4 ({why})")
+            if "flash_attn_4" in config.kernels and placed["dit_attention"] > placed["flash_attention"]:
+                report.off.append(f"flash_attn_4 ({flash4.unavailable(_device_of(module))})")
             if acted:  # named only where they act (SD 3.5 has no Flux attention), a DiT without any unnamed
                 named = dict.fromkeys(kernel for kernel, _ in acted)
                 applied.append("kernels(" + ",".join(named) + ": " + ", ".join(c for _, c in acted) + ")")

@@ -57,7 +57,6 @@ from torch import nn
 
 from ..config import Config
 from ..kernels import flash4
-from ..kernels.flash4 import attend
 from ..kernels import geglu as gg
 from ..kernels.geglu import geglu, geglu_fp8
 from ..kernels.group_norm_silu import group_norm_silu, group_norm_silu_fp8
@@ -200,7 +199,7 @@ class FusedFluxAttnProcessor(FluxAttnProcessor):
             attn.norm_q.weight, attn.norm_k.weight, norms[2].weight if text else None,
             norms[3].weight if text else None, cos, sin, attn.to_qkv.out_features // 3 // attn.head_dim,
             eps(norms[0]), eps(norms[2]) if text else 0.0)
-        hidden_states = attend(query, key, value, self.flash).to(query.dtype)
+        hidden_states = flash4.attend(query, key, value, self.flash).to(query.dtype)
         if not text:
             return hidden_states
         encoder_hidden_states, hidden_states = hidden_states.split_with_sizes(
@@ -354,9 +353,9 @@ def apply(module: nn.Module, config: Config) -> nn.Module:
 
 def placements(module: nn.Module) -> dict[str, int]:
     """Where the kernels are in `module`: fused ResNet blocks, fused norms, ResNet blocks left alone, fused
-    GEGLU projections, e4m3 3×3 convolutions, Flux attentions with the fused processor, attentions through
-    FlashAttention-4, GELU projections through the epilogue and Flux single blocks with the split output
-    projection."""
+    GEGLU projections, e4m3 3×3 convolutions, Flux attentions with the fused processor, attentions with either
+    of diffjet's DiT processors and those of them through FlashAttention-4, GELU projections through the
+    epilogue and Flux single blocks with the split output projection."""
     resnets = [m for m in module.modules() if isinstance(m, ResnetBlock2D)]
     fused = [m for m in module.modules() if isinstance(m, FusedGroupNorm)]
     return {
@@ -368,6 +367,9 @@ def placements(module: nn.Module) -> dict[str, int]:
         "conv_fp8": sum(isinstance(m, Fp8Conv3x3) for m in module.modules()),
         "flux_attention": sum(isinstance(getattr(m, "processor", None), FusedFluxAttnProcessor)
                               for m in module.modules()),
+        "dit_attention": sum(isinstance(getattr(m, "processor", None), (FusedFluxAttnProcessor,
+                                                                         FusedJointQKVAttnProcessor))
+                             for m in module.modules()),
         "flash_attention": sum(getattr(getattr(m, "processor", None), "flash", False) for m in module.modules()),
         "gelu_epilogue": sum(isinstance(m, EpilogueGELU) for m in module.modules()),
         "flux_single_split": sum(isinstance(m, SplitFluxSingleBlock) for m in module.modules()),
