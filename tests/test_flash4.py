@@ -116,6 +116,17 @@ def test_it_is_default_a_dit_kernel_and_needs_a_hopper_gpu_and_the_package():
     assert "CUDA" in flash4.unavailable(torch.device("cpu"))
 
 
+@pytest.mark.parametrize("error", [ImportError("No module named 'flash_attn'"),
+                                   RuntimeError("No CTK flavor installed")], ids=["missing", "broken"])
+def test_a_package_that_does_not_import_is_a_reason_not_a_failure(monkeypatch, error):
+    def fail():
+        raise error
+
+    monkeypatch.setattr(flash4, "_interface", fail)
+    why = flash4._import_failure.__wrapped__()
+    assert str(error) in why and ("not installed" in why) == isinstance(error, ImportError)
+
+
 def test_a_model_it_cannot_act_on_never_imports_the_package(monkeypatch):
     """Importing flash-attn-4 takes seconds: a UNet, or Flux without `qk_norm_rope`, must not ask for it."""
     monkeypatch.setattr(flash4, "unavailable", lambda device: pytest.fail("asked for FlashAttention-4"))

@@ -42,10 +42,18 @@ def unavailable(device: torch.device) -> str | None:
     major, minor = torch.cuda.get_device_capability(device)
     if major != 9:
         return f"measured on Hopper (sm_90) only; this GPU is sm_{major}{minor}"
+    return _import_failure()
+
+
+@functools.cache
+def _import_failure() -> str | None:
+    """Why the package does not import (None where it does)."""
     try:
         _interface()
     except ImportError as exc:
         return f'the flash-attn-4 package is not installed (pip install "diffjet[flash-attn-4]"): {exc}'
+    except Exception as exc:  # e.g. RuntimeError from a compiler installed without its CUDA 13 libraries
+        return f"the flash-attn-4 package does not import: {type(exc).__name__}: {exc}"
     return None
 
 
