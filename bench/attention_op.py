@@ -6,9 +6,10 @@ FlashAttention-4's Hopper kernel (`diffjet::flash_attn_4`, the `flash-attn-4` pa
 Shapes (batch, tokens, heads, head_dim): Flux.1 (1, 4608, 24, 128); SD 3.5's joint attention (2, 4429, 24, 64:
 4,096 image and 333 text tokens, the CFG pair) and its MMDiT-X image-only attention (2, 4096, 24, 64); SDXL's
 64×64 level (2, 4096, 10, 64). SDPA reads the (batch, heads, tokens, head_dim) tensors; FlashAttention-4 their
-transposed views, as diffjet's processors pass them. Each is timed as 20 calls in one CUDA graph, the median of
-the replays (`gemm_shapes.time_calls`), so the package's Python launch path is not counted; the error is relative
-to the float32 attention. bfloat16 for the DiTs, float16 for SDXL.
+transposed views, as diffjet's DiT processors pass them (`flash_attn_4`), and contiguous (batch, tokens, heads,
+head_dim) copies (`flash_attn_4_token_major`: no faster, so the processors keep SDPA's layout). Each is timed as
+20 calls in one CUDA graph, the median of the replays (`gemm_shapes.time_calls`), so the package's Python launch
+path is not counted; the error is relative to the float32 attention. bfloat16 for the DiTs, float16 for SDXL.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ def case(shape: tuple[int, int, int, int], dtype: torch.dtype, g: torch.Generato
     batch, tokens, heads, dim = shape
     q, k, v = (torch.randn(batch, heads, tokens, dim, device="cuda", generator=g).to(dtype) for _ in range(3))
     ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
+    token_major = [x.transpose(1, 2).contiguous() for x in (q, k, v)]
     flops = 4 * batch * heads * tokens * tokens * dim
 
     def sdpa(backend):
@@ -41,7 +43,8 @@ def case(shape: tuple[int, int, int, int], dtype: torch.dtype, g: torch.Generato
 
     variants = {"cudnn": sdpa(SDPBackend.CUDNN_ATTENTION), "flash2": sdpa(SDPBackend.FLASH_ATTENTION),
                 "flash_attn_4": lambda: flash_attn_4(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                                     dim**-0.5).transpose(1, 2)}
+                                                     dim**-0.5).transpose(1, 2),
+                "flash_attn_4_token_major": lambda: flash_attn_4(*token_major, dim**-0.5).transpose(1, 2)}
     out = {}
     for name, fn in variants.items():
         y = fn().float()
@@ -63,7 +66,7 @@ def main() -> None:
     g = torch.Generator("cuda").manual_seed(0)
     cases = {name: case(shape, torch.float16 if name.startswith("sdxl") else torch.bfloat16, g)
              for name, shape in SHAPES.items()}
-    print(f"{'shape':12s} " + "  ".join(f"{n:>22s}" for n in next(iter(cases.values()))))
+    print(f"{'shape':12s} " + "  ".join(f"{n:>24s}" for n in next(iter(cases.values()))))
     for name, variants in cases.items():
         print(f"{name:12s} " + "  ".join(f"{v['us']:7.1f} us {v['tflops']:5.0f} TF/s" for v in variants.values()))
     if args.json:

@@ -89,11 +89,13 @@ def test_flux_without_its_attention_kernel_keeps_diffusers_processor(flash_calls
     assert all(type(m.processor) is FluxAttnProcessor for m in model.modules() if hasattr(m, "processor"))
 
 
-def test_the_processors_trace_whole_through_the_op(flash_calls):
-    model, inputs = tiny_sd3()
+@pytest.mark.parametrize("tiny", [tiny_sd3, tiny_flux], ids=["sd3", "flux"])
+def test_the_processors_trace_whole_through_the_op(flash_calls, tiny):
+    model, inputs = tiny()
     attention.apply(model, Config())
-    kernel_pass.apply(model, FLASH)
+    kernel_pass.apply(model, Config(kernels=("qk_norm_rope", "flash_attn_4")))
     assert traced_error(model, inputs) < 1e-6
+    assert len(flash_calls) == 2 * kernel_pass.placements(model)["flash_attention"] > 0  # eager, then traced
 
 
 def test_where_it_cannot_run_sdpa_stays_and_a_second_pass_switches_it(monkeypatch):
