@@ -7,9 +7,10 @@ Shapes (batch, tokens, heads, head_dim): Flux.1 (1, 4608, 24, 128); SD 3.5's joi
 4,096 image and 333 text tokens, the CFG pair) and its MMDiT-X image-only attention (2, 4096, 24, 64); SDXL's
 64×64 level (2, 4096, 10, 64). SDPA reads the (batch, heads, tokens, head_dim) tensors; FlashAttention-4 their
 transposed views, as diffjet's DiT processors pass them (`flash_attn_4`), and contiguous (batch, tokens, heads,
-head_dim) copies (`flash_attn_4_token_major`: no faster, so the processors keep SDPA's layout). Each is timed as
-20 calls in one CUDA graph, the median of the replays (`gemm_shapes.time_calls`), so the package's Python launch
-path is not counted; the error is relative to the float32 attention. bfloat16 for the DiTs, float16 for SDXL.
+head_dim) copies (`flash_attn_4_token_major`: no faster, so the processors keep SDPA's layout), and the package's
+internal forward on those (`flash_attn_4_fwd`). Each is timed as 20 calls in one CUDA graph, the median of the
+replays (`gemm_shapes.time_calls`), so the package's Python launch path is not counted; then all again in reverse
+order (`us_again`). The error is relative to the float32 attention. bfloat16 for the DiTs, float16 for SDXL.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ SHAPES = {"flux": (1, 4608, 24, 128), "sd35-joint": (2, 4429, 24, 64), "sd35-ima
 
 
 def case(shape: tuple[int, int, int, int], dtype: torch.dtype, g: torch.Generator) -> dict:
-    from diffjet.kernels.flash4 import flash_attn_4
+    from diffjet.kernels.flash4 import _interface, flash_attn_4
 
     batch, tokens, heads, dim = shape
     q, k, v = (torch.randn(batch, heads, tokens, dim, device="cuda", generator=g).to(dtype) for _ in range(3))
@@ -44,12 +45,17 @@ def case(shape: tuple[int, int, int, int], dtype: torch.dtype, g: torch.Generato
     variants = {"cudnn": sdpa(SDPBackend.CUDNN_ATTENTION), "flash2": sdpa(SDPBackend.FLASH_ATTENTION),
                 "flash_attn_4": lambda: flash_attn_4(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                                      dim**-0.5).transpose(1, 2),
-                "flash_attn_4_token_major": lambda: flash_attn_4(*token_major, dim**-0.5).transpose(1, 2)}
+                "flash_attn_4_token_major": lambda: flash_attn_4(*token_major, dim**-0.5).transpose(1, 2),
+                # the package's internal forward, which an exploratory probe timed faster than the op
+                "flash_attn_4_fwd": lambda: _interface()._flash_attn_fwd(*token_major, softmax_scale=dim**-0.5)[0]
+                .transpose(1, 2)}
     out = {}
     for name, fn in variants.items():
         y = fn().float()
         us = time_calls(fn)
         out[name] = {"us": us, "tflops": flops / us / 1e6, "error": float((y - ref).norm() / ref.norm())}
+    for name, fn in reversed(variants.items()):  # again in reverse order: a drift of the card's clock shows here
+        out[name]["us_again"] = time_calls(fn)
     return out
 
 
@@ -68,7 +74,7 @@ def main() -> None:
              for name, shape in SHAPES.items()}
     print(f"{'shape':12s} " + "  ".join(f"{n:>24s}" for n in next(iter(cases.values()))))
     for name, variants in cases.items():
-        print(f"{name:12s} " + "  ".join(f"{v['us']:7.1f} us {v['tflops']:5.0f} TF/s" for v in variants.values()))
+        print(f"{name:12s} " + "  ".join(f"{v['us']:7.1f} / {v['us_again']:7.1f} us" for v in variants.values()))
     if args.json:
         result = {**environment("cuda"), "command": "python bench/attention_op.py",
                   "shapes": {n: dict(zip(("batch", "tokens", "heads", "head_dim"), s)) for n, s in SHAPES.items()},
