@@ -65,19 +65,21 @@ def main() -> None:
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--json")
+    parser.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated, of {', '.join(SHAPES)}")
     args = parser.parse_args()
+    shapes = {name: SHAPES[name] for name in args.shapes.split(",")}
     why = unavailable(torch.device("cuda"))
     if why:
         raise SystemExit(f"FlashAttention-4 does not run here: {why}")
     g = torch.Generator("cuda").manual_seed(0)
     cases = {name: case(shape, torch.float16 if name.startswith("sdxl") else torch.bfloat16, g)
-             for name, shape in SHAPES.items()}
+             for name, shape in shapes.items()}
     print(f"{'shape':12s} " + "  ".join(f"{n:>24s}" for n in next(iter(cases.values()))))
     for name, variants in cases.items():
         print(f"{name:12s} " + "  ".join(f"{v['us']:7.1f} / {v['us_again']:7.1f} us" for v in variants.values()))
     if args.json:
-        result = {**environment("cuda"), "command": "python bench/attention_op.py",
-                  "shapes": {n: dict(zip(("batch", "tokens", "heads", "head_dim"), s)) for n, s in SHAPES.items()},
+        result = {**environment("cuda"), "command": "python bench/attention_op.py --shapes " + args.shapes,
+                  "shapes": {n: dict(zip(("batch", "tokens", "heads", "head_dim"), s)) for n, s in shapes.items()},
                   "cases": cases}
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
