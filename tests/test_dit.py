@@ -294,7 +294,6 @@ def test_partial_configs_give_the_transformer_the_same_cache_key(compiled_pipe, 
     assert _transformer_key(partial, ["precision(bfloat16)", *partial.diffjet.passes["transformer"]]) not in keys
 
 
-@pytest.mark.slow
 def test_transformer_cache_key_is_the_same_in_another_process(tiny_flux_path):
     program = ("import warnings, diffusers, diffjet; from tests.test_dit import _transformer_key;"
                "warnings.simplefilter('ignore');"

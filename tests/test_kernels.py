@@ -143,8 +143,7 @@ def test_inductor_compiles_the_op_into_its_graph():
 # --- the pass ------------------------------------------------------------------------------------
 
 
-@pytest.mark.slow  # several seconds on a CPU; CI runs it in its -m slow step
-def test_pass_swaps_every_resnet_block_and_keeps_the_unet_output(tiny_path):
+def test_pass_swaps_every_resnet_block_and_keeps_the_unet_output(tiny_path):  # about 25 s on a CPU
     unet = UNet2DConditionModel.from_pretrained(tiny_path, subfolder="unet").eval()
     reference = UNet2DConditionModel.from_pretrained(tiny_path, subfolder="unet").eval()
     unet.to(memory_format=torch.channels_last)
@@ -183,7 +182,6 @@ def test_pass_keeps_every_parameter_object_under_its_name(tiny_path):
     assert unet.conv_norm_out.weight is before["conv_norm_out.weight"]
 
 
-@pytest.mark.slow  # several seconds; CI runs it in its -m slow step
 def test_pass_feeds_the_kernels_channels_last_after_linear_projection_transformers(tiny_sdxl_path, monkeypatch):
     # SDXL's (and SD 2.x's) transformers end in `.contiguous()` NCHW; the op would fall back to its slow
     # PyTorch reference there. The fused modules hand it channels-last input, and the output is unchanged.
