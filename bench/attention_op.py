@@ -67,6 +67,9 @@ def main() -> None:
     parser.add_argument("--json")
     parser.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated, of {', '.join(SHAPES)}")
     args = parser.parse_args()
+    unknown = set(args.shapes.split(",")) - SHAPES.keys()
+    if unknown:
+        parser.error(f"unknown shapes {', '.join(sorted(unknown))}; known: {', '.join(SHAPES)}")
     shapes = {name: SHAPES[name] for name in args.shapes.split(",")}
     why = unavailable(torch.device("cuda"))
     if why:
