@@ -4,6 +4,7 @@
     python bench/unet_step.py --model sd15 --variants inductor --profile --json profile.json
     python bench/unet_step.py --model sdxl --variants inductor-gn-silu-geglu,fp8-all,fp8-rule --error
     python bench/unet_step.py --model flux-dev --variants inductor,torch-compile --profile --json flux.json
+    python bench/unet_step.py --model flux-dev --blocks 2,4 --variants inductor-dit-kernels --profile
 
 
 Loads the preset's denoiser (built once with random weights): the UNet, or a DiT's transformer (flux-dev,
@@ -21,7 +22,8 @@ guidance. --batch is the denoiser's batch (default: one image: 2 with classifier
 SD3 run it, 1 for Flux, which is guidance-distilled).
 
 With --profile, also the kernel time of the replayed step by category (torch profiler, CUPTI sees the
-kernels inside graph replays), the top kernels, and FLOPs by category with what each category achieves.
+kernels inside graph replays), the top kernels, the GPU's idle time between kernels (and before which
+kernels), and FLOPs by category with what each category achieves.
 With --error, also the step's relative error against the float32 denoiser, and that of the eager
 half-precision one (diffjet's passes, no Inductor).
 """
@@ -92,6 +94,12 @@ VARIANTS = {
     # ... with the GELU projections through cuBLASLt's epilogue (and Flux's single blocks without their concatenation)
     "inductor-gelu-epilogue": {"__kernels": ("gelu_epilogue",)},
     "inductor-qk-gelu-epilogue": {"__kernels": ("qk_norm_rope", "gelu_epilogue")},
+    # ... and FlashAttention-4 in the processors: diffjet's default DiT step on Hopper.
+    "inductor-dit-kernels": {"__kernels": ("qk_norm_rope", "gelu_epilogue", "flash_attn_4")},
+    # ... with Inductor's Triton kernels launched for programmatic dependent launch (their prologue overlaps the
+    # previous kernel's tail): the idle time before them.
+    "inductor-dit-kernels-pdl": {"__kernels": ("qk_norm_rope", "gelu_epilogue", "flash_attn_4"),
+                                 "triton.enable_pdl": True},
     # Diffusers' speed guide in place of diffjet's passes and CudaGraphRunner (`recipes.compiled_denoiser`): its
     # Inductor flags and torch.compile's reduce-overhead mode (Inductor plus CUDA-graph trees), fullgraph.
     "torch-compile": {"conv_1x1_as_mm": True, "epilogue_fusion": False, "__mode": "reduce-overhead"},
@@ -132,7 +140,7 @@ def category(kernel: str) -> str:
         return "elementwise"
     if any(k in n for k in ("fmha", "flash", "attention", "sdpa", "attn")):
         return "attention"
-    if "group_norm" in n or "layer_norm" in n:  # diffjet's kernels, ATen's norms
+    if any(k in n for k in ("group_norm", "layer_norm", "qk_norm")):  # diffjet's kernels, ATen's norms
         return "normalisation"
     if any(k in n for k in ("nchwtonhwc", "nhwctonchw", "transpose", "copy", "memcpy", "memset")):
         return "copies/layout"
@@ -163,10 +171,35 @@ def flops_by_category(denoiser, args, kwargs) -> dict:
     return dict(out)
 
 
+def idle_between_kernels(kernels: list[tuple[float, float, str]], reps: int, between_steps_us: float = 200.0) -> dict:
+    """The GPU's idle time between the kernels of a replayed step, from (start µs, end µs, name) of every kernel
+    over `reps` replays: per step, in total and by the category of the kernel that waits (the gap before it),
+    and the kernel pairs with the most of it. Gaps over `between_steps_us` are the host between replays."""
+    import collections
+
+    by_cat, by_pair, count = collections.Counter(), collections.Counter(), collections.Counter()
+    end, previous = None, None
+    for start, stop, name in sorted(kernels):
+        if end is not None and 0 < start - end <= between_steps_us:
+            by_cat[category(name)] += (start - end) / reps
+            pair = f"{previous[:48]} -> {name[:48]}"
+            by_pair[pair] += (start - end) / reps
+            count[pair] += 1 / reps
+        if end is None or stop > end:
+            end, previous = stop, name
+    return {
+        "idle_ms": round(sum(by_cat.values()) / 1000, 3),
+        "idle_by_next_category_ms": {k: round(v / 1000, 3) for k, v in by_cat.most_common()},
+        "idle_top_pairs": [{"pair": k, "ms": round(v / 1000, 3), "count": round(count[k], 1),
+                            "us_each": round(v / count[k], 2)} for k, v in by_pair.most_common(15)],
+    }
+
+
 def kernel_profile(step, reps: int = 5) -> dict:
     import collections
 
     import torch
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     step()
@@ -183,12 +216,15 @@ def kernel_profile(step, reps: int = 5) -> dict:
         by_cat[category(event.key)] += us / reps / 1000
         by_kernel[event.key[:110]] += us / reps / 1000
         calls[event.key[:110]] += event.count / reps
+    timeline = [(e.time_range.start, e.time_range.end, e.key) for e in prof.events()
+                if e.device_type == DeviceType.CUDA]
     return {
+        **idle_between_kernels(timeline, reps),
         "kernel_ms": round(sum(by_cat.values()), 3),
         "kernels": int(sum(calls.values())),
         "by_category_ms": {k: round(v, 3) for k, v in by_cat.most_common()},
         "top": [{"kernel": k, "ms": round(v, 3), "calls": calls[k], "category": category(k)}
-                for k, v in by_kernel.most_common(25)],
+                for k, v in by_kernel.most_common(60)],
         "top_normalisation": [{"kernel": k, "ms": round(v, 3), "calls": calls[k]}
                               for k, v in by_kernel.most_common() if category(k) == "normalisation"][:15],
     }
@@ -286,6 +322,51 @@ def dit_inputs(pipe, height: int, batch: int) -> tuple[tuple, dict]:
         generator=torch.Generator("cpu").manual_seed(0), output_type="latent"))
 
 
+def synthetic_dit_step(model: str, height: int, batch: int, blocks: tuple[int, int], device: str = "cuda"):
+    """A DiT preset's transformer built from its architecture with `blocks` (Flux: double, single blocks; SD3:
+    joint blocks, the second number ignored) and default-initialised weights in its half precision on CUDA
+    (float32 elsewhere), and step kwargs of its pipeline's shapes at `height`² pixels: the kernels of a full
+    step at the cost of a few blocks, without building the preset (whose build takes minutes at full size)."""
+    import torch
+
+    from diffjet.models import half_precision
+    from diffjet.models.architectures import ARCHITECTURES
+
+    dtype = half_precision(model) if device == "cuda" else torch.float32
+    spec = ARCHITECTURES[model].models["transformer"]
+    flux = spec.cls.__name__ == "FluxTransformer2DModel"
+    config = {**spec.config, "num_layers": blocks[0]}
+    if flux:
+        config["num_single_layers"] = blocks[1]
+    elif config.get("dual_attention_layers"):  # SD 3.5's MMDiT-X blocks, as many as fit
+        config["dual_attention_layers"] = [i for i in config["dual_attention_layers"] if i < blocks[0]]
+    with torch.device(device):
+        transformer = spec.cls(**config).to(dtype).eval()
+    g = torch.Generator(device).manual_seed(0)
+
+    def randn(*shape):
+        return torch.randn(*shape, device=device, generator=g).to(dtype)
+
+    text = 512 if flux else 77 + 256  # the T5 tokens (and SD3's two CLIPs' 77) the pipelines pad to
+    kwargs = {"encoder_hidden_states": randn(batch, text, config["joint_attention_dim"]),
+              "pooled_projections": randn(batch, config["pooled_projection_dim"]),
+              "timestep": torch.full((batch,), 1.0 if flux else 1000.0, device=device, dtype=dtype),
+              "joint_attention_kwargs": {} if flux else None, "return_dict": False}
+    if flux:
+        side = height // 16  # 8× the VAE, 2×2 patches packed into tokens
+        kwargs["hidden_states"] = randn(batch, side * side, config["in_channels"])
+        ids = torch.zeros(side, side, 3, device=device, dtype=dtype)
+        ids[..., 1] += torch.arange(side, device=device)[:, None]
+        ids[..., 2] += torch.arange(side, device=device)[None, :]
+        kwargs.update(img_ids=ids.reshape(-1, 3), txt_ids=torch.zeros(text, 3, device=device, dtype=dtype))
+        if config.get("guidance_embeds"):
+            kwargs["guidance"] = torch.full((batch,), 3.5, device=device, dtype=torch.float32)
+    else:
+        lat = height // 8
+        kwargs["hidden_states"] = randn(batch, config["in_channels"], lat, lat)
+    return transformer, (), kwargs
+
+
 def step_inputs(model: str, height: int, batch: int, device: str = "cuda"):
     """The preset's denoiser, in its half precision on CUDA (float32 elsewhere), and one step's (args, kwargs)
     at `height`² pixels: `unet_inputs` at timestep 999, or a DiT's `dit_inputs`, its pipeline's other
@@ -350,7 +431,7 @@ def _use_one_dot_geglu() -> None:
 
 
 def run_one(model: str, variant: str, batch: int, size: int | None, profile: bool = False,
-            error: bool = False) -> dict:
+            error: bool = False, blocks: tuple[int, int] | None = None) -> dict:
     import gc
 
     import torch
@@ -377,7 +458,10 @@ def run_one(model: str, variant: str, batch: int, size: int | None, profile: boo
         _use_one_dot_geglu()
     mode = options.pop("__mode", None) if options else None
     height = size or PRESETS[model].height
-    denoiser, args, kwargs = step_inputs(model, height, batch)
+    if blocks:
+        denoiser, args, kwargs = synthetic_dit_step(model, height, batch, blocks)
+    else:
+        denoiser, args, kwargs = step_inputs(model, height, batch)
     gc.collect()  # a DiT's pipeline goes (text encoders, VAE): peak_gib is the step's
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
@@ -455,16 +539,24 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=300, help="seconds per variant")
     parser.add_argument("--profile", action="store_true", help="kernel time by category and FLOPs")
     parser.add_argument("--error", action="store_true", help="the step's error against the float32 denoiser")
+    parser.add_argument("--blocks", help="a DiT's step with only this many blocks, 'double,single' for Flux, "
+                        "'joint,0' for SD3, built from the architecture (`synthetic_dit_step`), not the preset")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    blocks = tuple(int(n) for n in args.blocks.split(",")) if args.blocks else None
+    if blocks and (len(blocks) != 2 or component(args.model) != "transformer" or args.error):
+        parser.error("--blocks takes two numbers, for a DiT preset (flux-dev, flux-schnell, sd35-medium, tiny-*), "
+                     "without --error (whose float32 reference is the preset's)")
     args.batch = args.batch or default_batch(args.model)
     if args.one:
-        print("RESULT " + json.dumps(run_one(args.model, args.one, args.batch, args.size, args.profile, args.error)))
+        print("RESULT " + json.dumps(run_one(args.model, args.one, args.batch, args.size, args.profile, args.error,
+                                             blocks)))
         return
     from diffjet.bench import environment
     from diffjet.models import resolve
 
-    resolve(args.model)  # build the preset once, before the variants' processes load it
+    if not blocks:
+        resolve(args.model)  # build the preset once, before the variants' processes load it
     report = {**environment("cuda"), "command": "python " + " ".join(sys.argv),
               "weights": "random (architecture-exact)", "runs": []}
     results = report["runs"]
@@ -477,6 +569,8 @@ def main() -> None:
             cmd.append("--profile")
         if args.error:
             cmd.append("--error")
+        if args.blocks:
+            cmd += ["--blocks", args.blocks]
         try:
             proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=args.timeout)
             lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
@@ -497,7 +591,9 @@ def main() -> None:
         else:
             print(f"{r['model']:12} {r['variant']:20} {r['ms']:7.2f} {r['ms_pipelined']:9.2f} {r['first_call_s']:8.1f}"
                   + (f"  error vs fp32 {r['error_vs_fp32']:.4f} (eager {half} {r[f'eager_{half}_error_vs_fp32']:.4f})"
-                     if "error_vs_fp32" in r else ""))
+                     if "error_vs_fp32" in r else "")
+                  + (f"  kernels {r['profile']['kernel_ms']:.2f} ms, idle {r['profile']['idle_ms']:.2f} ms"
+                     if "profile" in r else ""))
 
 
 if __name__ == "__main__":

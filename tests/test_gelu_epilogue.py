@@ -101,6 +101,32 @@ def test_the_blocks_trace_whole_and_match_eager():
     assert traced_error(model, inputs) < 1e-6
 
 
+def test_the_split_projection_accumulates_into_the_first_gemms_buffer_under_inductor():
+    from torch._inductor.utils import run_and_get_code
+
+    model, _ = tiny_flux()
+    with_random_biases(model)
+    attention.apply(model, Config())
+    kernel_pass.apply(model, EPILOGUE)
+    block = model.single_transformer_blocks[0]
+    g = torch.Generator().manual_seed(3)
+    width = block.proj_out.out_features
+    args = (torch.randn(1, 16, width, generator=g), torch.randn(1, 7, width, generator=g),
+            torch.randn(1, width, generator=g))
+    with torch.no_grad():
+        expected = block(*args)
+        torch._dynamo.reset()
+        got, (code,) = run_and_get_code(torch.compile(block, fullgraph=True), *args)
+    assert all(relative_error(a, b) < 1e-6 for a, b in zip(got, expected))
+    # the GEMM over the MLP's half writes `out=bufN`; the attention's half accumulates onto bufN itself, no copy
+    lines = code.splitlines()
+    into = [i for i, line in enumerate(lines) if "diffjet.addmm_into.default(" in line]
+    assert len(into) == 1
+    buffer = lines[into[0]].split("addmm_into.default(")[1].split(",")[0]
+    assert any(f"out={buffer})" in line for line in lines[:into[0]] if "extern_kernels.addmm(" in line)
+    assert not any(f"{buffer}.copy_" in line or f"clone({buffer}" in line for line in lines)
+
+
 def test_a_merge_into_the_weights_reaches_the_split_projection():
     """An in-place LoRA merge changes `proj_out.weight` and `proj_mlp.weight`; the split halves are views."""
     model, inputs = tiny_flux()

@@ -57,6 +57,25 @@ def test_recorded_inputs_give_the_transformers_output_in_the_pipeline(pipes, nam
     assert len(outputs) == 1 and torch.equal(again, outputs[0])
 
 
+@pytest.mark.parametrize(("name", "height", "batch"), [("tiny-flux", 64, 1), ("tiny-flux", 128, 2), ("tiny-sd3", 64, 2)])
+def test_a_few_blocks_step_on_the_pipelines_input_shapes(pipes, name, height, batch):
+    _, recorded = unet_step.dit_inputs(pipes[name], height, batch)
+    transformer, args, kwargs = unet_step.synthetic_dit_step(name, height, batch, (1, 2), device="cpu")
+    assert args == () and kwargs.keys() == recorded.keys()
+    for key, value in recorded.items():
+        if torch.is_tensor(value):
+            assert (kwargs[key].shape, kwargs[key].dtype) == (value.shape, value.dtype), key
+        else:
+            assert kwargs[key] == value, key
+    if name == "tiny-flux":  # the rotary embedding's positions: rows, then columns of the packed latents
+        assert torch.equal(kwargs["img_ids"], recorded["img_ids"])
+        assert (len(transformer.transformer_blocks), len(transformer.single_transformer_blocks)) == (1, 2)
+    else:
+        assert len(transformer.transformer_blocks) == 1
+    with torch.no_grad():
+        assert transformer(*args, **kwargs)[0].shape == recorded["hidden_states"].shape
+
+
 def test_sd3_batch_is_whole_images_of_two_rows(pipes):
     with pytest.raises(ValueError, match="2 rows per image"):
         unet_step.dit_inputs(pipes["tiny-sd3"], 64, 3)
@@ -130,6 +149,7 @@ KERNELS = {
          "cutlass::arch::Sm80, true, 64, 128, 128, true, true>::Params)"),
     ],
     "normalisation": [
+        "_qk_norm_rope",  # diffjet's Flux kernel: the QK norms, rotary embedding and layout
         "triton_per_fused_native_layer_norm_3",
         "triton_red_fused__to_copy_add_mean_mul_pow_rsqrt_7",
         "triton_per_fused__scaled_dot_product_cudnn_attention__to_copy_add_mean_mul_pow_rsqrt_12",
@@ -170,6 +190,19 @@ KERNELS = {
 @pytest.mark.parametrize(("kernel", "expected"), [(k, c) for c, names in KERNELS.items() for k in names])
 def test_dit_kernel_names_fall_in_their_categories(kernel, expected):
     assert unet_step.category(kernel) == expected
+
+
+def test_idle_time_is_the_gaps_between_kernels_within_a_step():
+    flash = "kernel_cutlass_kernel_flash_attncuteflash_fwd_sm90FlashAttentionForwardSm90"
+    gemm = "nvjet_sm90_tst_192x192_64x4_2x1_v_bz_coopB_bias_TNN"
+    step = [(0, 100, gemm), (104, 150, "_qk_norm_rope"), (160, 400, flash),
+            (390, 395, "Memset (Unknown)"), (401, 500, gemm)]  # a memset inside the attention: no gap
+    replays = step + [(start + 5000, end + 5000, name) for start, end, name in step]  # the host between them
+    idle = unet_step.idle_between_kernels(replays, reps=2, between_steps_us=1000)
+    assert idle["idle_ms"] == pytest.approx(0.015)
+    assert idle["idle_by_next_category_ms"] == {"attention": 0.01, "normalisation": 0.004, "gemm": 0.001}
+    top = idle["idle_top_pairs"][0]
+    assert top["pair"].startswith("_qk_norm_rope -> kernel_cutlass") and top["count"] == 1 and top["us_each"] == 10
 
 
 @pytest.mark.slow  # a few seconds each: the default run stays within its time
