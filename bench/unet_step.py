@@ -322,17 +322,18 @@ def dit_inputs(pipe, height: int, batch: int) -> tuple[tuple, dict]:
         generator=torch.Generator("cpu").manual_seed(0), output_type="latent"))
 
 
-def synthetic_dit_step(model: str, height: int, batch: int, blocks: tuple[int, int], device: str = "cuda"):
+def synthetic_dit_step(model: str, height: int, batch: int, blocks: tuple[int, int], device: str = "cuda",
+                       dtype=None):
     """A DiT preset's transformer built from its architecture with `blocks` (Flux: double, single blocks; SD3:
-    joint blocks, the second number ignored) and default-initialised weights in its half precision on CUDA
-    (float32 elsewhere), and step kwargs of its pipeline's shapes at `height`² pixels: the kernels of a full
+    joint blocks, the second number ignored) and default-initialised weights in `dtype` (by default its half
+    precision on CUDA, float32 elsewhere), and step kwargs of its pipeline's shapes at `height`² pixels: the kernels of a full
     step at the cost of a few blocks, without building the preset (whose build takes minutes at full size)."""
     import torch
 
     from diffjet.models import half_precision
     from diffjet.models.architectures import ARCHITECTURES
 
-    dtype = half_precision(model) if device == "cuda" else torch.float32
+    dtype = dtype or (half_precision(model) if device == "cuda" else torch.float32)
     spec = ARCHITECTURES[model].models["transformer"]
     flux = spec.cls.__name__ == "FluxTransformer2DModel"
     config = {**spec.config, "num_layers": blocks[0]}
@@ -350,7 +351,9 @@ def synthetic_dit_step(model: str, height: int, batch: int, blocks: tuple[int, i
     text = 512 if flux else 77 + 256  # the T5 tokens (and SD3's two CLIPs' 77) the pipelines pad to
     kwargs = {"encoder_hidden_states": randn(batch, text, config["joint_attention_dim"]),
               "pooled_projections": randn(batch, config["pooled_projection_dim"]),
-              "timestep": torch.full((batch,), 1.0 if flux else 1000.0, device=device, dtype=dtype),
+              # Flux's pipeline casts the timestep to the latents' dtype, SD3's passes the scheduler's float32
+              "timestep": torch.full((batch,), 1.0 if flux else 1000.0, device=device,
+                                     dtype=dtype if flux else torch.float32),
               "joint_attention_kwargs": {} if flux else None, "return_dict": False}
     if flux:
         side = height // 16  # 8× the VAE, 2×2 patches packed into tokens

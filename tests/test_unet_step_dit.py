@@ -58,9 +58,11 @@ def test_recorded_inputs_give_the_transformers_output_in_the_pipeline(pipes, nam
 
 
 @pytest.mark.parametrize(("name", "height", "batch"), [("tiny-flux", 64, 1), ("tiny-flux", 128, 2), ("tiny-sd3", 64, 2)])
-def test_a_few_blocks_step_on_the_pipelines_input_shapes(pipes, name, height, batch):
-    _, recorded = unet_step.dit_inputs(pipes[name], height, batch)
-    transformer, args, kwargs = unet_step.synthetic_dit_step(name, height, batch, (1, 2), device="cpu")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_few_blocks_step_on_the_pipelines_inputs_shapes_and_dtypes(pipes, name, height, batch, dtype):
+    pipe = pipes[name] if dtype == torch.float32 else load_pipeline(name, device="cpu", dtype=dtype)
+    _, recorded = unet_step.dit_inputs(pipe, height, batch)
+    transformer, args, kwargs = unet_step.synthetic_dit_step(name, height, batch, (1, 2), device="cpu", dtype=dtype)
     assert args == () and kwargs.keys() == recorded.keys()
     for key, value in recorded.items():
         if torch.is_tensor(value):
