@@ -4,6 +4,8 @@ diffusers' own forward. On a CPU `linear_gelu` is diffusers' GEMM, then tanh GEL
 applies the exact GELU): these tests hold the rewritten blocks to diffusers' computation in float32; the
 epilogue on a GPU is tested in tests/test_dit_gpu.py and timed by `bench/flux_mlp_op.py`."""
 
+import copy
+
 import pytest
 import torch
 from diffusers import SD3Transformer2DModel
@@ -125,6 +127,25 @@ def test_the_split_projection_accumulates_into_the_first_gemms_buffer_under_indu
     buffer = lines[into[0]].split("addmm_into.default(")[1].split(",")[0]
     assert any(f"out={buffer})" in line for line in lines[:into[0]] if "extern_kernels.addmm(" in line)
     assert not any(f"{buffer}.copy_" in line or f"clone({buffer}" in line for line in lines)
+
+
+def test_gradients_through_the_split_blocks_are_diffusers_own():
+    # the in-place accumulation has no backward: with gradients on, the split block keeps autograd's addmm
+    model, inputs = tiny_flux()
+    with_random_biases(model)
+    attention.apply(model, Config())
+    reference = copy.deepcopy(model)
+    kernel_pass.apply(model, EPILOGUE)
+    assert kernel_pass.placements(model)["flux_single_split"] > 0
+
+    def gradients(m):
+        m.zero_grad()
+        m(**inputs)[0].square().sum().backward()
+        return {name: p.grad for name, p in m.named_parameters() if p.grad is not None}
+
+    expected, got = gradients(reference), gradients(model)
+    assert got.keys() == expected.keys()
+    assert max(relative_error(got[name], expected[name]) for name in expected) < 1e-5
 
 
 def test_a_merge_into_the_weights_reaches_the_split_projection():

@@ -222,7 +222,8 @@ def linear_gelu(x: torch.Tensor, proj: nn.Linear) -> torch.Tensor:
 def addmm_into(out: torch.Tensor, x: torch.Tensor, weight_t: torch.Tensor) -> None:
     """`out += x @ weight_t`, in place: cuBLAS accumulates onto `out` in its epilogue. `torch.addmm(out, ...)`
     first copies `out` into a new buffer (a 28 MB copy in each flux-dev single block, 0.53 ms a step); a mutating
-    op lets Inductor hand the GEMM the buffer `out` already is."""
+    op lets Inductor hand the GEMM the buffer `out` already is. It has no backward: callers take it only where
+    no gradient flows."""
     out.addmm_(x, weight_t)
 
 
@@ -260,7 +261,10 @@ class SplitFluxSingleBlock(FluxSingleTransformerBlock):
                                 **(joint_attention_kwargs or {}))
         width, weight = attn_output.shape[-1], self.proj_out.weight
         out = torch.addmm(self.proj_out.bias, mlp_hidden_states.flatten(0, -2), weight[:, width:].t())
-        addmm_into(out, attn_output.flatten(0, -2), weight[:, :width].t())
+        if torch.is_grad_enabled() and out.requires_grad:  # the op has no backward: keep autograd's addmm
+            out = torch.addmm(out, attn_output.flatten(0, -2), weight[:, :width].t())
+        else:
+            addmm_into(out, attn_output.flatten(0, -2), weight[:, :width].t())
         hidden_states = residual + gate.unsqueeze(1) * out.view(*attn_output.shape[:-1], -1)
         if hidden_states.dtype == torch.float16:
             hidden_states = hidden_states.clip(-65504, 65504)
