@@ -79,13 +79,10 @@ def case(k: int, n: int, gelu: bool, g: torch.Generator) -> dict:
         result["grouped"] = {"us": time_calls(grouped), "error": error(grouped)}
     except RuntimeError as e:  # the grouped GEMM's layout rules differ between releases
         result["grouped"] = {"failed": str(e).splitlines()[0][:200]}
-    flop = 2 * (TEXT + IMAGE) * k * n
-    for v in result.values():
+    for name, v in result.items():
         if "us" in v:
-            v["tflop_per_s"] = round(flop / (v["us"] * 1e-6) / 1e12, 1)
-    for name in ("image", "text"):  # each alone does only its own rows
-        rows = IMAGE if name == "image" else TEXT
-        result[name]["tflop_per_s"] = round(2 * rows * k * n / (result[name]["us"] * 1e-6) / 1e12, 1)
+            rows = {"image": IMAGE, "text": TEXT}.get(name, TEXT + IMAGE)  # each stream alone does only its rows
+            v["tflop_per_s"] = round(2 * rows * k * n / (v["us"] * 1e-6) / 1e12, 1)
     return result
 
 

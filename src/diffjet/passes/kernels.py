@@ -31,8 +31,9 @@ blocks) the class `EpilogueGELU`: one cuBLASLt GEMM whose epilogue applies the G
 (`torch._addmm_activation`), where Inductor runs a GEMM, then a GELU kernel over its rounded output. Flux's single
 blocks get the class `SplitFluxSingleBlock`: the MLP's projection through the same epilogue, and the output
 projection as two GEMMs over the two halves of its input (the attention's output, the MLP's), the second
-accumulating onto the first in place (`diffjet::addmm_into`), where diffusers concatenates the halves first.
-Projections the fp8 pass made fp8 GEMMs keep those. With `qk_norm_rope` a flux-dev step is 1.046× faster (docs/kernels.md).
+accumulating onto the first (in place, `diffjet::addmm_into`, where no gradient flows), where diffusers
+concatenates the halves first. Projections the fp8 pass made fp8 GEMMs keep those. With `qk_norm_rope` a
+flux-dev step is 1.046× faster (docs/kernels.md).
 
 `flash_attn_4` (on by default) runs the attention of diffjet's DiT processors (SD3's `FusedJointQKVAttnProcessor`,
 Flux's `FusedFluxAttnProcessor`, so with `qk_norm_rope`) through FlashAttention-4's Hopper kernel
@@ -261,10 +262,11 @@ class SplitFluxSingleBlock(FluxSingleTransformerBlock):
                                 **(joint_attention_kwargs or {}))
         width, weight = attn_output.shape[-1], self.proj_out.weight
         out = torch.addmm(self.proj_out.bias, mlp_hidden_states.flatten(0, -2), weight[:, width:].t())
+        attn_rows, attn_weight = attn_output.flatten(0, -2), weight[:, :width].t()
         if torch.is_grad_enabled() and out.requires_grad:  # the op has no backward: keep autograd's addmm
-            out = torch.addmm(out, attn_output.flatten(0, -2), weight[:, :width].t())
+            out = torch.addmm(out, attn_rows, attn_weight)
         else:
-            addmm_into(out, attn_output.flatten(0, -2), weight[:, :width].t())
+            addmm_into(out, attn_rows, attn_weight)
         hidden_states = residual + gate.unsqueeze(1) * out.view(*attn_output.shape[:-1], -1)
         if hidden_states.dtype == torch.float16:
             hidden_states = hidden_states.clip(-65504, 65504)
