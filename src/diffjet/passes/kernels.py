@@ -228,6 +228,19 @@ def addmm_into(out: torch.Tensor, x: torch.Tensor, weight_t: torch.Tensor) -> No
     out.addmm_(x, weight_t)
 
 
+def split_projection(attn: torch.Tensor, mlp: torch.Tensor, proj: nn.Linear) -> torch.Tensor:
+    """`proj(cat([attn, mlp], -1))` without the concatenation: `mlp @ Wm.T + b`, then `attn @ Wa.T` accumulated
+    onto it, `Wa` and `Wm` views of `proj.weight` (a LoRA merge reaches them)."""
+    width, weight = attn.shape[-1], proj.weight
+    out = torch.addmm(proj.bias, mlp.flatten(0, -2), weight[:, width:].t())
+    attn_rows, attn_weight = attn.flatten(0, -2), weight[:, :width].t()
+    if torch.is_grad_enabled() and out.requires_grad:  # the op has no backward: keep autograd's addmm
+        out = torch.addmm(out, attn_rows, attn_weight)
+    else:
+        addmm_into(out, attn_rows, attn_weight)
+    return out.view(*attn.shape[:-1], -1)
+
+
 def _epilogue_fits(proj: nn.Module) -> bool:
     """A plain Linear with a bias: not an fp8 GEMM, not a PEFT LoRA layer."""
     return type(proj) is nn.Linear and proj.bias is not None
@@ -244,8 +257,7 @@ class EpilogueGELU(GELU):
 
 class SplitFluxSingleBlock(FluxSingleTransformerBlock):
     """diffusers' Flux single block, its MLP projection through `linear_gelu` and its output projection as two
-    GEMMs over the halves of its input, without the concatenation: `proj_out(cat([a, m])) = a @ Wa.T + (m @ Wm.T
-    + b)`, `Wa` and `Wm` views of `proj_out.weight` (a LoRA merge reaches them)."""
+    GEMMs over the halves of its input, without the concatenation (`split_projection`)."""
 
     def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor, temb: torch.Tensor,
                 image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
@@ -260,14 +272,8 @@ class SplitFluxSingleBlock(FluxSingleTransformerBlock):
         mlp_hidden_states = linear_gelu(norm_hidden_states, self.proj_mlp)
         attn_output = self.attn(hidden_states=norm_hidden_states, image_rotary_emb=image_rotary_emb,
                                 **(joint_attention_kwargs or {}))
-        width, weight = attn_output.shape[-1], self.proj_out.weight
-        out = torch.addmm(self.proj_out.bias, mlp_hidden_states.flatten(0, -2), weight[:, width:].t())
-        attn_rows, attn_weight = attn_output.flatten(0, -2), weight[:, :width].t()
-        if torch.is_grad_enabled() and out.requires_grad:  # the op has no backward: keep autograd's addmm
-            out = torch.addmm(out, attn_rows, attn_weight)
-        else:
-            addmm_into(out, attn_rows, attn_weight)
-        hidden_states = residual + gate.unsqueeze(1) * out.view(*attn_output.shape[:-1], -1)
+        out = split_projection(attn_output, mlp_hidden_states, self.proj_out)
+        hidden_states = residual + gate.unsqueeze(1) * out
         if hidden_states.dtype == torch.float16:
             hidden_states = hidden_states.clip(-65504, 65504)
         return hidden_states[:, :text_seq_len], hidden_states[:, text_seq_len:]
