@@ -3,18 +3,22 @@ compile of the computation it replaces (`qk_norm_rope.reference`, diffusers' nor
 
     python bench/qk_norm_rope_op.py --json qk-norm-rope-op.json
     git show <commit>:src/diffjet/kernels/qk_norm_rope.py > old.py && python bench/qk_norm_rope_op.py --old old.py
+    python bench/qk_norm_rope_op.py --sweep --json qk-norm-rope-sweep.json
 
 Shapes: batch 1, 24 heads of 128 channels, bf16. "single": a single block's projection, 4608 tokens, its q/k/v
 columns the first 9216 of a 21504-wide row (the MLP's share follows); "double": a double block's 4096 image
 and 512 text tokens, with the text tokens' own norm weights. Each op is timed by CUDA events over 200 calls
 after 10; `bound_us` is the time its bytes (q, k, v read and written once, the rotary tables read) take at
-4.8 TB/s. `--old` times a previous version of the kernel file beside the current one.
+4.8 TB/s. `--old` times a previous version of the kernel file beside the current one; `--sweep` times the kernel
+over launch configurations (tokens per program, heads per program, warps) and names the fastest for both cases.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
+import itertools
 import json
 import pathlib
 import sys
@@ -80,6 +84,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--old", help="a previous version of diffjet/kernels/qk_norm_rope.py to time beside")
+    parser.add_argument("--sweep", action="store_true", help="time the kernel's launch configurations too")
     args = parser.parse_args()
     import torch
 
@@ -93,6 +98,10 @@ def main() -> None:
         call = inputs(case)
         want = kernel.reference(*call)
         ops = {"kernel": kernel.launch, "inductor": compiled, **({"old_kernel": old.launch} if old else {})}
+        if args.sweep:
+            ops.update({f"kernel_{bs}_{hp}_{nw}": functools.partial(kernel.launch, block_s=bs, heads_per_program=hp,
+                                                                    num_warps=nw)
+                        for bs, hp, nw in itertools.product((16, 32, 64), (1, 2, 4, 8), (4, 8))})
         run = {"case": case}
         for name, op in ops.items():
             got = op(*call)
@@ -103,9 +112,14 @@ def main() -> None:
         runs.append(run)
         print(json.dumps(run), flush=True)
     result = {**environment("cuda"), "command": "python " + " ".join(sys.argv), "runs": runs}
+    if args.sweep:  # the configuration with the least time over both cases
+        total = {k[:-3]: sum(run[k] for run in runs) for k in runs[0] if k.startswith("kernel_") and k.endswith("_us")}
+        result["fastest"] = min(total, key=total.get)
+        print("fastest:", result["fastest"], f"{total[result['fastest']]:.1f} µs for both cases; the default's "
+              f"{runs[0]['kernel_us'] + runs[1]['kernel_us']:.1f}")
     if args.json:
         pathlib.Path(args.json).write_text(json.dumps(result, indent=1))
-    names = [k[:-3] for k in runs[0] if k.endswith("_us") and k != "bound_us"]
+    names = [k[:-3] for k in runs[0] if k.endswith("_us") and k != "bound_us" and k.count("_") < 3]
     print(f"{'case':8}" + "".join(f"{n + ' µs':>16}" for n in names) + f"{'bound µs':>10}")
     for run in runs:
         print(f"{run['case']:8}" + "".join(f"{run[n + '_us']:16.1f}" for n in names) + f"{run['bound_us']:10.1f}")

@@ -100,6 +100,13 @@ VARIANTS = {
     # previous kernel's tail): the idle time before them.
     "inductor-dit-kernels-pdl": {"__kernels": ("qk_norm_rope", "gelu_epilogue", "flash_attn_4"),
                                  "triton.enable_pdl": True},
+    # ... with the single blocks' split projection accumulating onto a copy of its first GEMM's output
+    # (`torch.addmm(out, ...)`, before `diffjet::addmm_into`): what the in-place accumulation saves.
+    "inductor-dit-kernels-addmm": {"__kernels": ("qk_norm_rope", "gelu_epilogue", "flash_attn_4"),
+                                   "__addmm_copy": True},
+    # ... with Inductor's coordinate-descent tuning of its own kernels' launch configurations (the norms).
+    "inductor-dit-kernels-cdt": {"__kernels": ("qk_norm_rope", "gelu_epilogue", "flash_attn_4"),
+                                 "coordinate_descent_tuning": True},
     # Diffusers' speed guide in place of diffjet's passes and CudaGraphRunner (`recipes.compiled_denoiser`): its
     # Inductor flags and torch.compile's reduce-overhead mode (Inductor plus CUDA-graph trees), fullgraph.
     "torch-compile": {"conv_1x1_as_mm": True, "epilogue_fusion": False, "__mode": "reduce-overhead"},
@@ -433,8 +440,19 @@ def _use_one_dot_geglu() -> None:
     gg.launch_fp8 = launch_fp8  # what the op calls where the kernel takes its inputs
 
 
+def _split_projection_with_copy(attn, mlp, proj):
+    """`kernels.split_projection` as it was before `diffjet::addmm_into`: `torch.addmm(out, ...)` copies `out`."""
+    import torch
+
+    width, weight = attn.shape[-1], proj.weight
+    out = torch.addmm(proj.bias, mlp.flatten(0, -2), weight[:, width:].t())
+    out = torch.addmm(out, attn.flatten(0, -2), weight[:, :width].t())
+    return out.view(*attn.shape[:-1], -1)
+
+
 def run_one(model: str, variant: str, batch: int, size: int | None, profile: bool = False,
-            error: bool = False, blocks: tuple[int, int] | None = None) -> dict:
+            error: bool = False, blocks: tuple[int, int] | None = None,
+            qk_config: tuple[int, int, int] | None = None) -> dict:
     import gc
 
     import torch
@@ -460,6 +478,12 @@ def run_one(model: str, variant: str, batch: int, size: int | None, profile: boo
     if options and options.pop("__geglu_one_dot", False):
         _use_one_dot_geglu()
     mode = options.pop("__mode", None) if options else None
+    if options and options.pop("__addmm_copy", False):
+        kernel_pass.split_projection = _split_projection_with_copy
+    if qk_config:
+        from diffjet.kernels import qk_norm_rope
+
+        qk_norm_rope.BLOCK_S, qk_norm_rope.HEADS_PER_PROGRAM, qk_norm_rope.NUM_WARPS = qk_config
     height = size or PRESETS[model].height
     if blocks:
         denoiser, args, kwargs = synthetic_dit_step(model, height, batch, blocks)
@@ -544,6 +568,8 @@ def main() -> None:
     parser.add_argument("--error", action="store_true", help="the step's error against the float32 denoiser")
     parser.add_argument("--blocks", help="a DiT's step with only this many blocks, 'double,single' for Flux, "
                         "'joint,0' for SD3, built from the architecture (`synthetic_dit_step`), not the preset")
+    parser.add_argument("--qk-config", help="the QK-norm kernel's launch configuration, 'tokens,heads,warps' per "
+                        "program (bench/qk_norm_rope_op.py --sweep names the fastest)")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     blocks = tuple(int(n) for n in args.blocks.split(",")) if args.blocks else None
@@ -551,9 +577,12 @@ def main() -> None:
         parser.error("--blocks takes two numbers, for a DiT preset (flux-dev, flux-schnell, sd35-medium, tiny-*), "
                      "without --error (whose float32 reference is the preset's)")
     args.batch = args.batch or default_batch(args.model)
+    qk_config = tuple(int(n) for n in args.qk_config.split(",")) if args.qk_config else None
+    if qk_config and len(qk_config) != 3:
+        parser.error("--qk-config takes three numbers: tokens, heads and warps per program")
     if args.one:
         print("RESULT " + json.dumps(run_one(args.model, args.one, args.batch, args.size, args.profile, args.error,
-                                             blocks)))
+                                             blocks, qk_config)))
         return
     from diffjet.bench import environment
     from diffjet.models import resolve
@@ -574,6 +603,8 @@ def main() -> None:
             cmd.append("--error")
         if args.blocks:
             cmd += ["--blocks", args.blocks]
+        if args.qk_config:
+            cmd += ["--qk-config", args.qk_config]
         try:
             proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=args.timeout)
             lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]

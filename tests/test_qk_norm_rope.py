@@ -52,6 +52,19 @@ def test_the_kernel_gives_diffusers_norms_rotation_and_layout(dtype, text):
     assert torch.equal(got[2], expected[2])  # v is only moved
 
 
+@pytest.mark.parametrize("block_s,heads_per_program", [(16, 6), (64, 4), (32, 3)])
+def test_every_launch_configuration_gives_the_same_result(block_s, heads_per_program):
+    # 6 heads: a program does all of them, 2 (4 cut to a divisor) or 3; token blocks smaller and larger than 37.
+    qkv, text_qkv, weights, cos, sin = projections(1, 37, 5, 6, 16, torch.float16, seed=1)
+    expected = qnr.launch(qkv, text_qkv, *weights, cos, sin, 6, 1e-6, 1e-5, heads_per_program=1)
+    assert relative_error(expected[0].float(), qnr.reference(qkv, text_qkv, *weights, cos, sin, 6, 1e-6,
+                                                             1e-5)[0].float()) <= TOLERANCE[torch.float16]
+    got = qnr.launch(qkv, text_qkv, *weights, cos, sin, 6, 1e-6, 1e-5, block_s=block_s,
+                     heads_per_program=heads_per_program, num_warps=2)
+    for e, g in zip(expected, got):
+        assert torch.equal(g, e)  # the same arithmetic per row, whichever program does it
+
+
 def test_the_kernel_reads_a_projection_with_padded_rows():
     # A view whose rows are longer than 3·heads·head_dim (the last dimension contiguous, as `supported` asks).
     qkv, _, weights, cos, sin = projections(1, 9, None, 2, 8, torch.float16)

@@ -226,3 +226,16 @@ def test_flops_count_every_linear_layer_as_gemm_work(name):
             handle.remove()
     assert tflop["gemm"] == pytest.approx(2 * sum(macs) / 1e12, rel=1e-12)
     assert "other" not in tflop and ("convolution" in tflop) == (name == "tiny-sd3")  # SD3's patch embedding
+
+
+def test_the_in_place_accumulations_baseline_computes_the_same_projection():
+    # `inductor-dit-kernels-addmm` times the copy `diffjet::addmm_into` removed: it must be the same projection.
+    from diffjet.passes import kernels as kernel_pass
+
+    g = torch.Generator().manual_seed(0)
+    proj = nn.Linear(6 + 10, 4)
+    attn, mlp = torch.randn(2, 3, 6, generator=g), torch.randn(2, 3, 10, generator=g)
+    with torch.no_grad():
+        want = proj(torch.cat([attn, mlp], -1))
+        for split in (kernel_pass.split_projection, unet_step._split_projection_with_copy):
+            assert relative_error(split(attn, mlp, proj), want) < 1e-6

@@ -21,6 +21,7 @@ kernel does not take, it runs `reference`, diffusers' own computation.
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
 import torch.nn.functional as F
@@ -29,8 +30,8 @@ from diffusers.models.embeddings import apply_rotary_emb
 from . import can_launch, tl, triton, warn_fallback
 
 logger = logging.getLogger(__name__)
-#: Tokens per program.
-BLOCK_S = 32
+#: Tokens per program, heads per program (a program loads its tokens' rotary tables once for all its heads), warps.
+BLOCK_S, HEADS_PER_PROGRAM, NUM_WARPS = 32, 1, 4
 
 
 def _split(qkv: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -102,11 +103,11 @@ if triton is not None:
     @triton.jit
     def _qk_norm_rope(img_ptr, txt_ptr, wq_ptr, wk_ptr, twq_ptr, twk_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr,
                       TEXT, TOKENS, H, img_sb, img_ss, txt_sb, txt_ss, eps, text_eps,
-                      HAS_TEXT: tl.constexpr, D: tl.constexpr, BLOCK_S: tl.constexpr):
+                      HAS_TEXT: tl.constexpr, D: tl.constexpr, BLOCK_S: tl.constexpr, HEADS: tl.constexpr):
         # img: (B, TOKENS - TEXT, 3·H·D) rows, txt: (B, TEXT, 3·H·D) rows (last dimension contiguous); q, k, v:
         # (B, H, TOKENS, D) contiguous; cos, sin: (TOKENS, D). Token t < TEXT comes from txt, the rest from img.
         # Every load and store is of whole rows (coalesced); the rotation's channel pairs are split in registers.
-        head = tl.program_id(0)
+        # The program does heads HEADS·program_id(0) onwards.
         tokens = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
         image = tl.program_id(2)
         channels = tl.arange(0, D)
@@ -124,27 +125,33 @@ if triton is not None:
             wk_e, wk_o = tl.where(text, twk_e, wk_e), tl.where(text, twk_o, wk_o)
             row_eps = tl.where(tokens < TEXT, text_eps, row_eps)
         mask = ok[:, None]
-        at = row[:, None] + head * D + channels[None, :]  # each row's channels of this head's q
         table = tokens[:, None] * D + channels[None, :]
         c_e, c_o = _pairs(tl.load(cos_ptr + table, mask=mask, other=0.0), BLOCK_S, D)
         s_e, s_o = _pairs(tl.load(sin_ptr + table, mask=mask, other=0.0), BLOCK_S, D)
-        out = ((image * H + head) * TOKENS + tokens)[:, None] * D + channels[None, :]
-        for which in tl.static_range(2):  # q, then k
-            if which == 0:
-                y_e, y_o = _normed_pairs(at, wq_e, wq_o, row_eps, mask, BLOCK_S, D)
-                dst = q_ptr + out
-            else:
-                y_e, y_o = _normed_pairs(at + H * D, wk_e, wk_o, row_eps, mask, BLOCK_S, D)
-                dst = k_ptr + out
-            # diffusers' rotation: (x_real, x_imag) pairs, out = x·cos + (−x_imag, x_real)·sin
-            y = tl.reshape(tl.join(y_e * c_e - y_o * s_e, y_o * c_o + y_e * s_o), (BLOCK_S, D))
-            tl.store(dst, y.to(dst.dtype.element_ty), mask=mask)
-        value = tl.load(at + 2 * H * D, mask=mask)
-        tl.store(v_ptr + out, value, mask=mask)
+        for h in range(HEADS):
+            head = tl.program_id(0) * HEADS + h
+            at = row[:, None] + head * D + channels[None, :]  # each row's channels of this head's q
+            out = ((image * H + head) * TOKENS + tokens)[:, None] * D + channels[None, :]
+            for which in tl.static_range(2):  # q, then k
+                if which == 0:
+                    y_e, y_o = _normed_pairs(at, wq_e, wq_o, row_eps, mask, BLOCK_S, D)
+                    dst = q_ptr + out
+                else:
+                    y_e, y_o = _normed_pairs(at + H * D, wk_e, wk_o, row_eps, mask, BLOCK_S, D)
+                    dst = k_ptr + out
+                # diffusers' rotation: (x_real, x_imag) pairs, out = x·cos + (−x_imag, x_real)·sin
+                y = tl.reshape(tl.join(y_e * c_e - y_o * s_e, y_o * c_o + y_e * s_o), (BLOCK_S, D))
+                tl.store(dst, y.to(dst.dtype.element_ty), mask=mask)
+            value = tl.load(at + 2 * H * D, mask=mask)
+            tl.store(v_ptr + out, value, mask=mask)
 
 
-def launch(qkv, text_qkv, norm_q, norm_k, text_norm_q, text_norm_k, cos, sin, heads, eps, text_eps):
-    """Run the kernel (`reference`'s arguments and results)."""
+def launch(qkv, text_qkv, norm_q, norm_k, text_norm_q, text_norm_k, cos, sin, heads, eps, text_eps, *,
+           block_s=None, heads_per_program=None, num_warps=None):
+    """Run the kernel (`reference`'s arguments and results); the launch configuration defaults to the module's
+    (`heads_per_program` is cut to a divisor of `heads`)."""
+    block_s = block_s or BLOCK_S
+    per_program = math.gcd(heads, heads_per_program or HEADS_PER_PROGRAM)
     batch, image_tokens, width = qkv.shape
     dim = width // 3 // heads
     text = 0 if text_qkv is None else text_qkv.shape[1]
@@ -154,11 +161,11 @@ def launch(qkv, text_qkv, norm_q, norm_k, text_norm_q, text_norm_k, cos, sin, he
     # Heads first: the programs running together read (and write) neighbouring heads of the same token rows
     # rather than one head's columns of rows far apart; a double block's call 65.6 → 56.6 µs, a single block's
     # 62.7 → 61.0 (bench/results/qk-norm-rope-op-grid-h200-2026-12-03.json).
-    _qk_norm_rope[(heads, triton.cdiv(tokens, BLOCK_S), batch)](
+    _qk_norm_rope[(heads // per_program, triton.cdiv(tokens, block_s), batch)](
         qkv, txt, norm_q, norm_k, norm_q if text_norm_q is None else text_norm_q,
         norm_k if text_norm_k is None else text_norm_k, cos, sin, q, k, v, text, tokens, heads,
         qkv.stride(0), qkv.stride(1), txt.stride(0), txt.stride(1), eps, text_eps,
-        HAS_TEXT=text_qkv is not None, D=dim, BLOCK_S=BLOCK_S)
+        HAS_TEXT=text_qkv is not None, D=dim, BLOCK_S=block_s, HEADS=per_program, num_warps=num_warps or NUM_WARPS)
     return q, k, v
 
 
