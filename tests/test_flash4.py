@@ -136,3 +136,46 @@ def test_a_model_it_cannot_act_on_never_imports_the_package(monkeypatch):
     attention.apply(model, Config())
     kernel_pass.apply(model, FLASH)
     assert kernel_pass.placements(model)["flash_attention"] == 0
+
+
+def test_within_a_warm_up_folder_the_packages_forward_cache_persists_there_and_shares_what_is_in_memory(
+        monkeypatch, tmp_path):
+    # The package's own classes stand in: `cache_utils.JITPersistentCache(path)`, an in-memory cache with a `cache`
+    # dict, the forward function's `compile_cache` attribute (flash_attn/cute/{cache_utils,interface}.py).
+    import sys
+    import types
+
+    class Persistent:
+        def __init__(self, path):
+            self.path, self.cache = path, {}
+
+    cache_utils = types.SimpleNamespace(JITPersistentCache=Persistent, _compute_source_fingerprint=lambda: "fp")
+    cute = types.ModuleType("flash_attn.cute")
+    cute.cache_utils = cache_utils
+    monkeypatch.setitem(sys.modules, "flash_attn", types.ModuleType("flash_attn"))
+    monkeypatch.setitem(sys.modules, "flash_attn.cute", cute)
+    monkeypatch.setattr(flash4, "_bound", None)
+    monkeypatch.setattr(flash4, "_memory", None)
+    memory = types.SimpleNamespace(cache={"compiled before": "kernel"})
+    interface = types.SimpleNamespace(_flash_attn_fwd=types.SimpleNamespace(compile_cache=memory))
+
+    flash4._bind(interface)
+    assert interface._flash_attn_fwd.compile_cache is memory
+    with flash4.compiled_in(tmp_path / "a"):
+        flash4._bind(interface)
+        bound = interface._flash_attn_fwd.compile_cache
+        assert isinstance(bound, Persistent) and bound.path == tmp_path / "a" / "fp" / "fwd"
+        assert bound.cache is memory.cache  # a kernel compiled or loaded in the folder stays in use after it
+        with flash4.compiled_in(tmp_path / "b"):
+            flash4._bind(interface)
+            assert interface._flash_attn_fwd.compile_cache.path == tmp_path / "b" / "fp" / "fwd"
+        flash4._bind(interface)
+        assert interface._flash_attn_fwd.compile_cache.path == tmp_path / "a" / "fp" / "fwd"
+    flash4._bind(interface)
+    assert interface._flash_attn_fwd.compile_cache is memory
+    # A package without these internals keeps its kernels in memory: the op still runs.
+    monkeypatch.setattr(flash4, "_bound", None)
+    del cute.cache_utils
+    with flash4.compiled_in(tmp_path / "c"):
+        flash4._bind(interface)
+    assert interface._flash_attn_fwd.compile_cache is memory

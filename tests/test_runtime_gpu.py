@@ -5,6 +5,8 @@ import torch
 from torch import nn
 
 import diffjet
+from diffjet.config import DEFAULT_KERNELS
+from diffjet.kernels import flash4
 from diffjet.models import load_pipeline
 from diffjet.quality import verify
 from diffjet.runtime.cuda_graph import CudaGraphRunner
@@ -305,6 +307,35 @@ def _partial_config_copy(folder):
     return path
 
 
+def _cold_then_warm(tmp_path, cache, model, kernels, step_cache=None, precompile="function"):
+    """`_WARM_START`'s report from a process filling `cache`, then from one using it."""
+    import json
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    cold_kind, warm_kind = (precompile, precompile) if isinstance(precompile, str) else precompile
+    runs = []
+    for process in ("cold", "warm"):
+        # Each process with empty Inductor and Triton caches: only diffjet's cache carries over. At the same
+        # path, as a server set up like the machine that compiled (a loaded function's kernels look for
+        # their autotuning choices under the compiling process's Inductor folder; see autotune_choices.py).
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path),
+               "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "local" / "inductor"),
+               "TRITON_CACHE_DIR": str(tmp_path / "local" / "triton"),
+               "FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED": "0",  # FlashAttention-4's kernels come from diffjet's cache
+               "PYTHONHASHSEED": {"cold": "1", "warm": "2"}[process]}  # the key must not follow the hash seed
+        proc = subprocess.run([sys.executable, "-c", _WARM_START, str(cache), json.dumps(kernels), model,
+                               json.dumps(step_cache), {"cold": cold_kind, "warm": warm_kind}[process]],
+                              capture_output=True, text=True, env=env, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        # As on a new machine: the warm process must not find the cold process's files.
+        shutil.rmtree(tmp_path / "local", ignore_errors=True)
+    return runs
+
+
 @pytest.mark.parametrize("kernels, partial_config, step_cache, precompile",
                          [((), False, None, "function"), (("group_norm_silu",), False, None, "function"),
                           ((), True, None, "function"), ((), False, {"interval": 3}, "function"),
@@ -316,33 +347,13 @@ def _partial_config_copy(folder):
 def test_a_warm_process_loads_precompiled_functions_without_tracing(tmp_path, kernels, partial_config, step_cache,
                                                                     precompile):
     import json
-    import os
-    import shutil
-    import subprocess
-    import sys
 
     import numpy as np
 
     model = str(_partial_config_copy(tmp_path / "model")) if partial_config else "tiny"
     cache = tmp_path / "cache"
-    cold_kind, warm_kind = (precompile, precompile) if isinstance(precompile, str) else precompile
-    runs = []
-    for process in ("cold", "warm"):
-        # Each process with empty Inductor and Triton caches: only diffjet's cache carries over. At the same
-        # path, as a server set up like the machine that compiled (a loaded function's kernels look for
-        # their autotuning choices under the compiling process's Inductor folder; see autotune_choices.py).
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path),
-               "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "local" / "inductor"),
-               "TRITON_CACHE_DIR": str(tmp_path / "local" / "triton"),
-               "PYTHONHASHSEED": {"cold": "1", "warm": "2"}[process]}  # the key must not follow the hash seed
-        proc = subprocess.run([sys.executable, "-c", _WARM_START, str(cache), json.dumps(kernels), model,
-                               json.dumps(step_cache), {"cold": cold_kind, "warm": warm_kind}[process]],
-                              capture_output=True, text=True, env=env, timeout=600)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-        # As on a new machine: the warm process must not find the cold process's files.
-        shutil.rmtree(tmp_path / "local", ignore_errors=True)
-    cold, warm = runs
+    cold, warm = _cold_then_warm(tmp_path, cache, model, kernels, step_cache, precompile)
+    cold_kind = precompile if isinstance(precompile, str) else precompile[0]
     entries = [json.loads(meta.read_text()) for meta in cache.rglob("meta.json")]
     drivers = [entry for entry in entries if entry["about"]["component"] == "triton-driver"]
     entries = [entry for entry in entries if entry not in drivers]
@@ -364,6 +375,25 @@ def test_a_warm_process_loads_precompiled_functions_without_tracing(tmp_path, ke
     # Nothing new to store: no Triton kernel compiled again, no entry missing.
     assert warm["hits"] == len(entries) + len(drivers) and warm["stored"] == 0
     assert warm["frames"] == 0, "a warm process must not trace with Dynamo"
+    assert np.abs(np.array(warm["image"]) - np.array(cold["image"])).max() < 1e-3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or flash4.unavailable(torch.device("cuda")) is not None,
+                    reason="FlashAttention-4 does not run here")
+def test_a_warm_flux_process_loads_flashattention4s_kernels_from_the_cache(tmp_path):
+    import json
+
+    import numpy as np
+
+    cache = tmp_path / "cache"
+    cold, warm = _cold_then_warm(tmp_path, cache, "tiny-flux", DEFAULT_KERNELS)
+    entries = [json.loads(meta.read_text()) for meta in cache.rglob("meta.json")]
+    binaries = [name for entry in entries if entry["about"]["component"] == "transformer"
+                for name in entry["files"] if name.startswith("flash_attn_4/")]
+    # One forward kernel per resolution's attention shape, compiled in the cold process's warm-ups.
+    assert binaries and all(name.endswith(".o") for name in binaries), binaries
+    # The warm process loaded them: a kernel compiled again would be stored.
+    assert warm["hits"] == len(entries) and warm["stored"] == 0 and warm["frames"] == 0
     assert np.abs(np.array(warm["image"]) - np.array(cold["image"])).max() < 1e-3
 
 

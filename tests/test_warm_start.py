@@ -349,3 +349,59 @@ def test_a_step_cache_part_that_takes_the_skip_stack_is_packaged_by_aoti_too(tin
         got = AotiPrecompiler(unet, function=saveable).load(data)(*args, **kwargs)
         want = saveable(unet, *args, **kwargs)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+class FolderCompiler:
+    """A kernel compiler with a persistent cache folder, as FlashAttention-4's: within `folder(directory)` a kernel
+    it has no binary for in `directory` is compiled and saved there (with the lock and half-written files such a
+    cache leaves beside it); one whose binary is there is loaded."""
+
+    def __init__(self):
+        self.directory, self.compiled, self.loaded = None, [], []
+
+    @contextlib.contextmanager
+    def folder(self, directory):
+        self.directory = directory
+        try:
+            yield
+        finally:
+            self.directory = None
+
+    def kernel(self, name):
+        binary = self.directory / "fingerprint" / f"{name}.o"
+        if binary.exists():
+            self.loaded.append(binary.read_bytes())
+            return
+        binary.parent.mkdir(parents=True, exist_ok=True)
+        binary.write_bytes(f"binary {name}".encode())
+        (binary.parent / f"{name}.lock").write_bytes(b"")
+        (binary.parent / f".{name}.123.tmp.o").write_bytes(b"half")
+        self.compiled.append(name)
+
+
+def test_another_compilers_kernels_are_kept_with_the_entry_and_loaded_by_the_next_process(tmp_path):
+    def warm_up(compiler, *kernels):
+        def fn(signature):
+            for name in kernels:
+                compiler.kernel(name)
+            return "jit"
+        return fn
+
+    first = FolderCompiler()
+    store = WarmStartStore(_cache(tmp_path), PARTS, name="transformer", kernel_folders={"flash/": first.folder})
+    _run(store, "s1", fn=warm_up(first, "attention"))
+    assert first.compiled == ["attention"] and first.directory is None  # the folder is the warm-up's only
+    # The binary, without its lock file or the half-written one; nothing from outside the prefix.
+    assert _entry(_cache(tmp_path), "s1").files == {"flash/fingerprint/attention.o": b"binary attention"}
+
+    later = FolderCompiler()  # another process, same cache: loads the binary, compiles nothing, stores nothing
+    cache = _cache(tmp_path)
+    _run(WarmStartStore(cache, PARTS, name="transformer", kernel_folders={"flash/": later.folder}), "s1",
+         fn=warm_up(later, "attention"))
+    assert later.compiled == [] and later.loaded == [b"binary attention"]
+    assert cache.stats.hits == 1 and cache.stats.stored == 0
+    # A kernel compiled in a later warm-up of the same signature is added to the entry.
+    _run(WarmStartStore(cache, PARTS, name="transformer", kernel_folders={"flash/": later.folder}), "s1",
+         fn=warm_up(later, "attention", "joint"))
+    assert later.compiled == ["joint"] and set(_entry(_cache(tmp_path), "s1").files) == {
+        "flash/fingerprint/attention.o", "flash/fingerprint/joint.o"}

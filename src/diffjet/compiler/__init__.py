@@ -294,7 +294,7 @@ def _store(cache: CompileCache, parts: dict[str, Any], config: Config, name: str
         if loader is not None:
             elsewhere[kind] = OtherKind({**parts, "compile": _compile_part(config, kind)}, loader)
     return WarmStartStore(cache, parts, name=name, precompile=_precompiler(target, config, function), about=about,
-                          elsewhere=elsewhere)
+                          elsewhere=elsewhere, kernel_folders={"flash_attn_4/": flash4.compiled_in})
 
 
 def _precompiler(target: nn.Module, config: Config, function: Callable[..., Any],

@@ -7,7 +7,8 @@ the capture worked, tells it to keep what that took (`keep`). Behind that one in
 - the precompiled function (`precompiled.py`): loaded from the entry, else compiled ahead of the warm-up;
 - Inductor's autotuning choices (`autotune_choices.py`), written back before the function is loaded;
 - Triton's binaries of diffjet's own kernels (`triton_cache.py`), compiled during the warm-up into a
-  folder of this signature's own.
+  folder of this signature's own;
+- the binaries other kernel compilers write during the warm-up (`kernel_folders`: FlashAttention-4's), the same way.
 
 Each signature is recorded on its own (`CompileCache.recording`), so its entry holds only what its own
 compile produced. Every step can fail without failing the call: an entry that does not load is deleted
@@ -23,11 +24,12 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Callable, Iterator
+from pathlib import Path, PurePosixPath
+from typing import Any, Callable, ContextManager, Iterator
 
 from . import autotune_choices, triton_cache
 from .compile_cache import FUNCTION, CompileCache, Entry
+from .files import plain_name
 from .precompiled import Precompiler
 
 logger = logging.getLogger(__name__)
@@ -70,17 +72,21 @@ class WarmStartStore:
     each other `Config.precompile` to its entries: a signature without an entry of this store's kind loads
     one of theirs, since a cache filled with another setting (`diffjet compile --precompile aoti`, then a
     server without the flag) holds the same compiled step, and compiling it again would make a warm start
-    a cold one."""
+    a cold one. `kernel_folders` maps an entry prefix (``"flash_attn_4/"``) to a context manager that has a
+    kernel compiler load and save its binaries in a given folder during the warm-up; the entry keeps them under
+    that prefix."""
 
     def __init__(self, cache: CompileCache, parts: dict[str, Any], *, name: str,
                  precompile: Precompiler | None = None, about: dict[str, Any] | None = None,
-                 elsewhere: dict[str, OtherKind] | None = None) -> None:
+                 elsewhere: dict[str, OtherKind] | None = None,
+                 kernel_folders: dict[str, Callable[[Path], ContextManager]] | None = None) -> None:
         self.cache = cache
         self.parts = parts
         self.name = name
         self.precompile = precompile
         self.about = about or {}
         self.elsewhere = elsewhere or {}
+        self.kernel_folders = kernel_folders or {}
         self._functions: dict[str, Callable[..., Any]] = {}  # loaded or precompiled, by signature
 
     @contextlib.contextmanager
@@ -94,13 +100,17 @@ class WarmStartStore:
         parts = {**self.parts, "signature": signature}
         with _RECORDING, self.cache.recording(), \
                 tempfile.TemporaryDirectory(prefix="diffjet-triton-", ignore_cleanup_errors=True) as folder:
-            triton_folder = Path(folder)
+            triton_folder = Path(folder) / "triton"
+            triton_folder.mkdir()
+            kernel_folders = {prefix: Path(folder) / f"kernels-{i}" for i, prefix in enumerate(self.kernel_folders)}
             inductor_folder = autotune_choices.directory()
             try:
                 choices_before = autotune_choices.snapshot(inductor_folder)
                 prepared = self._prepare(parts, description, fn, args, kwargs, inductor_folder)
                 files = prepared.entry.files if prepared.entry else {}
                 restored = triton_cache.restore(files, triton_folder)
+                for prefix, directory in kernel_folders.items():
+                    restored |= _restore_folder(files, prefix, directory)
             except Exception as exc:  # noqa: BLE001 - the cache is an optimisation; the call must go on
                 logger.warning("%s: compile cache not used for [%s]: %s", self.name, description, exc)
                 yield Compiling(fn)
@@ -111,6 +121,8 @@ class WarmStartStore:
                     # Triton compiles diffjet's kernels at their first call, into this signature's folder;
                     # Inductor times its kernels' launch configurations at theirs.
                     compiled = triton_cache.collect(triton_folder, restored)
+                    for prefix, directory in kernel_folders.items():
+                        compiled.update(_collect_folder(directory, prefix, restored))
                     # An AOTInductor package was tuned as it was built: the choices are for Inductor's own code.
                     choices = {name: data for name, data in
                                autotune_choices.collect(inductor_folder, choices_before).items()
@@ -122,8 +134,11 @@ class WarmStartStore:
 
             if prepared.function is not fn:
                 self._functions[signature] = prepared.function
-            # Within the block only: Triton's cache folder is this process's setting.
-            with triton_cache.scope(triton_folder):
+            # Within the block only: Triton's cache folder (and the other compilers') is this process's setting.
+            with contextlib.ExitStack() as scopes:
+                scopes.enter_context(triton_cache.scope(triton_folder))
+                for prefix, directory in kernel_folders.items():
+                    scopes.enter_context(self.kernel_folders[prefix](directory))
                 yield Compiling(prepared.function, keep)
 
     def _prepare(self, parts: dict, description: str, fn: Callable[..., Any], args: tuple, kwargs: dict,
@@ -196,3 +211,29 @@ class WarmStartStore:
         if stored is not None:
             logger.info("%s: stored [%s] (%d file(s)) in %.1f s", self.name, description, len(files) + 1,
                         time.perf_counter() - start)
+
+
+def _restore_folder(files: dict[str, bytes], prefix: str, directory: Path) -> set[str]:
+    """Write the entry's files under `prefix` into `directory`; the names written."""
+    written = set()
+    for name, data in files.items():
+        relative = name[len(prefix):]
+        if name.startswith(prefix) and plain_name(relative):
+            path = directory.joinpath(*PurePosixPath(relative).parts)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data)
+            written.add(name)
+    return written
+
+
+def _collect_folder(directory: Path, prefix: str, known: set[str]) -> dict[str, bytes]:
+    """The files in `directory` by entry name (under `prefix`), less those in `known`, lock files and hidden (half-
+    written) ones."""
+    found = {}
+    for path in sorted(directory.rglob("*")) if directory.is_dir() else ():
+        relative = path.relative_to(directory)
+        name = prefix + relative.as_posix()
+        if (path.is_file() and name not in known and path.suffix != ".lock"
+                and not any(part.startswith(".") for part in relative.parts)):
+            found[name] = path.read_bytes()
+    return found
