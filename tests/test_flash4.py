@@ -27,7 +27,7 @@ def flash_calls(monkeypatch) -> list[tuple[int, ...]]:
     """The kernel pass sees FlashAttention-4 as runnable; the (batch, tokens, heads, head_dim) of each call of the
     op from here on."""
     calls = []
-    monkeypatch.setattr(flash4, "unavailable", lambda device: None)
+    monkeypatch.setattr(flash4, "unavailable", lambda device, dtype=None: None)
     op = flash4.flash_attn_4
 
     def counted(q, k, v, scale):
@@ -101,11 +101,11 @@ def test_the_processors_trace_whole_through_the_op(flash_calls, tiny):
 def test_where_it_cannot_run_sdpa_stays_and_a_second_pass_switches_it(monkeypatch):
     model, inputs = tiny_sd3()
     attention.apply(model, Config())
-    monkeypatch.setattr(flash4, "unavailable", lambda device: "not here")
+    monkeypatch.setattr(flash4, "unavailable", lambda device, dtype=None: "not here")
     kernel_pass.apply(model, FLASH)
     placed = kernel_pass.placements(model)  # what the compile report's `off` entry reads
     assert placed["dit_attention"] > placed["flash_attention"] == 0
-    monkeypatch.setattr(flash4, "unavailable", lambda device: None)
+    monkeypatch.setattr(flash4, "unavailable", lambda device, dtype=None: None)
     kernel_pass.apply(model, FLASH)
     on = kernel_pass.placements(model)["flash_attention"]
     kernel_pass.apply(model, Config(kernels=()))
@@ -116,6 +116,24 @@ def test_it_is_default_a_dit_kernel_and_needs_a_hopper_gpu_and_the_package():
     assert "flash_attn_4" in DEFAULT_KERNELS and "flash_attn_4" in kernel_pass.DIT_KERNELS
     assert kernel_pass.acting(FLASH, fp8_on=False) == []  # nothing for a UNet
     assert "CUDA" in flash4.unavailable(torch.device("cpu"))
+
+
+def test_float32_weights_keep_sdpa_and_the_reason_says_so(monkeypatch):
+    # The package asserts on float32 inputs: such a transformer (Config(dtype=torch.float32)) keeps SDPA.
+    assert flash4.unavailable(torch.device("cuda"), torch.float32) == "takes float16 or bfloat16, not float32"
+    asked = []
+
+    def unavailable(device, dtype=None):
+        asked.append(dtype)
+        return None if dtype in flash4.HALF else "not float32"
+
+    monkeypatch.setattr(flash4, "unavailable", unavailable)
+    model, _ = tiny_flux()
+    attention.apply(model, Config())
+    kernel_pass.apply(model, Config(kernels=("qk_norm_rope", "flash_attn_4")))
+    assert asked == [torch.float32] and kernel_pass.placements(model)["flash_attention"] == 0
+    kernel_pass.apply(model.to(torch.bfloat16), Config(kernels=("qk_norm_rope", "flash_attn_4")))
+    assert asked[-1] == torch.bfloat16 and kernel_pass.placements(model)["flash_attention"] == 2
 
 
 @pytest.mark.parametrize("error", [ImportError("No module named 'flash_attn'"),
@@ -131,7 +149,7 @@ def test_a_package_that_does_not_import_is_a_reason_not_a_failure(monkeypatch, e
 
 def test_a_model_it_cannot_act_on_never_imports_the_package(monkeypatch):
     """Importing flash-attn-4 takes seconds: a UNet, or Flux without `qk_norm_rope`, must not ask for it."""
-    monkeypatch.setattr(flash4, "unavailable", lambda device: pytest.fail("asked for FlashAttention-4"))
+    monkeypatch.setattr(flash4, "unavailable", lambda device, dtype=None: pytest.fail("asked for FlashAttention-4"))
     model, _ = tiny_flux()
     attention.apply(model, Config())
     kernel_pass.apply(model, FLASH)
@@ -176,6 +194,7 @@ def test_within_a_warm_up_folder_the_packages_forward_cache_persists_there_and_s
     # A package without these internals keeps its kernels in memory: the op still runs.
     monkeypatch.setattr(flash4, "_bound", None)
     del cute.cache_utils
+    monkeypatch.setitem(sys.modules, "flash_attn.cute.cache_utils", None)  # where the real package is imported
     with flash4.compiled_in(tmp_path / "c"):
         flash4._bind(interface)
     assert interface._flash_attn_fwd.compile_cache is memory

@@ -86,6 +86,10 @@ def _device_of(module: nn.Module) -> torch.device:
     return next(module.parameters()).device
 
 
+def _dtype_of(module: nn.Module) -> torch.dtype:
+    return next(module.parameters()).dtype
+
+
 def compile_pipeline(pipe, config: Config) -> CompileReport:
     modules = {name: c for name, c in pipe.components.items() if isinstance(c, nn.Module)}
     if not modules:
@@ -169,7 +173,7 @@ def compile_pipeline(pipe, config: Config) -> CompileReport:
                 ("gelu_epilogue", "flux_single_split", "single blocks"),
                 ("flash_attn_4", "flash_attention", "flash attentions")) if placed[key]]
             if "flash_attn_4" in config.kernels and placed["dit_attention"] > placed["flash_attention"]:
-                report.off.append(f"flash_attn_4 ({flash4.unavailable(_device_of(module))})")
+                report.off.append(f"flash_attn_4 ({flash4.unavailable(_device_of(module), _dtype_of(module))})")
             if acted:  # named only where they act (SD 3.5 has no Flux attention), a DiT without any unnamed
                 named = dict.fromkeys(kernel for kernel, _ in acted)
                 applied.append("kernels(" + ",".join(named) + ": " + ", ".join(c for _, c in acted) + ")")

@@ -43,12 +43,18 @@ def _interface():
     return interface
 
 
+#: The dtypes the package's kernels take.
+HALF = (torch.float16, torch.bfloat16)
+
+
 @functools.cache
-def unavailable(device: torch.device) -> str | None:
-    """Why the op cannot run on `device` (None where it can): a CUDA GPU of compute capability 9.x (Hopper, the
-    one it is measured on) with the `flash-attn-4` package installed."""
+def unavailable(device: torch.device, dtype: torch.dtype | None = None) -> str | None:
+    """Why the op cannot run on `device` (for `dtype`, if given), None where it can: a CUDA GPU of compute capability
+    9.x (Hopper, the one it is measured on) with the `flash-attn-4` package installed, half-precision inputs."""
     if device.type != "cuda":
         return f"needs a CUDA GPU, not {device.type}"
+    if dtype is not None and dtype not in HALF:
+        return f"takes float16 or bfloat16, not {str(dtype).removeprefix('torch.')}"
     major, minor = torch.cuda.get_device_capability(device)
     if major != 9:
         return f"measured on Hopper (sm_90) only; this GPU is sm_{major}{minor}"
@@ -113,9 +119,9 @@ def _bind(interface) -> None:
 
 @torch.library.custom_op("diffjet::flash_attn_4", mutates_args=())
 def flash_attn_4(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """Attention over (batch, tokens, heads, head_dim) tensors: FlashAttention-4 on CUDA, `reference` elsewhere.
-    The result is contiguous in the same layout."""
-    if q.device.type != "cuda":
+    """Attention over (batch, tokens, heads, head_dim) tensors: FlashAttention-4 on CUDA in half precision,
+    `reference` elsewhere (the package asserts on float32). The result is contiguous in the same layout."""
+    if q.device.type != "cuda" or q.dtype not in HALF:
         return reference(q, k, v, scale)
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     interface = _interface()

@@ -321,7 +321,7 @@ def acting(config: Config, fp8_on: bool, dit: bool = False) -> list[str]:
 
 def apply(module: nn.Module, config: Config) -> nn.Module:
     """Swap the kernels named in `config.kernels` into `module`'s blocks, in place; idempotent."""
-    device = next(module.parameters()).device
+    device, dtype = next(module.parameters()).device, next(module.parameters()).dtype
     named = {"geglu", "geglu_fp8"} & set(config.kernels)
     gegl = [block for block in module.modules() if type(block) is GEGLU] if named else []
     if gegl and not gg.runs_on(device):
@@ -332,7 +332,7 @@ def apply(module: nn.Module, config: Config) -> nn.Module:
         _flux_fits(m) or isinstance(getattr(m, "processor", None), FusedFluxAttnProcessor))]
     joint = [m for m in module.modules() if isinstance(getattr(m, "processor", None), FusedJointQKVAttnProcessor)]
     # asked only where it could act: importing the package takes seconds
-    flash = bool(flux or joint) and "flash_attn_4" in config.kernels and flash4.unavailable(device) is None
+    flash = bool(flux or joint) and "flash_attn_4" in config.kernels and flash4.unavailable(device, dtype) is None
     for attns, processor in ((flux, FusedFluxAttnProcessor(flash)), (joint, FusedJointQKVAttnProcessor(flash))):
         for attn in attns:
             attn.set_processor(processor)
