@@ -321,7 +321,8 @@ def acting(config: Config, fp8_on: bool, dit: bool = False) -> list[str]:
 
 def apply(module: nn.Module, config: Config) -> nn.Module:
     """Swap the kernels named in `config.kernels` into `module`'s blocks, in place; idempotent."""
-    device, dtype = next(module.parameters()).device, next(module.parameters()).dtype
+    first = next(module.parameters())
+    device, dtype = first.device, first.dtype
     named = {"geglu", "geglu_fp8"} & set(config.kernels)
     gegl = [block for block in module.modules() if type(block) is GEGLU] if named else []
     if gegl and not gg.runs_on(device):
